@@ -1,0 +1,207 @@
+"""Pure DataFrame transforms of the bronze layer: Kafka records -> validated -> bronze / dead letter.
+
+Every function here takes and returns DataFrames and does no I/O, so the same code runs on a
+static DataFrame (tests, Kafka replays) and on the streaming DataFrame of the ingest job.
+
+Column conventions: Kafka's own columns are renamed with a ``kafka_`` prefix so that they can
+never collide with a contract's field names; contracts may not declare names in
+:data:`pipelines.contracts.RESERVED_COLUMNS` or starting with ``kafka_``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pyarrow as pa
+from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    BinaryType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from pipelines.contracts import Contract
+from pipelines.validation import RecordValidator, ValidationRules
+
+KAFKA_COLUMNS = {
+    "key": "kafka_key",
+    "value": "kafka_value",
+    "topic": "kafka_topic",
+    "partition": "kafka_partition",
+    "offset": "kafka_offset",
+    "timestamp": "kafka_timestamp",
+    "headers": "kafka_headers",
+}
+HEADERS_TYPE = ArrayType(StructType([StructField("key", StringType()), StructField("value", BinaryType())]))
+BRONZE_METADATA = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp", "kafka_headers")
+
+_ARROW_TYPES = {
+    "string": pa.string(),
+    "double": pa.float64(),
+    "long": pa.int64(),
+    "boolean": pa.bool_(),
+    "timestamp": pa.timestamp("us", tz="UTC"),
+}
+
+
+def verdict_type(contract: Contract) -> StructType:
+    """The struct the validation UDF returns: every contract field (nullable) + the error."""
+    return StructType(
+        [StructField(f.name, f.spark_type, True) for f in contract.fields]
+        + [StructField("error_class", StringType(), True), StructField("error_reason", StringType(), True)]
+    )
+
+
+def _validation_udf(contract: Contract, rules: ValidationRules):
+    validator = RecordValidator(contract, rules)
+    names = contract.field_names
+    arrow_types = [_ARROW_TYPES[f.type] for f in contract.fields]
+
+    def check(values: pa.Array, batch_times: pa.Array) -> pa.Array:
+        columns: list[list] = [[] for _ in names]
+        error_classes: list[str | None] = []
+        reasons: list[str | None] = []
+        for value, batch_time in zip(values.to_pylist(), batch_times.to_pylist()):
+            verdict = validator.validate(value, batch_time)
+            error_classes.append(verdict.error_class)
+            reasons.append(verdict.reason)
+            parsed = verdict.values or {}
+            for column, name in zip(columns, names):
+                column.append(parsed.get(name))
+        arrays = [pa.array(col, type=t) for col, t in zip(columns, arrow_types)]
+        arrays += [pa.array(error_classes, type=pa.string()), pa.array(reasons, type=pa.string())]
+        return pa.StructArray.from_arrays(arrays, names=[*names, "error_class", "error_reason"])
+
+    return F.arrow_udf(check, verdict_type(contract))
+
+
+def validate_records(
+    records: DataFrame,
+    contract: Contract,
+    rules: ValidationRules,
+    batch_time: Column | None = None,
+) -> DataFrame:
+    """Kafka-shaped rows -> one row per record with the contract's typed fields and its verdict.
+
+    Input columns: ``key, value, topic, partition, offset, timestamp`` and optionally
+    ``headers`` (as the Kafka source gives them). Output: those columns renamed ``kafka_*``,
+    ``validated_at`` (the batch time, ``current_timestamp()`` unless ``batch_time`` is given),
+    every contract field (null for invalid records), ``error_class`` and ``error_reason``
+    (both null exactly when the record is valid). No record is dropped.
+    """
+    if "headers" not in records.columns:
+        records = records.withColumn("headers", F.lit(None).cast(HEADERS_TYPE))
+    renamed = records.select(*[F.col(src).alias(dst) for src, dst in KAFKA_COLUMNS.items()])
+    check = _validation_udf(contract, rules)
+    with_time = renamed.withColumn(
+        "validated_at", F.current_timestamp() if batch_time is None else batch_time.cast(TimestampType())
+    )
+    verdict = check(F.col("kafka_value"), F.col("validated_at"))
+    return with_time.withColumn("_verdict", verdict).select(
+        *[F.col(c) for c in with_time.columns],
+        *[F.col(f"_verdict.{n}").alias(n) for n in (*contract.field_names, "error_class", "error_reason")],
+    )
+
+
+def dedupe_delay(rules: ValidationRules) -> timedelta:
+    """Watermark delay of the duplicate filter: longer than any valid event can lag the stream.
+
+    Watermark <= (latest batch time + future_tolerance) - delay, and a valid event is at most
+    ``max_event_age`` behind its batch time; with delay > max_event_age + future_tolerance no
+    valid event is ever behind the watermark, so the duplicate filter never drops one as late.
+    """
+    return rules.max_event_age + rules.future_tolerance + timedelta(minutes=1)
+
+
+def drop_duplicate_events(validated: DataFrame, contract: Contract, rules: ValidationRules) -> DataFrame:
+    """Drop repeated deliveries of the same event id (first delivery wins); keep every invalid record.
+
+    Valid records are keyed by the contract's ``id_field``; invalid records by their Kafka
+    partition and offset, so they are never merged. The event-time watermark is on the event
+    time for valid records and on the batch time for invalid ones: a record quarantined for a
+    future event time therefore never moves the watermark. On a static DataFrame this is a
+    deduplication on the same key in which the earliest Kafka delivery wins.
+    """
+    valid = F.col("error_class").isNull()
+    keyed = validated.withColumn(
+        "_watermark_time", F.when(valid, F.col(contract.event_time_field)).otherwise(F.col("validated_at"))
+    ).withColumn(
+        "_dedupe_key",
+        F.when(valid, F.concat(F.lit("id:"), F.col(contract.id_field).cast("string"))).otherwise(
+            F.concat(F.lit("at:"), F.col("kafka_partition").cast("string"), F.lit(":"),
+                     F.col("kafka_offset").cast("string"))
+        ),
+    )
+    if not validated.isStreaming:
+        # Batch: the earliest delivery wins, decided by Kafka order, so a replay is deterministic.
+        first = Window.partitionBy("_dedupe_key").orderBy("kafka_timestamp", "kafka_partition", "kafka_offset")
+        return (
+            keyed.withColumn("_delivery", F.row_number().over(first))
+            .filter(F.col("_delivery") == 1)
+            .drop("_delivery", "_watermark_time", "_dedupe_key")
+        )
+    delay = f"{int(dedupe_delay(rules).total_seconds())} seconds"
+    return (
+        keyed.withWatermark("_watermark_time", delay)
+        .dropDuplicatesWithinWatermark(["_dedupe_key"])
+        .drop("_watermark_time", "_dedupe_key")
+    )
+
+
+def bronze_rows(validated: DataFrame, contract: Contract) -> DataFrame:
+    """Valid records as bronze rows: the contract fields, Kafka metadata, ``ingested_at`` and
+    ``event_date`` (the UTC date of the event time, the partition column)."""
+    return validated.filter(F.col("error_class").isNull()).select(
+        *[F.col(f.name).cast(f.spark_type) for f in contract.fields],
+        *BRONZE_METADATA,
+        F.col("validated_at").alias("ingested_at"),
+        F.to_date(F.col(contract.event_time_field)).alias("event_date"),
+    )
+
+
+def dead_letter_rows(validated: DataFrame, contract: Contract) -> DataFrame:
+    """Invalid records as dead-letter rows: original key/value bytes and headers, Kafka
+    coordinates, ``error_class``, ``error_reason``, the contract, ``failed_at`` (batch time)
+    and ``failed_date`` (its UTC date, the partition column)."""
+    return validated.filter(F.col("error_class").isNotNull()).select(
+        "kafka_topic",
+        "kafka_partition",
+        "kafka_offset",
+        "kafka_timestamp",
+        "kafka_key",
+        "kafka_value",
+        "kafka_headers",
+        "error_class",
+        "error_reason",
+        F.lit(contract.name).alias("contract_name"),
+        F.lit(contract.version).alias("contract_version"),
+        F.col("validated_at").alias("failed_at"),
+        F.to_date("validated_at").alias("failed_date"),
+    )
+
+
+def dead_letter_messages(dead_letters: DataFrame) -> DataFrame:
+    """Dead-letter rows as Kafka messages for the ``<topic>.dlq`` topic: original key, value and
+    headers, plus ``dlq.*`` headers naming the error and the source coordinates, which
+    consumers use to drop the rare re-publication after a crash."""
+
+    def header(name: str, value: Column) -> Column:
+        return F.struct(F.lit(name).alias("key"), value.cast("string").cast("binary").alias("value"))
+
+    added = F.array(
+        header("dlq.error_class", F.col("error_class")),
+        header("dlq.error_reason", F.col("error_reason")),
+        header("dlq.source_topic", F.col("kafka_topic")),
+        header("dlq.source_partition", F.col("kafka_partition")),
+        header("dlq.source_offset", F.col("kafka_offset")),
+        header("dlq.failed_at", F.date_format("failed_at", "yyyy-MM-dd'T'HH:mm:ss.SSSXXX")),
+    )
+    return dead_letters.select(
+        F.col("kafka_key").alias("key"),
+        F.col("kafka_value").alias("value"),
+        F.concat(F.coalesce(F.col("kafka_headers"), F.array().cast(HEADERS_TYPE)), added).alias("headers"),
+    )

@@ -1,0 +1,376 @@
+"""Typed, validated configuration.
+
+``conf/base.yaml`` holds the shared defaults; ``conf/<env>.yaml`` overlays it (deep merge,
+mappings merged key by key, everything else replaced); ``conf/contracts/*.yaml`` declare the
+event contracts. The result is a tree of frozen dataclasses. Loading fails fast with a
+:class:`ConfigError` that names the file, the key path and the reason: unknown keys, wrong
+types, bad durations and dangling references are all rejected here, not at the first batch.
+
+Secrets never live in YAML: a setting that needs one names the environment variable that holds
+it (``*_env`` keys), and :func:`secret_from_env` reads it at the edge that needs it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ENVIRONMENTS = ("local", "dev", "prod")
+
+#: The repository root: conf/ and the git-ignored .local/ folder live here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the source, the key path and the reason."""
+
+
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: Any, key: str = "duration") -> timedelta:
+    """``'30s'``, ``'15m'``, ``'1h'``, ``'7d'``, ``'250ms'`` -> timedelta; anything else is an error."""
+    if isinstance(text, bool) or not isinstance(text, str):
+        raise ConfigError(f"{key}: {text!r} is not a duration (use e.g. 30s, 15m, 1h, 7d)")
+    match = _DURATION.match(text)
+    if not match:
+        raise ConfigError(f"{key}: {text!r} is not a duration (use e.g. 30s, 15m, 1h, 7d)")
+    return timedelta(seconds=int(match.group(1)) * _UNIT_SECONDS[match.group(2)])
+
+
+def format_duration(value: timedelta) -> str:
+    """The shortest exact spelling of ``value`` in the units :func:`parse_duration` reads."""
+    ms = round(value.total_seconds() * 1000)
+    for unit, seconds in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if ms % (seconds * 1000) == 0:
+            return f"{ms // (seconds * 1000)}{unit}"
+    return f"{ms}ms"
+
+
+def secret_from_env(variable: str, purpose: str) -> str:
+    """The value of environment variable ``variable``; a clear error if it is unset or empty."""
+    value = os.environ.get(variable)
+    if not value:
+        raise ConfigError(f"{purpose}: environment variable {variable} is not set")
+    return value
+
+
+# --------------------------------------------------------------------------- the typed tree
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """How the session factory builds (locally) or finds (on a cluster) the SparkSession."""
+
+    app_name: str = "feature-platform"
+    #: ``local[2]`` etc. builds a local session; null means "on a cluster: use the active session".
+    master: str | None = None
+    shuffle_partitions: int = 8
+    #: Folder of the Spark-side jars fetched by ``python -m pipelines.jars fetch`` (local only).
+    jars_dir: str | None = None
+    driver_memory: str | None = None
+    ui_enabled: bool = False
+    log_level: str = "WARN"
+    #: Extra Spark settings, applied last.
+    conf: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """A Kafka topic the platform owns: created by the project's admin code, never auto-created."""
+
+    contract: str
+    partitions: int = 4
+    replication_factor: int = 1
+    #: Topic that receives this topic's invalid records (at least once; the Delta DLQ table is exact).
+    dlq_topic: str | None = None
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    topics: Mapping[str, TopicSettings]
+    #: Extra client properties for every client (security.protocol, sasl.mechanism, ...): no secrets.
+    client: Mapping[str, str] = field(default_factory=dict)
+    #: Client property -> name of the environment variable holding its secret value.
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+
+    def client_properties(self) -> dict[str, str]:
+        """Properties for a confluent-kafka client, secrets resolved from the environment."""
+        props = {"bootstrap.servers": self.bootstrap_servers, **self.client}
+        for prop, variable in self.secret_env.items():
+            props[prop] = secret_from_env(variable, f"kafka.secret_env.{prop}")
+        return props
+
+    def dlq_topic_for(self, topic: str) -> str:
+        return self.topics[topic].dlq_topic or f"{topic}.dlq"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where tables and checkpoints live: a local path or any Hadoop URI (s3://, abfss://, dbfs:/)."""
+
+    root: str
+
+    def bronze_path(self, topic: str) -> str:
+        return f"{self.root}/bronze/{topic}"
+
+    @property
+    def dead_letter_path(self) -> str:
+        return f"{self.root}/bronze/_dead_letter"
+
+    @property
+    def stream_metrics_path(self) -> str:
+        return f"{self.root}/ops/stream_metrics"
+
+    def checkpoint_path(self, job: str, name: str) -> str:
+        return f"{self.root}/_checkpoints/{job}/{name}"
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The bronze ingest stream: Kafka -> contract validation -> bronze / dead letter."""
+
+    topics: tuple[str, ...]
+    trigger_interval: timedelta = timedelta(seconds=10)
+    max_offsets_per_trigger: int = 200_000
+    starting_offsets: str = "earliest"
+    fail_on_data_loss: bool = True
+    #: How far ahead of the batch time an event may be before it is quarantined (clock skew).
+    future_tolerance: timedelta = timedelta(minutes=5)
+    #: How far behind the batch time an event may be before it is rejected as too old.
+    max_event_age: timedelta = timedelta(days=7)
+    max_value_bytes: int = 65_536
+    publish_dlq_topic: bool = True
+    #: Log one progress line per batch and append it to the metrics table.
+    metrics_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    #: Environment variable holding the password, if the server needs one.
+    password_env: str | None = None
+
+
+@dataclass(frozen=True)
+class LocalPlatformSettings:
+    """The embedded local platform: a real Kafka broker (KRaft) and Redis on loopback."""
+
+    root: str = ".local"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+    redis_port: int = 6380
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a job needs, for one environment."""
+
+    env: str
+    spark: SparkSettings
+    kafka: KafkaSettings
+    storage: StorageSettings
+    ingest: IngestSettings
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    local: LocalPlatformSettings | None = None
+    #: Contract name -> :class:`pipelines.contracts.Contract`, loaded from ``conf/contracts/``.
+    contracts: Mapping[str, Any] = field(default_factory=dict, metadata={"yaml": False})
+
+    def contract_for(self, topic: str) -> Any:
+        """The contract that governs ``topic``."""
+        return self.contracts[self.kafka.topics[topic].contract]
+
+
+# --------------------------------------------------------------------------- generic strict builder
+
+
+def build(cls: type, data: Any, where: str) -> Any:
+    """Build dataclass ``cls`` from a parsed YAML mapping, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("yaml", True)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{_join(where, unknown[0])}: unknown key (expected one of: {', '.join(sorted(fields))})"
+        )
+    values = {}
+    for name, spec in fields.items():
+        key = _join(where, name)
+        if name in data:
+            values[name] = _coerce(hints[name], data[name], key)
+        elif spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{key}: required key is missing")
+    return cls(**values)
+
+
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where and not where.endswith(":") else f"{where} {name}".strip()
+
+
+def _coerce(hint: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(inner, value, key)
+    if value is None:
+        raise ConfigError(f"{key}: must not be null")
+    if dataclasses.is_dataclass(hint):
+        return build(hint, value, key)
+    if hint is timedelta:
+        return parse_duration(value, key)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: {value!r} is not true/false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: {value!r} is not an integer")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list, bool)):
+            raise ConfigError(f"{key}: {value!r} is not a string")
+        return str(value)
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (Mapping, dict, typing.Mapping):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return types.MappingProxyType(
+            {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
+        )
+    raise TypeError(f"unsupported config type {hint!r} at {key}")  # a bug in this module
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def deep_merge(base: Mapping[str, Any], overlay: Mapping[str, Any]) -> dict[str, Any]:
+    """``overlay`` over ``base``: mappings merge key by key, anything else is replaced."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_overrides(assignments: list[str] | None) -> dict[str, Any]:
+    """``["ingest.max_offsets_per_trigger=5000", ...]`` -> nested mapping (values parsed as YAML)."""
+    tree: dict[str, Any] = {}
+    for assignment in assignments or []:
+        path, sep, raw = assignment.partition("=")
+        if not sep or not path.strip():
+            raise ConfigError(f"--set {assignment!r}: expected KEY.PATH=VALUE")
+        node = tree
+        *parents, leaf = path.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else ""
+    return tree
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return dict(data)
+
+
+def default_conf_dir() -> Path:
+    return Path(os.environ.get("PIPELINES_CONF_DIR", PROJECT_ROOT / "conf"))
+
+
+def load_settings(
+    env: str,
+    conf_dir: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings for ``env`` (local, dev or prod) from ``conf_dir`` with optional ``overrides``.
+
+    Relative local paths (``storage.root``, ``local.root``, ``spark.jars_dir``) resolve against
+    the project root, so jobs behave the same from any working directory.
+    """
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"--env: {env!r} is not one of {', '.join(ENVIRONMENTS)}")
+    conf_dir = Path(conf_dir) if conf_dir else default_conf_dir()
+    env_file = conf_dir / f"{env}.yaml"
+    if not env_file.exists():
+        raise ConfigError(f"{env_file}: no configuration for environment {env!r}")
+    merged = deep_merge(read_yaml(conf_dir / "base.yaml"), read_yaml(env_file))
+    merged = deep_merge(merged, overrides or {})
+    merged["env"] = env
+    settings = build(Settings, merged, f"{env_file}:")
+    settings = _resolve_local_paths(settings, conf_dir.resolve().parent)
+    from pipelines.contracts import load_contracts  # contracts build on this module
+
+    settings = dataclasses.replace(settings, contracts=load_contracts(conf_dir / "contracts"))
+    _check_references(settings, env_file)
+    return settings
+
+
+def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
+    def resolve(path: str | None) -> str | None:
+        if path is None or "://" in path or re.match(r"^[a-z]+:/", path):
+            return path
+        return str((root / path).resolve()) if not os.path.isabs(path) else path
+
+    spark = dataclasses.replace(settings.spark, jars_dir=resolve(settings.spark.jars_dir))
+    storage = dataclasses.replace(settings.storage, root=resolve(settings.storage.root))
+    local = settings.local and dataclasses.replace(settings.local, root=resolve(settings.local.root))
+    return dataclasses.replace(settings, spark=spark, storage=storage, local=local)
+
+
+def _check_references(settings: Settings, source: Path) -> None:
+    for topic in settings.ingest.topics:
+        if topic not in settings.kafka.topics:
+            raise ConfigError(
+                f"{source}: ingest.topics: {topic!r} is not declared under kafka.topics "
+                f"({', '.join(settings.kafka.topics)})"
+            )
+    if settings.ingest.starting_offsets not in ("earliest", "latest"):
+        raise ConfigError(
+            f"{source}: ingest.starting_offsets: {settings.ingest.starting_offsets!r} "
+            "is not 'earliest' or 'latest'"
+        )
+    if settings.ingest.max_offsets_per_trigger <= 0 or settings.ingest.max_value_bytes <= 0:
+        raise ConfigError(
+            f"{source}: ingest.max_offsets_per_trigger and ingest.max_value_bytes must be positive"
+        )
+    for name, topic in settings.kafka.topics.items():
+        if topic.contract not in settings.contracts:
+            raise ConfigError(
+                f"{source}: kafka.topics.{name}.contract: no contract {topic.contract!r} in "
+                f"conf/contracts ({', '.join(sorted(settings.contracts)) or 'none'})"
+            )
+        if topic.partitions <= 0:
+            raise ConfigError(f"{source}: kafka.topics.{name}.partitions: must be positive")

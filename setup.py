@@ -1,0 +1,43 @@
+"""Real-time ML feature platform on Spark Structured Streaming, Delta Lake, Kafka and Redis."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="feature-platform",
+    version="0.1.0",
+    description=__doc__,
+    python_requires=">=3.11,<3.12",
+    packages=find_packages(include=["pipelines", "pipelines.*", "jobs"]),
+    package_data={"pipelines": ["jvm/*/pom.xml"]},
+    install_requires=[
+        # Pinned: the JVM side must match (delta-spark 4.4.0 <-> io.delta:delta-spark_4.2_2.13:4.4.0;
+        # 4.4.1's jar is not served by the Maven mirror this project builds against).
+        "pyspark==4.2.0",
+        "delta-spark==4.4.0",
+        "confluent-kafka[schemaregistry]==2.16.0",
+        "redis==8.1.0",
+        "pyarrow==25.0.1",
+        "pandas>=2.2,<3",  # pyspark 4.2 does not fully support pandas 3
+        "mlflow==3.17.2",
+        "pyyaml==6.0.3",
+        "deltalake==1.6.6",  # reads the Delta tables without a JVM (reconciliation, notebooks)
+    ],
+    extras_require={
+        "dev": [
+            "pytest==9.2.0",
+            "chispa==0.12.0",
+            "nbformat>=5.10",
+            "nbclient>=0.10",
+            "ipykernel>=6.29",
+            "matplotlib>=3.9",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "fp-ingest=jobs.ingest:main",
+            "fp-generate=jobs.generate:main",
+            "fp-reconcile=jobs.reconcile:main",
+            "fp-local=pipelines.local.__main__:main",
+        ],
+    },
+)
