@@ -113,6 +113,22 @@ class KafkaSettings:
             props[prop] = secret_from_env(variable, f"kafka.secret_env.{prop}")
         return props
 
+    def spark_options(self) -> dict[str, str]:
+        """Options for Spark's Kafka source and sink (Java client names, ``kafka.`` prefixed).
+
+        librdkafka's ``sasl.username``/``sasl.password`` become the Java client's JAAS line.
+        """
+        props = self.client_properties()
+        username, password = props.pop("sasl.username", None), props.pop("sasl.password", None)
+        if username is not None:
+            module = (
+                "org.apache.kafka.common.security.plain.PlainLoginModule"
+                if props.get("sasl.mechanism", "PLAIN") == "PLAIN"
+                else "org.apache.kafka.common.security.scram.ScramLoginModule"
+            )
+            props["sasl.jaas.config"] = f'{module} required username="{username}" password="{password}";'
+        return {f"kafka.{key}": value for key, value in props.items()}
+
     def dlq_topic_for(self, topic: str) -> str:
         return self.topics[topic].dlq_topic or f"{topic}.dlq"
 

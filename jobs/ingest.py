@@ -1,0 +1,49 @@
+"""Stream the configured Kafka topics into the bronze Delta tables, exactly once: valid records
+to bronze, invalid ones to the dead-letter table (and <topic>.dlq), duplicates dropped.
+
+Usage: spark-submit jobs/ingest.py --env local [--topics transactions,labels] [--available-now]
+       (console script: fp-ingest)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.config import ConfigError, load_settings, parse_overrides
+from pipelines.ingest import run_ingest
+from pipelines.session import build_session
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fp-ingest", description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="local", help="local | dev | prod (default: local)")
+    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. ingest.max_offsets_per_trigger=5000")
+    parser.add_argument("--topics", help="comma-separated subset of ingest.topics (default: all)")
+    parser.add_argument("--available-now", action="store_true",
+                        help="process what is in the topics now, then stop (backfill/cron style)")
+    parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+        topics = [t for t in (args.topics or "").split(",") if t] or list(settings.ingest.topics)
+        unknown = [t for t in topics if t not in settings.kafka.topics]
+        if unknown:
+            raise ConfigError(f"--topics: {', '.join(unknown)} not declared under kafka.topics")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spark = build_session(settings.spark)
+    return run_ingest(spark, settings, topics, available_now=args.available_now, timeout=args.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

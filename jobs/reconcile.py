@@ -1,0 +1,49 @@
+"""Reconcile the ingest: records in Kafka = bronze rows + dead-letter rows + duplicates dropped,
+per topic, and (with --expect) each count against what the generator sent.
+
+Usage: spark-submit jobs/reconcile.py --env local [--expect .local/runs/sent.json]
+       (console script: fp-reconcile). Exit code 0: reconciled; 1: a mismatch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from pipelines.config import ConfigError, load_settings, parse_overrides
+from pipelines.generator import GeneratorSummary
+from pipelines.reconcile import format_report, reconcile
+from pipelines.session import build_session
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fp-reconcile", description=__doc__.splitlines()[0])
+    parser.add_argument("--env", default="local", help="local | dev | prod (default: local)")
+    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    parser.add_argument("--topics", help="comma-separated topics (default: ingest.topics)")
+    parser.add_argument("--expect", type=Path, help="generator summary JSON (fp-generate --summary-file)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+        sent = GeneratorSummary.from_dict(json.loads(args.expect.read_text())) if args.expect else None
+    except (ConfigError, OSError, ValueError, KeyError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    topics = [t for t in (args.topics or "").split(",") if t] or None
+    spark = build_session(settings.spark)
+    results = reconcile(spark, settings, topics, sent)
+    print(format_report(results))
+    return 0 if all(r.ok for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

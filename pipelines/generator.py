@@ -1,0 +1,333 @@
+"""A realistic event generator for the transactions and labels topics, with injected faults.
+
+Deterministic for a given seed and ``end`` time: the same :class:`GeneratorSpec` yields the same
+records in the same order. Besides clean events it injects, each at its own rate:
+
+* late events: event time well behind the stream (still inside ``max_event_age``: valid);
+* out-of-order events: event time a little behind the previous ones (valid);
+* duplicate deliveries: the exact bytes of an earlier valid record sent again a little later;
+* bad records of every class in :data:`pipelines.validation.ERROR_CLASSES`, spread evenly.
+
+Labels (fraud outcomes) follow a sample of the valid transactions, ``label_delay`` later, and
+are sent when the stream's clock passes their label time; labels not yet due at ``end`` are
+not sent (the outcome is not known yet). Every record sent is counted by kind in a
+:class:`GeneratorSummary`, so an ingest run can be reconciled against it exactly.
+"""
+
+from __future__ import annotations
+
+import heapq
+import json
+import logging
+import random
+import time
+import uuid
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from pipelines.validation import ERROR_CLASSES
+
+log = logging.getLogger(__name__)
+
+TRANSACTIONS = "transactions"
+LABELS = "labels"
+#: Kinds of record that must land in bronze (once each); duplicates must not.
+VALID_KINDS = ("valid", "late", "out_of_order")
+DUPLICATE = "duplicate"
+_MCC = ("5411", "5812", "5541", "5999", "4111", "5732", "7011", "5912", "4829", "6011")
+_RENAMES = {TRANSACTIONS: ("balance_usd", "account_balance"), LABELS: ("is_fraud", "fraud")}
+
+
+@dataclass(frozen=True)
+class GeneratorSpec:
+    """What to generate. Rates are per transaction; ``bad_rate`` is split evenly over ``bad_classes``."""
+
+    count: int = 10_000
+    accounts: int = 1_000
+    merchants: int = 200
+    seed: int = 7
+    #: Event time of the last transaction (default: now, to the millisecond).
+    end: datetime | None = None
+    #: Event time covered by the transactions, ending at ``end``.
+    span: timedelta = timedelta(days=2)
+    #: Records per second to send (0: as fast as the producer goes).
+    rate: float = 0.0
+    late_rate: float = 0.02
+    late_by: tuple[timedelta, timedelta] = (timedelta(minutes=30), timedelta(hours=6))
+    out_of_order_rate: float = 0.05
+    out_of_order_by: timedelta = timedelta(minutes=2)
+    duplicate_rate: float = 0.01
+    bad_rate: float = 0.02
+    bad_classes: tuple[str, ...] = ERROR_CLASSES
+    label_rate: float = 0.2
+    fraud_rate: float = 0.03
+    label_delay: tuple[timedelta, timedelta] = (timedelta(hours=1), timedelta(days=2))
+    #: Must match the ingest settings for the time and size classes to be what they say.
+    max_event_age: timedelta = timedelta(days=7)
+    future_tolerance: timedelta = timedelta(minutes=5)
+    max_value_bytes: int = 65_536
+
+    def __post_init__(self) -> None:
+        unknown = set(self.bad_classes) - set(ERROR_CLASSES)
+        if unknown:
+            raise ValueError(f"bad_classes: unknown error classes {sorted(unknown)}")
+        for name in ("late_rate", "out_of_order_rate", "duplicate_rate", "bad_rate", "label_rate", "fraud_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name}: {getattr(self, name)} is not a fraction in [0, 1]")
+        if self.count < 0 or self.accounts <= 0 or self.merchants <= 0:
+            raise ValueError("count must be >= 0, accounts and merchants > 0")
+        if self.late_by[1] + self.span >= self.max_event_age:
+            raise ValueError("span + late_by must stay inside max_event_age, or late events turn stale")
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    key: bytes
+    value: bytes
+    #: valid, late, out_of_order, duplicate, or an error class.
+    kind: str
+    #: The event id of valid kinds and duplicates (None for bad records).
+    event_id: str | None = None
+
+
+@dataclass
+class GeneratorSummary:
+    """Counts of records sent, by topic and kind."""
+
+    counts: dict[str, Counter] = field(default_factory=lambda: {TRANSACTIONS: Counter(), LABELS: Counter()})
+
+    def add(self, record: Record) -> None:
+        self.counts[record.topic][record.kind] += 1
+
+    def sent(self, topic: str) -> int:
+        return sum(self.counts[topic].values())
+
+    def expected_bronze(self, topic: str) -> int:
+        return sum(self.counts[topic][k] for k in VALID_KINDS)
+
+    def expected_dead_letters(self, topic: str) -> dict[str, int]:
+        return {k: n for k, n in self.counts[topic].items() if k in ERROR_CLASSES and n}
+
+    def duplicates(self, topic: str) -> int:
+        return self.counts[topic][DUPLICATE]
+
+    def to_dict(self) -> dict:
+        return {
+            topic: {
+                "sent": self.sent(topic),
+                "expected_bronze": self.expected_bronze(topic),
+                "duplicates": self.duplicates(topic),
+                "expected_dead_letters": self.expected_dead_letters(topic),
+                "by_kind": dict(sorted(counter.items())),
+            }
+            for topic, counter in self.counts.items()
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GeneratorSummary:
+        summary = cls()
+        for topic, entry in data.items():
+            summary.counts[topic] = Counter(entry["by_kind"])
+        return summary
+
+    def table(self) -> str:
+        kinds = sorted({k for c in self.counts.values() for k in c})
+        lines = [f"{'kind':<20}" + "".join(f"{t:>14}" for t in self.counts)]
+        for kind in kinds:
+            lines.append(f"{kind:<20}" + "".join(f"{self.counts[t][kind]:>14}" for t in self.counts))
+        lines.append(f"{'sent':<20}" + "".join(f"{self.sent(t):>14}" for t in self.counts))
+        return "\n".join(lines)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
+
+
+def _dumps(obj: dict) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+class _Corruptor:
+    """Turns a valid event into a bad record of a given class."""
+
+    def __init__(self, spec: GeneratorSpec, end: datetime, rng: random.Random):
+        self.spec, self.end, self.rng = spec, end, rng
+
+    def supports(self, topic: str, error_class: str) -> bool:
+        return not (error_class == "negative_value" and topic != TRANSACTIONS)
+
+    def corrupt(self, topic: str, event: dict, error_class: str) -> bytes:
+        event = dict(event)
+        time_field = "event_time" if topic == TRANSACTIONS else "label_time"
+        if error_class == "oversize":
+            padding = " " * (self.spec.max_value_bytes + 64)
+            return _dumps(event)[:-1] + padding.encode() + b"}"
+        if error_class == "not_utf8":
+            raw = bytearray(_dumps(event))
+            raw[len(raw) // 2] = 0xFF
+            return bytes(raw)
+        if error_class == "not_json":
+            raw = _dumps(event)
+            # Half truncated, half two objects glued together (a lenient parser keeps the first).
+            return raw[: len(raw) // 2] if self.rng.random() < 0.5 else raw + raw
+        if error_class == "renamed_field":
+            old, new = _RENAMES[topic]
+            event[new] = event.pop(old)
+        elif error_class == "missing_field":
+            event.pop("account_id")
+        elif error_class == "unknown_field":
+            event["promo_code"] = "WELCOME10"
+        elif error_class == "null_field":
+            event["account_id"] = None
+        elif error_class == "wrong_type":
+            if topic == TRANSACTIONS:
+                event["amount_usd"] = f"{event['amount_usd']:.2f}"  # a quoted number is a string
+            else:
+                event["is_fraud"] = "false"
+        elif error_class == "negative_value":
+            event["amount_usd"] = -round(event["amount_usd"] + 0.01, 2)
+        elif error_class == "future_event_time":
+            event[time_field] = _iso(self.end + self.spec.max_event_age + timedelta(days=30))
+        elif error_class == "stale_event_time":
+            event[time_field] = _iso(self.end - self.spec.max_event_age - timedelta(days=1))
+        return _dumps(event)
+
+
+def generate(spec: GeneratorSpec) -> Iterator[Record]:
+    """The records to send, in order (deterministic for ``spec``)."""
+    rng = random.Random(spec.seed)
+    end = (spec.end or datetime.now(timezone.utc)).astimezone(timezone.utc)
+    start = end - spec.span
+    corruptor = _Corruptor(spec, end, rng)
+    accounts = [f"acct-{i:06d}" for i in range(spec.accounts)]
+    balances = {a: round(rng.uniform(200, 20_000), 2) for a in accounts}
+    devices = {a: uuid.UUID(int=rng.getrandbits(128)).hex[:16] for a in accounts}
+    bad_cycle = {TRANSACTIONS: 0, LABELS: 0}
+    pending_duplicates: list[tuple[int, int, Record]] = []  # (due index, tiebreak, record)
+    pending_labels: list[tuple[datetime, int, str, dict]] = []  # (label time, tiebreak, key, event)
+    sequence = 0
+
+    def bad_class_for(topic: str) -> str | None:
+        classes = [c for c in spec.bad_classes if corruptor.supports(topic, c)]
+        if not classes:
+            return None
+        chosen = classes[bad_cycle[topic] % len(classes)]
+        bad_cycle[topic] += 1
+        return chosen
+
+    def due_labels(now: datetime) -> Iterator[Record]:
+        while pending_labels and pending_labels[0][0] <= now:
+            _, _, key, label = heapq.heappop(pending_labels)
+            if spec.bad_rate and rng.random() < spec.bad_rate and (error_class := bad_class_for(LABELS)):
+                yield Record(LABELS, key.encode(), corruptor.corrupt(LABELS, label, error_class), error_class)
+            else:
+                yield Record(LABELS, key.encode(), _dumps(label), "valid", label["transaction_id"])
+
+    for i in range(spec.count):
+        stream_time = start + spec.span * (i / max(spec.count - 1, 1))
+        yield from due_labels(stream_time)
+        while pending_duplicates and pending_duplicates[0][0] <= i:
+            yield heapq.heappop(pending_duplicates)[2]
+
+        account = rng.choice(accounts)
+        amount = round(min(rng.lognormvariate(3.5, 1.1), 25_000.0), 2)
+        balances[account] = round(max(balances[account] - amount, 0.0) + rng.choice((0.0, 0.0, 500.0)), 2)
+        kind, event_time = "valid", stream_time
+        roll = rng.random()
+        if roll < spec.late_rate:
+            kind = "late"
+            event_time = stream_time - timedelta(
+                seconds=rng.uniform(spec.late_by[0].total_seconds(), spec.late_by[1].total_seconds())
+            )
+        elif roll < spec.late_rate + spec.out_of_order_rate:
+            kind = "out_of_order"
+            event_time = stream_time - timedelta(seconds=rng.uniform(1, spec.out_of_order_by.total_seconds()))
+        event = {
+            "transaction_id": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+            "account_id": account,
+            "merchant_id": f"merch-{rng.randrange(spec.merchants):05d}",
+            "amount_usd": amount,
+            "merchant_category_code": rng.choice(_MCC),
+            "balance_usd": balances[account],
+            "event_time": _iso(event_time),
+        }
+        if rng.random() < 0.85:
+            event["device_fingerprint"] = devices[account]
+        key = account.encode()
+
+        if spec.bad_rate and rng.random() < spec.bad_rate and (error_class := bad_class_for(TRANSACTIONS)):
+            yield Record(TRANSACTIONS, key, corruptor.corrupt(TRANSACTIONS, event, error_class), error_class)
+            continue
+        record = Record(TRANSACTIONS, key, _dumps(event), kind, event["transaction_id"])
+        yield record
+        if rng.random() < spec.duplicate_rate:
+            sequence += 1
+            duplicate = Record(TRANSACTIONS, key, record.value, DUPLICATE, record.event_id)
+            heapq.heappush(pending_duplicates, (i + rng.randint(1, 500), sequence, duplicate))
+        if rng.random() < spec.label_rate:
+            delay = rng.uniform(spec.label_delay[0].total_seconds(), spec.label_delay[1].total_seconds())
+            label_time = event_time + timedelta(seconds=delay)
+            if label_time <= end:
+                sequence += 1
+                label = {
+                    "transaction_id": event["transaction_id"],
+                    "account_id": account,
+                    "is_fraud": rng.random() < spec.fraud_rate,
+                    "label_time": _iso(label_time),
+                }
+                heapq.heappush(pending_labels, (label_time, sequence, account, label))
+
+    yield from due_labels(end)
+    while pending_duplicates:
+        yield heapq.heappop(pending_duplicates)[2]
+
+
+def produce(records: Iterator[Record], producer_config: dict, rate: float = 0.0,
+            progress_every: int = 100_000) -> GeneratorSummary:
+    """Send ``records`` with an idempotent producer (no retry duplicates); every delivery is
+    confirmed before returning, and any failed delivery raises."""
+    from confluent_kafka import Producer
+
+    producer = Producer(
+        {
+            "enable.idempotence": True,
+            "linger.ms": 20,
+            "compression.type": "lz4",
+            "batch.num.messages": 10_000,
+            "queue.buffering.max.messages": 500_000,
+            "message.max.bytes": 10_485_760,
+            **producer_config,
+        }
+    )
+    summary = GeneratorSummary()
+    failures: list[str] = []
+
+    def on_delivery(err, msg) -> None:
+        if err is not None:
+            failures.append(f"{msg.topic()}: {err}")
+
+    started = time.monotonic()
+    for n, record in enumerate(records, 1):
+        while True:
+            try:
+                producer.produce(record.topic, value=record.value, key=record.key, on_delivery=on_delivery)
+                break
+            except BufferError:
+                producer.poll(0.1)
+        summary.add(record)
+        producer.poll(0)
+        if rate > 0:
+            ahead = n / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+        if progress_every and n % progress_every == 0:
+            log.info("sent %d records (%.0f/s)", n, n / max(time.monotonic() - started, 1e-9))
+    remaining = producer.flush(120)
+    if remaining or failures:
+        raise RuntimeError(
+            f"{remaining} records undelivered, {len(failures)} failed: {failures[:5]}"
+        )
+    return summary

@@ -1,0 +1,147 @@
+"""The bronze ingest: one streaming query per topic, Kafka -> validate -> dedupe -> bronze / DLQ.
+
+Each query has its own checkpoint (``<storage.root>/_checkpoints/ingest/<topic>``) and its own
+``foreachBatch`` handler (:class:`pipelines.sinks.IngestBatchWriter`). The transforms are
+those of :mod:`pipelines.bronze`, the same functions a batch replay uses.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql.streaming import StreamingQuery
+
+from pipelines.bronze import drop_duplicate_events, validate_records
+from pipelines.config import Settings, format_duration
+from pipelines.contracts import Contract
+from pipelines.monitoring import IngestProgressListener
+from pipelines.sinks import IngestBatchWriter
+from pipelines.sources import read_kafka_stream
+from pipelines.validation import ValidationRules
+
+log = logging.getLogger(__name__)
+
+
+def validation_rules(settings: Settings) -> ValidationRules:
+    return ValidationRules(
+        max_value_bytes=settings.ingest.max_value_bytes,
+        future_tolerance=settings.ingest.future_tolerance,
+        max_event_age=settings.ingest.max_event_age,
+    )
+
+
+def bronze_stream(records: DataFrame, contract: Contract, rules: ValidationRules) -> DataFrame:
+    """Kafka records -> validated records with repeated deliveries removed (valid and invalid
+    rows together; the batch handler splits them)."""
+    return drop_duplicate_events(validate_records(records, contract, rules), contract, rules)
+
+
+@dataclass
+class IngestRun:
+    """The running queries of one ingest job and their progress listener."""
+
+    queries: list[StreamingQuery]
+    listener: IngestProgressListener
+    handlers: dict[str, IngestBatchWriter]
+
+    def stop(self) -> None:
+        for query in self.queries:
+            if query.isActive:
+                query.stop()
+
+    def await_termination(self, timeout: float | None = None) -> None:
+        """Wait until every query ends (or ``timeout`` seconds); raise the first failure."""
+        for query in self.queries:
+            query.awaitTermination(timeout)
+        for query in self.queries:
+            if query.exception() is not None:
+                raise query.exception()
+
+
+def start_ingest(
+    spark: SparkSession,
+    settings: Settings,
+    topics: Sequence[str] | None = None,
+    available_now: bool = False,
+) -> IngestRun:
+    """Start one ingest query per topic (default: ``ingest.topics``).
+
+    ``available_now`` processes what is in the topics when the query starts, in batches of at
+    most ``max_offsets_per_trigger``, then stops; otherwise a processing-time trigger of
+    ``trigger_interval`` runs until stopped.
+    """
+    topics = list(topics or settings.ingest.topics)
+    rules = validation_rules(settings)
+    listener = IngestProgressListener(
+        spark, settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
+    )
+    spark.streams.addListener(listener)
+    queries, handlers = [], {}
+    for topic in topics:
+        if topic not in settings.kafka.topics:
+            raise ValueError(f"topic {topic!r} is not declared under kafka.topics")
+        contract = settings.contract_for(topic)
+        handler = IngestBatchWriter(
+            topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic
+        )
+        name = f"ingest_{topic}"
+        listener.register(name, topic, handler)
+        stream = bronze_stream(read_kafka_stream(spark, settings.kafka, topic, settings.ingest), contract, rules)
+        writer = (
+            stream.writeStream.queryName(name)
+            .foreachBatch(handler)
+            .option("checkpointLocation", settings.storage.checkpoint_path("ingest", topic))
+        )
+        if available_now:
+            writer = writer.trigger(availableNow=True)
+        else:
+            writer = writer.trigger(processingTime=f"{int(settings.ingest.trigger_interval.total_seconds())} seconds")
+        queries.append(writer.start())
+        handlers[topic] = handler
+        log.info(
+            "ingesting %s -> %s (contract %s v%d, trigger %s)", topic, settings.storage.bronze_path(topic),
+            contract.name, contract.version,
+            "availableNow" if available_now else format_duration(settings.ingest.trigger_interval),
+        )
+    return IngestRun(queries, listener, handlers)
+
+
+def run_ingest(
+    spark: SparkSession,
+    settings: Settings,
+    topics: Sequence[str] | None = None,
+    available_now: bool = False,
+    timeout: float | None = None,
+) -> int:
+    """Run the ingest until its queries end (``available_now``), ``timeout`` seconds pass, or
+    SIGTERM/SIGINT asks for a graceful stop (the current batch finishes). Returns 0."""
+    run = start_ingest(spark, settings, topics, available_now)
+    stop_requested = threading.Event()
+
+    def request_stop(signum: int, _frame: object) -> None:
+        log.info("signal %d: stopping after the current batch", signum)
+        stop_requested.set()
+
+    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while any(q.isActive for q in run.queries) and not stop_requested.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            for query in run.queries:
+                query.awaitTermination(0.5)
+        run.stop()
+        run.await_termination()
+        # Progress events reach the listener asynchronously: let it record the last batches.
+        run.listener.drain([q for q in run.queries], timeout=30)
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        spark.streams.removeListener(run.listener)
+    return 0

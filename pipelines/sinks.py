@@ -1,0 +1,148 @@
+"""Writers, and the ``foreachBatch`` handler of the ingest stream.
+
+Exactly once: every Delta write made from ``foreachBatch`` carries ``txnAppId`` (derived from
+the streaming query's id, which lives in its checkpoint: a new checkpoint is a new id, so a
+fresh start is never mistaken for a replay) and ``txnVersion`` = the batch id. When a batch is
+replayed after a crash, Delta skips every write that already committed for that id and
+version, and performs the ones that did not.
+
+Kafka has no such transaction with Delta, so the ``<topic>.dlq`` copy is at least once: before
+publishing, the handler checks whether the batch's dead letters are already in the Delta
+dead-letter table (then it was published too, and it skips); a crash between the publish and
+the Delta commit re-publishes that batch once, with ``dlq.source_*`` headers to dedupe on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from delta.tables import DeltaTable
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+
+from pipelines.bronze import bronze_rows, dead_letter_messages, dead_letter_rows
+from pipelines.config import KafkaSettings, StorageSettings
+from pipelines.contracts import Contract
+
+log = logging.getLogger(__name__)
+
+QUERY_ID_PROPERTY = "sql.streaming.queryId"
+
+
+def write_delta_idempotent(
+    df: DataFrame, path: str, app_id: str, version: int, partition_by: Sequence[str] = ()
+) -> None:
+    """Append ``df`` to the Delta table at ``path`` unless ``(app_id, version)`` already committed."""
+    writer = (
+        df.write.format("delta")
+        .mode("append")
+        .option("txnAppId", app_id)
+        .option("txnVersion", str(version))
+    )
+    if partition_by:
+        writer = writer.partitionBy(*partition_by)
+    writer.save(path)
+
+
+def publish_to_kafka(messages: DataFrame, kafka: KafkaSettings, topic: str) -> None:
+    """Write ``messages`` (key, value, headers) to ``topic`` with Spark's Kafka sink."""
+    writer = messages.write.format("kafka").option("topic", topic)
+    for key, value in kafka.spark_options().items():
+        writer = writer.option(key, value)
+    writer.save()
+
+
+def streaming_query_id(spark: SparkSession) -> str:
+    """The id of the streaming query running this ``foreachBatch`` call (stable across restarts
+    from the same checkpoint)."""
+    query_id = spark.sparkContext.getLocalProperty(QUERY_ID_PROPERTY)
+    if not query_id:
+        raise RuntimeError("not inside a streaming query's foreachBatch: no query id to derive txnAppId from")
+    return query_id
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What one ``foreachBatch`` call wrote (or found already written, on a replay)."""
+
+    bronze_rows: int
+    dead_letter_rows: int
+    dead_letters_published: bool
+
+
+class IngestBatchWriter:
+    """``foreachBatch`` handler of one topic: valid rows -> bronze, invalid -> dead letter.
+
+    Input: the validated, deduplicated stream (see :mod:`pipelines.bronze`). The handler keeps
+    each batch's :class:`BatchResult` for the progress listener (``results``).
+    """
+
+    def __init__(self, topic: str, contract: Contract, kafka: KafkaSettings, storage: StorageSettings,
+                 publish_dead_letters: bool = True):
+        self.topic = topic
+        self.contract = contract
+        self.kafka = kafka
+        self.storage = storage
+        self.publish_dead_letters = publish_dead_letters
+        self.results: dict[int, BatchResult] = {}
+        self._lock = threading.Lock()
+
+    def app_id(self, spark: SparkSession) -> str:
+        return f"ingest:{self.topic}:{streaming_query_id(spark)}"
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        self.write_batch(batch, batch_id, self.app_id(batch.sparkSession))
+
+    def write_batch(self, batch: DataFrame, batch_id: int, app_id: str) -> BatchResult:
+        """Write one batch idempotently under ``(app_id, batch_id)``; safe to call again."""
+        batch = batch.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = {
+                row["valid"]: row["n"]
+                for row in batch.groupBy(F.col("error_class").isNull().alias("valid"))
+                .agg(F.count(F.lit(1)).alias("n"))
+                .collect()
+            }
+            valid, invalid = counts.get(True, 0), counts.get(False, 0)
+            if valid:
+                write_delta_idempotent(
+                    bronze_rows(batch, self.contract), self.storage.bronze_path(self.topic),
+                    app_id, batch_id, ["event_date"],
+                )
+            published = False
+            if invalid:
+                dead_letters = dead_letter_rows(batch, self.contract).persist(StorageLevel.MEMORY_AND_DISK)
+                try:
+                    if self.publish_dead_letters and not self._already_dead_lettered(dead_letters, invalid):
+                        publish_to_kafka(dead_letter_messages(dead_letters), self.kafka,
+                                         self.kafka.dlq_topic_for(self.topic))
+                        published = True
+                    write_delta_idempotent(dead_letters, self.storage.dead_letter_path, app_id, batch_id,
+                                           ["failed_date"])
+                finally:
+                    dead_letters.unpersist()
+        finally:
+            batch.unpersist()
+        result = BatchResult(valid, invalid, published)
+        with self._lock:
+            self.results[batch_id] = result
+        return result
+
+    def _already_dead_lettered(self, dead_letters: DataFrame, expected: int) -> bool:
+        """True if every row of this batch is already in the dead-letter table (a replay)."""
+        spark = dead_letters.sparkSession
+        path = self.storage.dead_letter_path
+        if not DeltaTable.isDeltaTable(spark, path):
+            return False
+        batch_keys = dead_letters.select("failed_date", "kafka_topic", "kafka_partition", "kafka_offset")
+        dates = [r[0] for r in batch_keys.select("failed_date").distinct().collect()]
+        stored = (
+            spark.read.format("delta").load(path)
+            .filter(F.col("failed_date").isin(dates) & (F.col("kafka_topic") == self.topic))
+            .select("failed_date", "kafka_topic", "kafka_partition", "kafka_offset")
+        )
+        return batch_keys.join(stored, batch_keys.columns, "left_semi").count() == expected
