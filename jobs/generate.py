@@ -39,6 +39,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bad-classes", default=",".join(ERROR_CLASSES),
                         help="comma-separated error classes to inject (default: all)")
     parser.add_argument("--label-rate", type=float, default=0.2)
+    parser.add_argument("--transactions-topic", default="transactions", help="topic for transactions")
+    parser.add_argument("--labels-topic", default="labels", help="topic for labels")
     parser.add_argument("--summary-file", type=Path, help="write the summary as JSON here too")
     return parser.parse_args(argv)
 
@@ -64,7 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate)
+    summary = produce(
+        generate(spec), settings.kafka.client_properties(), rate=args.rate,
+        topic_names={"transactions": args.transactions_topic, "labels": args.labels_topic},
+    )
     print(summary.table())
     if args.summary_file:
         args.summary_file.parent.mkdir(parents=True, exist_ok=True)

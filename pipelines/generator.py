@@ -22,8 +22,8 @@ import logging
 import random
 import time
 import uuid
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -95,12 +95,12 @@ class Record:
 
 @dataclass
 class GeneratorSummary:
-    """Counts of records sent, by topic and kind."""
+    """Counts of records sent, by (physical) topic and kind."""
 
-    counts: dict[str, Counter] = field(default_factory=lambda: {TRANSACTIONS: Counter(), LABELS: Counter()})
+    counts: defaultdict[str, Counter] = field(default_factory=lambda: defaultdict(Counter))
 
-    def add(self, record: Record) -> None:
-        self.counts[record.topic][record.kind] += 1
+    def add(self, topic: str, kind: str) -> None:
+        self.counts[topic][kind] += 1
 
     def sent(self, topic: str) -> int:
         return sum(self.counts[topic].values())
@@ -130,7 +130,7 @@ class GeneratorSummary:
     def from_dict(cls, data: dict) -> GeneratorSummary:
         summary = cls()
         for topic, entry in data.items():
-            summary.counts[topic] = Counter(entry["by_kind"])
+            summary.counts[topic].update(entry["by_kind"])
         return summary
 
     def table(self) -> str:
@@ -285,10 +285,15 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
         yield heapq.heappop(pending_duplicates)[2]
 
 
-def produce(records: Iterator[Record], producer_config: dict, rate: float = 0.0,
-            progress_every: int = 100_000) -> GeneratorSummary:
+def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate: float = 0.0,
+            topic_names: Mapping[str, str] | None = None, progress_every: int = 100_000) -> GeneratorSummary:
     """Send ``records`` with an idempotent producer (no retry duplicates); every delivery is
-    confirmed before returning, and any failed delivery raises."""
+    confirmed before returning, and any failed delivery raises.
+
+    ``topic_names`` maps the generator's logical topics (transactions, labels) to the topics
+    to write; the summary counts by the topics written.
+    """
+    topic_names = topic_names or {}
     from confluent_kafka import Producer
 
     producer = Producer(
@@ -311,13 +316,14 @@ def produce(records: Iterator[Record], producer_config: dict, rate: float = 0.0,
 
     started = time.monotonic()
     for n, record in enumerate(records, 1):
+        topic = topic_names.get(record.topic, record.topic)
         while True:
             try:
-                producer.produce(record.topic, value=record.value, key=record.key, on_delivery=on_delivery)
+                producer.produce(topic, value=record.value, key=record.key, on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)
-        summary.add(record)
+        summary.add(topic, record.kind)
         producer.poll(0)
         if rate > 0:
             ahead = n / rate - (time.monotonic() - started)

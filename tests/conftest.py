@@ -1,0 +1,113 @@
+"""Test session fixtures: one SparkSession, and the real local platform (Kafka + Redis) started
+once on free loopback ports with its data in a temporary folder. Nothing here skips: a missing
+jar, package or service is a failure of the set-up, reported as such."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.config import PROJECT_ROOT, Settings, deep_merge, load_settings
+from pipelines.jars import DEFAULT_ROOT as JARS_ROOT
+from pipelines.jars import fetch
+from pipelines.kafka_admin import TopicSpec, ensure_topics
+from pipelines.local.platform import LocalPlatform
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("platform")
+
+
+@pytest.fixture(scope="session")
+def base_overrides(test_root: Path) -> dict[str, Any]:
+    kafka_port, controller_port, redis_port = _free_port(), _free_port(), _free_port()
+    return {
+        "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g",
+                  "jars_dir": str(JARS_ROOT / "spark")},
+        "kafka": {"bootstrap_servers": f"127.0.0.1:{kafka_port}"},
+        "storage": {"root": str(test_root / "lake")},
+        "ingest": {"trigger_interval": "1s"},
+        "local": {"root": str(test_root / "services"), "kafka_port": kafka_port,
+                  "kafka_controller_port": controller_port, "redis_port": redis_port,
+                  "kafka_heap": "768m"},
+        "redis": {"port": redis_port},
+    }
+
+
+@pytest.fixture(scope="session")
+def settings(base_overrides: dict[str, Any]) -> Settings:
+    """The local settings, pointed at the test platform's ports and a temporary lake."""
+    return load_settings("local", PROJECT_ROOT / "conf", base_overrides)
+
+
+@pytest.fixture(scope="session")
+def platform(settings: Settings) -> Iterator[LocalPlatform]:
+    """The real Kafka broker and Redis server, up for the whole test session."""
+    fetch("kafka", JARS_ROOT)
+    local = LocalPlatform(settings.local, jars_root=JARS_ROOT)
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture(scope="session")
+def spark(settings: Settings):
+    from pipelines.session import build_session
+
+    fetch("spark", JARS_ROOT)
+    session = build_session(settings.spark)
+    yield session
+    session.stop()
+
+
+@pytest.fixture
+def isolated(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform, tmp_path: Path):
+    """Build settings with fresh topics and a fresh lake for one test.
+
+    ``isolated(partitions=2, **overrides)`` returns settings whose ``transactions`` and
+    ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), and
+    whose storage root is the test's own folder.
+    """
+
+    def make(partitions: int = 2, **overrides: Any) -> Settings:
+        suffix = uuid.uuid4().hex[:8]
+        tx, lb = f"transactions_{suffix}", f"labels_{suffix}"
+        tree = deep_merge(
+            base_overrides,
+            {
+                "kafka": {"topics": {tx: {"contract": "transactions", "partitions": partitions,
+                                          "replication_factor": 1},
+                                     lb: {"contract": "labels", "partitions": partitions,
+                                          "replication_factor": 1}}},
+                "ingest": {"topics": [tx, lb]},
+                "storage": {"root": str(tmp_path / "lake")},
+            },
+        )
+        made = load_settings("local", PROJECT_ROOT / "conf", deep_merge(tree, overrides))
+        specs = []
+        for name in (tx, lb):
+            specs += [TopicSpec(name, partitions, 1), TopicSpec(made.kafka.dlq_topic_for(name), partitions, 1)]
+        ensure_topics(made.kafka.client_properties(), specs)
+        return made
+
+    return make
+
+
+def topic_names(settings: Settings) -> dict[str, str]:
+    """Logical generator topic -> the isolated test topic."""
+    tx, lb = settings.ingest.topics
+    return {"transactions": tx, "labels": lb}

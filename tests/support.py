@@ -1,0 +1,54 @@
+"""Small builders for test data: Kafka-shaped rows and contract events, written out by hand."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from typing import Any
+
+KAFKA_SCHEMA = (
+    "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, "
+    "headers array<struct<key:string,value:binary>>"
+)
+
+#: The batch time every Spark-level validation test runs at.
+BATCH_TIME = datetime(2026, 11, 23, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def utc(text: str) -> datetime:
+    """``'2026-11-23 11:59:00'`` -> aware UTC datetime."""
+    return datetime.fromisoformat(text).replace(tzinfo=timezone.utc)
+
+
+def naive(text: str) -> datetime:
+    """A UTC wall time as Spark returns it from ``collect()`` (naive, session time zone UTC)."""
+    return datetime.fromisoformat(text)
+
+
+def transaction(**changes: Any) -> dict[str, Any]:
+    """A valid transactions event at 11:59 UTC, with ``changes`` applied (None deletes a key
+    only when passed as ``_drop=[...]``)."""
+    event = {
+        "transaction_id": "tx-1",
+        "account_id": "acct-1",
+        "merchant_id": "merch-1",
+        "amount_usd": 12.5,
+        "merchant_category_code": "5411",
+        "balance_usd": 100.0,
+        "device_fingerprint": "abc123",
+        "event_time": "2026-11-23T11:59:00Z",
+    }
+    for key in changes.pop("_drop", []):
+        del event[key]
+    event.update(changes)
+    return event
+
+
+def encode(event: dict[str, Any]) -> bytes:
+    return json.dumps(event, separators=(",", ":")).encode()
+
+
+def kafka_row(value: bytes | None, offset: int, partition: int = 0, key: bytes = b"acct-1",
+              topic: str = "transactions", timestamp: str = "2026-11-23 11:59:30",
+              headers: list[tuple[str, bytes]] | None = None) -> tuple:
+    return (key, value, topic, partition, offset, naive(timestamp), headers)
