@@ -14,16 +14,15 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.config import ConfigError, load_settings, parse_duration, parse_overrides
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.config import ConfigError, parse_duration
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.validation import ERROR_CLASSES
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-generate", description=__doc__.splitlines()[0])
-    parser.add_argument("--env", default="local", help="local | dev | prod (default: local)")
-    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    add_settings_arguments(parser)
     parser.add_argument("--count", type=int, default=10_000, help="transactions to generate")
     parser.add_argument("--accounts", type=int, default=1_000)
     parser.add_argument("--merchants", type=int, default=200)
@@ -47,9 +46,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     try:
-        settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+        settings = settings_from_args(args)
         if args.end is not None and args.end.tzinfo is None:
             raise ValueError("--end: give a UTC offset, e.g. 2026-11-23T10:00:00+00:00")
         spec = GeneratorSpec(

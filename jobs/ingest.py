@@ -11,17 +11,15 @@ import argparse
 import logging
 import sys
 
-from pipelines.config import ConfigError, load_settings, parse_overrides
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.config import ConfigError
 from pipelines.ingest import run_ingest
 from pipelines.session import build_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-ingest", description=__doc__.splitlines()[0])
-    parser.add_argument("--env", default="local", help="local | dev | prod (default: local)")
-    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
-                        help="override a config key, e.g. ingest.max_offsets_per_trigger=5000")
+    add_settings_arguments(parser)
     parser.add_argument("--topics", help="comma-separated subset of ingest.topics (default: all)")
     parser.add_argument("--available-now", action="store_true",
                         help="process what is in the topics now, then stop (backfill/cron style)")
@@ -31,9 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.INFO)
     try:
-        settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+        settings = settings_from_args(args)
         topics = [t for t in (args.topics or "").split(",") if t] or list(settings.ingest.topics)
         unknown = [t for t in topics if t not in settings.kafka.topics]
         if unknown:

@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.config import ConfigError, load_settings, parse_overrides
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.config import ConfigError
 from pipelines.generator import GeneratorSummary
 from pipelines.reconcile import format_report, reconcile
 from pipelines.session import build_session
@@ -21,9 +22,7 @@ from pipelines.session import build_session
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-reconcile", description=__doc__.splitlines()[0])
-    parser.add_argument("--env", default="local", help="local | dev | prod (default: local)")
-    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    add_settings_arguments(parser)
     parser.add_argument("--topics", help="comma-separated topics (default: ingest.topics)")
     parser.add_argument("--expect", type=Path, help="generator summary JSON (fp-generate --summary-file)")
     return parser.parse_args(argv)
@@ -31,9 +30,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(logging.WARNING)
     try:
-        settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+        settings = settings_from_args(args)
         sent = GeneratorSummary.from_dict(json.loads(args.expect.read_text())) if args.expect else None
     except (ConfigError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)

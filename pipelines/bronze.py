@@ -13,11 +13,13 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pyarrow as pa
-from pyspark.sql import Column, DataFrame, Window
+from pyspark.sql import Column, DataFrame, SparkSession, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import (
     ArrayType,
     BinaryType,
+    IntegerType,
+    LongType,
     StringType,
     StructField,
     StructType,
@@ -37,6 +39,18 @@ KAFKA_COLUMNS = {
     "headers": "kafka_headers",
 }
 HEADERS_TYPE = ArrayType(StructType([StructField("key", StringType()), StructField("value", BinaryType())]))
+#: The records of Spark's Kafka source with ``includeHeaders`` (timestampType left out).
+KAFKA_RECORD_SCHEMA = StructType(
+    [
+        StructField("key", BinaryType()),
+        StructField("value", BinaryType()),
+        StructField("topic", StringType()),
+        StructField("partition", IntegerType()),
+        StructField("offset", LongType()),
+        StructField("timestamp", TimestampType()),
+        StructField("headers", HEADERS_TYPE),
+    ]
+)
 BRONZE_METADATA = ("kafka_topic", "kafka_partition", "kafka_offset", "kafka_timestamp", "kafka_headers")
 
 _ARROW_TYPES = {
@@ -205,3 +219,9 @@ def dead_letter_messages(dead_letters: DataFrame) -> DataFrame:
         F.col("kafka_value").alias("value"),
         F.concat(F.coalesce(F.col("kafka_headers"), F.array().cast(HEADERS_TYPE)), added).alias("headers"),
     )
+
+
+def table_schemas(spark: SparkSession, contract: Contract, rules: ValidationRules) -> tuple[StructType, StructType]:
+    """The (bronze, dead-letter) table schemas for ``contract``, as the transforms produce them."""
+    validated = validate_records(spark.createDataFrame([], KAFKA_RECORD_SCHEMA), contract, rules)
+    return bronze_rows(validated, contract).schema, dead_letter_rows(validated, contract).schema

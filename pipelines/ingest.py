@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from pipelines.bronze import drop_duplicate_events, validate_records
+from pipelines.bronze import drop_duplicate_events, table_schemas, validate_records
 from pipelines.config import Settings, format_duration
 from pipelines.contracts import Contract
-from pipelines.monitoring import IngestProgressListener
-from pipelines.sinks import IngestBatchWriter
+from pipelines.monitoring import METRICS_SCHEMA, IngestProgressListener
+from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
 
@@ -64,6 +64,17 @@ class IngestRun:
                 raise query.exception()
 
 
+def create_tables(spark: SparkSession, settings: Settings, topics: Sequence[str]) -> None:
+    """Create the bronze, dead-letter and metrics tables that do not exist yet."""
+    rules = validation_rules(settings)
+    for topic in topics:
+        bronze, dead_letter = table_schemas(spark, settings.contract_for(topic), rules)
+        ensure_delta_table(spark, settings.storage.bronze_path(topic), bronze, ["event_date"])
+        ensure_delta_table(spark, settings.storage.dead_letter_path, dead_letter, ["failed_date"])
+    if settings.ingest.metrics_enabled:
+        ensure_delta_table(spark, settings.storage.stream_metrics_path, METRICS_SCHEMA)
+
+
 def start_ingest(
     spark: SparkSession,
     settings: Settings,
@@ -78,14 +89,16 @@ def start_ingest(
     """
     topics = list(topics or settings.ingest.topics)
     rules = validation_rules(settings)
+    unknown = [t for t in topics if t not in settings.kafka.topics]
+    if unknown:
+        raise ValueError(f"topics not declared under kafka.topics: {', '.join(unknown)}")
+    create_tables(spark, settings, topics)
     listener = IngestProgressListener(
         spark, settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
     )
     spark.streams.addListener(listener)
     queries, handlers = [], {}
     for topic in topics:
-        if topic not in settings.kafka.topics:
-            raise ValueError(f"topic {topic!r} is not declared under kafka.topics")
         contract = settings.contract_for(topic)
         handler = IngestBatchWriter(
             topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic

@@ -65,11 +65,12 @@ def _parse_time(text: str | None) -> datetime | None:
 
 def _offsets_total(offsets: Any) -> int | None:
     """Sum of a Kafka source offset JSON (``{"topic": {"0": 12, ...}}``) over partitions."""
-    if not offsets:
+    try:
+        if isinstance(offsets, str):
+            offsets = json.loads(offsets)
+        return sum(int(o) for partitions in offsets.values() for o in partitions.values())
+    except (ValueError, TypeError, AttributeError):  # absent or not a Kafka offset map
         return None
-    if isinstance(offsets, str):
-        offsets = json.loads(offsets)
-    return sum(int(o) for partitions in offsets.values() for o in partitions.values())
 
 
 def offsets_behind_latest(progress: Any) -> int | None:
@@ -172,7 +173,12 @@ class IngestProgressListener(StreamingQueryListener):
             return
         topic, handler = self.queries[progress.name]
         result = handler.results.pop(int(progress.batchId), None)
-        row = metrics_row(progress, topic, result)
+        try:
+            row = metrics_row(progress, topic, result)
+        except Exception:  # noqa: BLE001 - a malformed progress event must not stop the listener
+            log.exception("could not read the progress of batch %s of %s: %s", progress.batchId, progress.name,
+                          progress.json)
+            return
         log.info(format_progress(row))
         with self._lock:
             self.rows.append(row)

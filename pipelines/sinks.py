@@ -23,6 +23,7 @@ from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StructType
 
 from pipelines.bronze import bronze_rows, dead_letter_messages, dead_letter_rows
 from pipelines.config import KafkaSettings, StorageSettings
@@ -46,6 +47,18 @@ def write_delta_idempotent(
     if partition_by:
         writer = writer.partitionBy(*partition_by)
     writer.save(path)
+
+
+def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, partition_by: Sequence[str] = ()) -> None:
+    """Create the Delta table at ``path`` if it does not exist.
+
+    Tables are created before the queries start: two queries creating the same table (the
+    shared dead-letter and metrics tables) in their first batches would conflict.
+    """
+    builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
+    if partition_by:
+        builder = builder.partitionedBy(*partition_by)
+    builder.execute()
 
 
 def publish_to_kafka(messages: DataFrame, kafka: KafkaSettings, topic: str) -> None:
@@ -90,6 +103,9 @@ class IngestBatchWriter:
         self.publish_dead_letters = publish_dead_letters
         self.results: dict[int, BatchResult] = {}
         self._lock = threading.Lock()
+        # A batch can be a replay only if it is the first this handler sees (the one a crash
+        # interrupted) or not newer than the last one: only then is the dead-letter check needed.
+        self._last_batch_id: int | None = None
 
     def app_id(self, spark: SparkSession) -> str:
         return f"ingest:{self.topic}:{streaming_query_id(spark)}"
@@ -98,7 +114,12 @@ class IngestBatchWriter:
         self.write_batch(batch, batch_id, self.app_id(batch.sparkSession))
 
     def write_batch(self, batch: DataFrame, batch_id: int, app_id: str) -> BatchResult:
-        """Write one batch idempotently under ``(app_id, batch_id)``; safe to call again."""
+        """Write one batch idempotently under ``(app_id, batch_id)``.
+
+        Safe to call again with the same arguments, in this handler or in a new one (as after a
+        restart): the Delta writes are skipped by their transaction ids, the Kafka publish by a
+        look-up in the dead-letter table, made only when the batch id could be a replay.
+        """
         batch = batch.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             counts = {
@@ -117,7 +138,9 @@ class IngestBatchWriter:
             if invalid:
                 dead_letters = dead_letter_rows(batch, self.contract).persist(StorageLevel.MEMORY_AND_DISK)
                 try:
-                    if self.publish_dead_letters and not self._already_dead_lettered(dead_letters, invalid):
+                    replay_possible = self._last_batch_id is None or batch_id <= self._last_batch_id
+                    replay = replay_possible and self._already_dead_lettered(dead_letters, invalid)
+                    if self.publish_dead_letters and not replay:
                         publish_to_kafka(dead_letter_messages(dead_letters), self.kafka,
                                          self.kafka.dlq_topic_for(self.topic))
                         published = True
@@ -127,6 +150,7 @@ class IngestBatchWriter:
                     dead_letters.unpersist()
         finally:
             batch.unpersist()
+        self._last_batch_id = batch_id if self._last_batch_id is None else max(self._last_batch_id, batch_id)
         result = BatchResult(valid, invalid, published)
         with self._lock:
             self.results[batch_id] = result

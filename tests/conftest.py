@@ -4,6 +4,7 @@ jar, package or service is a failure of the set-up, reported as such."""
 
 from __future__ import annotations
 
+import shutil
 import socket
 import uuid
 from collections.abc import Iterator
@@ -11,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
-from pipelines.config import PROJECT_ROOT, Settings, deep_merge, load_settings
+from pipelines.config import PROJECT_ROOT, Settings, deep_merge, load_settings, read_yaml
 from pipelines.jars import DEFAULT_ROOT as JARS_ROOT
 from pipelines.jars import fetch
 from pipelines.kafka_admin import TopicSpec, ensure_topics
@@ -83,6 +85,8 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
     whose storage root is the test's own folder.
     """
 
+    overrides_by_root: dict[str, dict[str, Any]] = {}
+
     def make(partitions: int = 2, **overrides: Any) -> Settings:
         suffix = uuid.uuid4().hex[:8]
         tx, lb = f"transactions_{suffix}", f"labels_{suffix}"
@@ -97,13 +101,23 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
                 "storage": {"root": str(tmp_path / "lake")},
             },
         )
-        made = load_settings("local", PROJECT_ROOT / "conf", deep_merge(tree, overrides))
+        tree = deep_merge(tree, overrides)
+        made = load_settings("local", PROJECT_ROOT / "conf", tree)
+        overrides_by_root[made.storage.root] = tree
         specs = []
         for name in (tx, lb):
             specs += [TopicSpec(name, partitions, 1), TopicSpec(made.kafka.dlq_topic_for(name), partitions, 1)]
         ensure_topics(made.kafka.client_properties(), specs)
         return made
 
+    def conf_dir(made: Settings, dest: Path) -> Path:
+        """A conf folder whose ``local`` environment is ``made``: for jobs run as subprocesses."""
+        shutil.copytree(PROJECT_ROOT / "conf", dest)
+        local = deep_merge(read_yaml(dest / "local.yaml"), overrides_by_root[made.storage.root])
+        (dest / "local.yaml").write_text(yaml.safe_dump(local))
+        return dest
+
+    make.conf_dir = conf_dir
     return make
 
 

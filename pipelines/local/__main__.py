@@ -10,7 +10,8 @@ import logging
 import shutil
 import sys
 
-from pipelines.config import ConfigError, load_settings, parse_overrides
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.config import ConfigError
 from pipelines.kafka_admin import ensure_topics, platform_topics
 from pipelines.local.platform import LocalPlatform, PlatformError
 
@@ -20,12 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("command", choices=["up", "down", "status", "reset"],
                         help="up: start and create topics (idempotent); down: stop; status: what runs "
                              "where; reset: stop and delete the broker and Redis data")
-    parser.add_argument("--env", default="local", help="environment whose 'local' section to use")
-    parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key")
+    add_settings_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     try:
-        settings = load_settings(args.env, overrides=parse_overrides(args.set))
+        settings = settings_from_args(args)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,51 @@
+# Every target sets up what it needs on a fresh machine: Python venv, pip packages, Maven jars,
+# and (for demo/test) the local Kafka broker and Redis, started by the project's own code.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+RUN    := .local/runs
+COUNT  ?= 20000
+
+.PHONY: setup jars up down status reset demo test bench clean
+
+$(VENV)/.installed: setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+setup: $(VENV)/.installed jars
+
+jars: $(VENV)/.installed
+	$(PY) -m pipelines.jars fetch
+
+up: setup
+	$(PY) -m pipelines.local up
+
+down:
+	$(PY) -m pipelines.local down
+
+status:
+	$(PY) -m pipelines.local status
+
+reset: $(VENV)/.installed
+	$(PY) -m pipelines.local reset
+	rm -rf .local/lake $(RUN)
+
+# The main job end to end on the embedded local default: platform up, generate events,
+# ingest them into bronze / dead letter, reconcile against what was sent.
+demo: up
+	mkdir -p $(RUN)
+	$(PY) jobs/generate.py --env local --count $(COUNT) --summary-file $(RUN)/sent.json
+	$(PY) jobs/ingest.py --env local --available-now
+	$(PY) jobs/reconcile.py --env local --expect $(RUN)/sent.json
+
+# The tests start their own Kafka and Redis on free ports (and stop them).
+test: setup
+	$(PY) -m pytest tests -q -ra --durations=10
+
+bench: up
+	$(PY) bench/ingest_throughput.py --env local
+
+clean: down
+	rm -rf .local $(VENV)

@@ -1,0 +1,25 @@
+"""What every job's command line shares: --env/--conf-dir/--set and logging set-up."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from pipelines.config import ENVIRONMENTS, Settings, load_settings, parse_overrides
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--env", default="local", choices=ENVIRONMENTS, help="environment (default: local)")
+    parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="override a config key, e.g. ingest.max_offsets_per_trigger=5000 (repeatable)")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """The validated settings the arguments ask for; raises ConfigError naming key and reason."""
+    return load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+
+
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("py4j").setLevel(logging.WARNING)
