@@ -30,6 +30,7 @@ setup(
             "nbclient>=0.10",
             "ipykernel>=6.29",
             "matplotlib>=3.9",
+            "databricks-bundles==1.22.1",  # typed bundle models: validates databricks.yml in tests
         ],
     },
     entry_points={

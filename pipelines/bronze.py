@@ -105,7 +105,8 @@ def validate_records(
     ``headers`` (as the Kafka source gives them). Output: those columns renamed ``kafka_*``,
     ``validated_at`` (the batch time, ``current_timestamp()`` unless ``batch_time`` is given),
     every contract field (null for invalid records), ``error_class`` and ``error_reason``
-    (both null exactly when the record is valid). No record is dropped.
+    (both null exactly when the record is valid). ``kafka_value`` is kept for invalid records
+    only (valid ones are fully represented by their fields). No record is dropped.
     """
     if "headers" not in records.columns:
         records = records.withColumn("headers", F.lit(None).cast(HEADERS_TYPE))
@@ -115,8 +116,12 @@ def validate_records(
         "validated_at", F.current_timestamp() if batch_time is None else batch_time.cast(TimestampType())
     )
     verdict = check(F.col("kafka_value"), F.col("validated_at"))
-    return with_time.withColumn("_verdict", verdict).select(
-        *[F.col(c) for c in with_time.columns],
+    checked = with_time.withColumn("_verdict", verdict)
+    return checked.select(
+        *[F.col(c) for c in with_time.columns if c != "kafka_value"],
+        # Only dead letters need the original bytes; dropping them from valid rows halves what
+        # the duplicate filter shuffles and keeps in memory.
+        F.when(F.col("_verdict.error_class").isNotNull(), F.col("kafka_value")).alias("kafka_value"),
         *[F.col(f"_verdict.{n}").alias(n) for n in (*contract.field_names, "error_class", "error_reason")],
     )
 

@@ -180,6 +180,7 @@ class IngestProgressListener(StreamingQueryListener):
                           progress.json)
             return
         log.info(format_progress(row))
+        log.debug("%s batch %s durations (ms): %s", progress.name, progress.batchId, progress.durationMs)
         with self._lock:
             self.rows.append(row)
         if self.metrics_path:

@@ -1,0 +1,46 @@
+"""databricks.yml: every job is valid for Databricks' own bundle models and runs an entry point
+that setup.py really declares."""
+
+from __future__ import annotations
+
+import re
+
+import yaml
+from databricks.bundles.jobs import Job
+
+from pipelines.config import PROJECT_ROOT
+
+BUNDLE = yaml.safe_load((PROJECT_ROOT / "databricks.yml").read_text())
+SETUP = (PROJECT_ROOT / "setup.py").read_text()
+
+
+def console_scripts() -> set[str]:
+    return set(re.findall(r'"([\w-]+)=[\w.]+:main"', SETUP))
+
+
+def test_every_job_is_a_valid_databricks_job():
+    jobs = BUNDLE["resources"]["jobs"]
+    assert set(jobs) == {"ingest", "reconcile"}
+    for name, spec in jobs.items():
+        assert Job.from_dict(spec).tasks, name
+
+
+def test_wheel_tasks_name_declared_entry_points_of_this_package():
+    package = re.search(r'name="([\w-]+)"', SETUP).group(1).replace("-", "_")
+    for spec in BUNDLE["resources"]["jobs"].values():
+        for task in spec["tasks"]:
+            wheel = task["python_wheel_task"]
+            assert wheel["package_name"] == package
+            assert wheel["entry_point"] in console_scripts()
+            assert wheel["parameters"][:2] == ["--env", "${var.env}"]
+
+
+def test_targets_pick_their_environment():
+    assert {name: target["variables"]["env"] for name, target in BUNDLE["targets"].items()} == {"dev": "dev", "prod": "prod"}
+    assert all((PROJECT_ROOT / "conf" / f"{target['variables']['env']}.yaml").exists() for target in BUNDLE["targets"].values())
+
+
+def test_secrets_come_from_the_secret_scope_not_the_bundle():
+    text = (PROJECT_ROOT / "databricks.yml").read_text()
+    for value in re.findall(r"(?:PASSWORD|SECRET)\w*:\s*(.+)", text):
+        assert value.strip().strip('"').startswith("{{secrets/"), value
