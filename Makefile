@@ -32,9 +32,12 @@ reset: $(VENV)/.installed
 	$(PY) -m pipelines.local reset
 	rm -rf .local/lake $(RUN)
 
-# The main job end to end on the embedded local default: platform up, generate events,
-# ingest them into bronze / dead letter, reconcile against what was sent.
-demo: up
+# The main job end to end on the embedded local default, from a clean slate: platform up,
+# generate events, ingest them into bronze / dead letter, reconcile against what was sent.
+demo: setup
+	$(PY) -m pipelines.local reset
+	rm -rf .local/lake $(RUN)
+	$(PY) -m pipelines.local up
 	mkdir -p $(RUN)
 	$(PY) jobs/generate.py --env local --count $(COUNT) --summary-file $(RUN)/sent.json
 	$(PY) jobs/ingest.py --env local --available-now

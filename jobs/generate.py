@@ -24,6 +24,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-generate", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
     parser.add_argument("--count", type=int, default=10_000, help="transactions to generate")
+    parser.add_argument("--duration", help="with --rate: send for this long (e.g. 10m) instead of --count")
     parser.add_argument("--accounts", type=int, default=1_000)
     parser.add_argument("--merchants", type=int, default=200)
     parser.add_argument("--seed", type=int, default=7, help="same seed and --end: same records")
@@ -49,10 +50,15 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     try:
         settings = settings_from_args(args)
+        count = args.count
+        if args.duration is not None:
+            if args.rate <= 0:
+                raise ValueError("--duration needs --rate (records per second)")
+            count = int(args.rate * parse_duration(args.duration, "--duration").total_seconds())
         if args.end is not None and args.end.tzinfo is None:
             raise ValueError("--end: give a UTC offset, e.g. 2026-11-23T10:00:00+00:00")
         spec = GeneratorSpec(
-            count=args.count, accounts=args.accounts, merchants=args.merchants, seed=args.seed,
+            count=count, accounts=args.accounts, merchants=args.merchants, seed=args.seed,
             end=args.end, span=parse_duration(args.span, "--span"), rate=args.rate,
             late_rate=args.late_rate, out_of_order_rate=args.out_of_order_rate,
             duplicate_rate=args.duplicate_rate, bad_rate=args.bad_rate,

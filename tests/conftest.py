@@ -67,7 +67,8 @@ def platform(settings: Settings) -> Iterator[LocalPlatform]:
 
 
 @pytest.fixture(scope="session")
-def spark(settings: Settings):
+def spark(settings: Settings, platform: LocalPlatform):
+    """The session-wide SparkSession (stopped before the platform, whose broker it talks to)."""
     from pipelines.session import build_session
 
     fetch("spark", JARS_ROOT)

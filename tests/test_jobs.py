@@ -37,3 +37,8 @@ def test_generator_rejects_an_end_without_offset(capsys):
 def test_reconcile_rejects_a_missing_summary_file(capsys, tmp_path):
     assert reconcile.main(["--env", "local", "--expect", str(tmp_path / "missing.json")]) == 2
     assert "missing.json" in capsys.readouterr().err
+
+
+def test_generator_duration_needs_a_rate(capsys):
+    assert generate.main(["--env", "local", "--duration", "10m"]) == 2
+    assert "--duration needs --rate" in capsys.readouterr().err
