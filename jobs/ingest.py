@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
 from pipelines.config import ConfigError
 from pipelines.ingest import run_ingest
 from pipelines.session import build_session
@@ -32,10 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     try:
         settings = settings_from_args(args)
-        topics = [t for t in (args.topics or "").split(",") if t] or list(settings.ingest.topics)
-        unknown = [t for t in topics if t not in settings.kafka.topics]
-        if unknown:
-            raise ConfigError(f"--topics: {', '.join(unknown)} not declared under kafka.topics")
+        topics = topics_from_args(args.topics, settings)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

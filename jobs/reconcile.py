@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
 from pipelines.config import ConfigError
 from pipelines.generator import GeneratorSummary
 from pipelines.reconcile import format_report, reconcile
@@ -33,11 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.WARNING)
     try:
         settings = settings_from_args(args)
+        topics = topics_from_args(args.topics, settings)
         sent = GeneratorSummary.from_dict(json.loads(args.expect.read_text())) if args.expect else None
     except (ConfigError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    topics = [t for t in (args.topics or "").split(",") if t] or None
     spark = build_session(settings.spark)
     results = reconcile(spark, settings, topics, sent)
     print(format_report(results))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 
-from pipelines.config import ENVIRONMENTS, Settings, load_settings, parse_overrides
+from pipelines.config import ENVIRONMENTS, ConfigError, Settings, load_settings, parse_overrides
 
 
 def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +18,15 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The validated settings the arguments ask for; raises ConfigError naming key and reason."""
     return load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+
+
+def topics_from_args(text: str | None, settings: Settings) -> list[str]:
+    """``--topics a,b`` -> the topics, each declared under kafka.topics; default ingest.topics."""
+    topics = [t.strip() for t in (text or "").split(",") if t.strip()] or list(settings.ingest.topics)
+    unknown = [t for t in topics if t not in settings.kafka.topics]
+    if unknown:
+        raise ConfigError(f"--topics: {', '.join(unknown)} not declared under kafka.topics")
+    return topics
 
 
 def configure_logging(level: int = logging.INFO) -> None:

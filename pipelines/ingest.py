@@ -50,8 +50,13 @@ class IngestRun:
     listener: IngestProgressListener
     handlers: dict[str, IngestBatchWriter]
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 300.0) -> None:
+        """Stop every query, each between two batches if it gets there within ``grace`` seconds
+        (an interrupted batch is safe too: it is replayed, exactly once, on the next start)."""
+        deadline = time.monotonic() + grace
         for query in self.queries:
+            while query.isActive and query.status["isTriggerActive"] and time.monotonic() < deadline:
+                time.sleep(0.2)
             if query.isActive:
                 query.stop()
 
@@ -114,7 +119,8 @@ def start_ingest(
         if available_now:
             writer = writer.trigger(availableNow=True)
         else:
-            writer = writer.trigger(processingTime=f"{int(settings.ingest.trigger_interval.total_seconds())} seconds")
+            interval_ms = int(settings.ingest.trigger_interval.total_seconds() * 1000)
+            writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         queries.append(writer.start())
         handlers[topic] = handler
         log.info(
