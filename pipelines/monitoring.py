@@ -154,12 +154,14 @@ class IngestProgressListener(StreamingQueryListener):
         """Wait until the last batch of each of ``queries`` has been recorded (or ``timeout``)."""
         deadline = time.monotonic() + timeout
         for query in queries:
-            last = query.lastProgress
-            if last is None:
+            # Idle triggers report progress too, under the next batch id, but no listener event
+            # follows them: only batches that ran (they have an addBatch duration) are awaited.
+            ran = [int(p.batchId) for p in query.recentProgress if "addBatch" in (p.durationMs or {})]
+            if not ran:
                 continue
             while time.monotonic() < deadline:
                 with self._lock:
-                    if self._recorded.get(str(query.id), -1) >= int(last["batchId"]):
+                    if self._recorded.get(str(query.id), -1) >= max(ran):
                         break
                 time.sleep(0.1)
 

@@ -80,3 +80,19 @@ def test_redelivery_in_a_later_batch_is_dropped_and_counted(spark, isolated):
     assert [(r.transaction_id, r.kafka_offset) for r in bronze.collect()] == [("tx-once", 0)]
     metrics = spark.read.format("delta").load(settings.storage.stream_metrics_path)
     assert metrics.agg(F.sum("duplicates_dropped")).first()[0] == 1
+
+
+def test_continuous_ingest_stops_gracefully_at_its_timeout(spark, isolated):
+    """The processing-time trigger (the production mode) runs until asked to stop, then stops
+    between batches with everything sent so far in bronze and no query left running."""
+    settings = isolated(ingest={"trigger_interval": "1s"})
+    tx_topic = settings.ingest.topics[0]
+    now = datetime.now(timezone.utc)
+    records = [Record("transactions", b"acct-1", encode(transaction(transaction_id=f"tx-{i}", event_time=iso(now))), "valid")
+               for i in range(50)]
+    produce(records, settings.kafka.client_properties(), topic_names=topic_names(settings))
+
+    assert run_ingest(spark, settings, topics=[tx_topic], timeout=30) == 0
+
+    assert spark.streams.active == []
+    assert spark.read.format("delta").load(settings.storage.bronze_path(tx_topic)).count() == 50
