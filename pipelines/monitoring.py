@@ -63,6 +63,12 @@ def _parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(timezone.utc)
 
 
+def _watermark(text: str | None) -> datetime | None:
+    """Spark reports the epoch until a query has a watermark: that means "none yet"."""
+    moment = _parse_time(text)
+    return None if moment is None or moment.timestamp() == 0 else moment
+
+
 def _offsets_total(offsets: Any) -> int | None:
     """Sum of a Kafka source offset JSON (``{"topic": {"0": 12, ...}}``) over partitions."""
     try:
@@ -106,7 +112,7 @@ def metrics_row(progress: Any, topic: str | None, result: BatchResult | None) ->
         "processed_rows_per_second": float(progress.processedRowsPerSecond or 0.0),
         "batch_duration_ms": int(progress.batchDuration),
         "offsets_behind_latest": offsets_behind_latest(progress),
-        "watermark": _parse_time(event_time.get("watermark")),
+        "watermark": _watermark(event_time.get("watermark")),
         "max_event_time": _parse_time(event_time.get("max")),
         "bronze_rows": result.bronze_rows if result else None,
         "dead_letter_rows": result.dead_letter_rows if result else None,

@@ -30,6 +30,8 @@ def local_session_settings(spark: SparkSettings) -> dict[str, str]:
         "spark.databricks.delta.snapshotPartitions": "2",
         "spark.ui.enabled": str(spark.ui_enabled).lower(),
         "spark.ui.showConsoleProgress": "false",
+        # Contracts make wide plans; the default (25) fills logs with truncation warnings.
+        "spark.sql.debug.maxToStringFields": "200",
         # Python workers must run the driver's interpreter, or Arrow UDFs miss pyarrow/pandas.
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,
