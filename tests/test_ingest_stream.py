@@ -96,3 +96,21 @@ def test_continuous_ingest_stops_gracefully_at_its_timeout(spark, isolated):
 
     assert spark.streams.active == []
     assert spark.read.format("delta").load(settings.storage.bronze_path(tx_topic)).count() == 50
+
+
+def test_a_deleted_checkpoint_is_a_new_query_whose_writes_are_not_skipped(spark, isolated):
+    """txnAppId comes from the query id kept in the checkpoint: a fresh checkpoint re-reads from
+    the earliest offsets under a new id, and Delta must not skip its batches as replays."""
+    import shutil
+
+    settings = isolated()
+    tx_topic = settings.ingest.topics[0]
+    value = encode(transaction(transaction_id="tx-1", event_time=iso(datetime.now(timezone.utc))))
+    produce([Record("transactions", b"acct-1", value, "valid")], settings.kafka.client_properties(),
+            topic_names=topic_names(settings))
+    run_ingest(spark, settings, topics=[tx_topic], available_now=True)
+    shutil.rmtree(settings.storage.checkpoint_path("ingest", tx_topic))
+    run_ingest(spark, settings, topics=[tx_topic], available_now=True)
+
+    bronze = spark.read.format("delta").load(settings.storage.bronze_path(tx_topic))
+    assert [r.transaction_id for r in bronze.collect()] == ["tx-1", "tx-1"]
