@@ -206,6 +206,8 @@ class Settings:
     local: LocalPlatformSettings | None = None
     #: Contract name -> :class:`pipelines.contracts.Contract`, loaded from ``conf/contracts/``.
     contracts: Mapping[str, Any] = field(default_factory=dict, metadata={"yaml": False})
+    #: View name -> :class:`pipelines.views.FeatureView`, loaded from ``conf/features/``.
+    views: Mapping[str, Any] = field(default_factory=dict, metadata={"yaml": False})
 
     def contract_for(self, topic: str) -> Any:
         """The contract that governs ``topic``."""
@@ -347,9 +349,13 @@ def load_settings(
     merged["env"] = env
     settings = build(Settings, merged, f"{env_file}:")
     settings = _resolve_local_paths(settings, conf_dir.resolve().parent)
-    from pipelines.contracts import load_contracts  # contracts build on this module
+    # Contracts and views build on this module: imported here, not at the top.
+    from pipelines.contracts import load_contracts
+    from pipelines.views import load_views
 
-    settings = dataclasses.replace(settings, contracts=load_contracts(conf_dir / "contracts"))
+    contracts = load_contracts(conf_dir / "contracts")
+    views = load_views(conf_dir / "features", contracts)
+    settings = dataclasses.replace(settings, contracts=contracts, views=views)
     _check_references(settings, env_file)
     return settings
 
