@@ -146,6 +146,9 @@ class StorageSettings:
     def dead_letter_path(self) -> str:
         return f"{self.root}/bronze/_dead_letter"
 
+    def feature_path(self, view: str) -> str:
+        return f"{self.root}/features/{view}"
+
     @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
@@ -180,6 +183,8 @@ class RedisSettings:
     db: int = 0
     #: Environment variable holding the password, if the server needs one.
     password_env: str | None = None
+    #: First part of every online key: ``{namespace}:{view}:{entity}``.
+    namespace: str = "features"
 
 
 @dataclass(frozen=True)

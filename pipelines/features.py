@@ -1,0 +1,104 @@
+"""Feature tables and the online store, fed from ``foreachBatch``: the sink side of feature views.
+
+Each view has a Delta feature table (``<storage.root>/features/<view>``, partitioned by
+``event_date``: the UTC date of the row's event time) whose rows carry the entity, the
+event/window/session times, the feature values and ``computed_at`` (the batch time). Redis
+holds, per entity, the row with the latest event time: for trailing views the value as of the
+entity's latest event, for sliding views the latest closed window (event time = window end),
+for session views the latest closed session (event time = session end).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import timedelta
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+
+from pipelines.config import RedisSettings, Settings
+from pipelines.online import OnlineStoreWriter, redis_client
+from pipelines.sinks import streaming_query_id, write_delta_idempotent
+from pipelines.views import FeatureView
+
+log = logging.getLogger(__name__)
+
+#: The column that orders a view's rows in time (and that Redis compares on).
+EVENT_TIME_COLUMN = {"trailing": None, "sliding": "window_end", "session": "session_end"}
+
+
+def event_time_column(view: FeatureView) -> str:
+    return EVENT_TIME_COLUMN[view.kind] or view.event_time
+
+
+def feature_names(view: FeatureView) -> list[str]:
+    """Every feature column the view's transform outputs (what Redis stores)."""
+    names = [name for name, *_ in view.outputs()]
+    if view.kind == "session":
+        names = ["event_count", "duration_seconds", *names]
+        names += [f"count_{by.column}_{value}" for by in view.count_by for value in by.values]
+    return names
+
+
+def feature_table_rows(features: DataFrame, view: FeatureView) -> DataFrame:
+    """The view's transform output + ``computed_at`` and ``event_date`` (partition column)."""
+    return features.withColumn("computed_at", F.current_timestamp()).withColumn(
+        "event_date", F.to_date(F.col(event_time_column(view)))
+    )
+
+
+def latest_per_entity(features: DataFrame, view: FeatureView) -> DataFrame:
+    """One row per entity: the one with the latest event time (ties: same time, same values
+    for trailing views; the greatest start for overlapping windows)."""
+    time_column = event_time_column(view)
+    order = [F.col(time_column).desc()]
+    if view.kind == "sliding":
+        order.append(F.col("window_start").desc())
+    newest = Window.partitionBy(view.entity).orderBy(*order)
+    return features.withColumn("_rank", F.row_number().over(newest)).filter("_rank = 1").drop("_rank")
+
+
+def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, version: int) -> None:
+    """Write each entity's latest row of ``features`` to Redis from the executors."""
+    latest = latest_per_entity(features, view)
+    entity, time_column, names = view.entity, event_time_column(view), feature_names(view)
+    ttl: timedelta = view.online.ttl
+
+    def write_partition(rows) -> None:
+        writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
+        writer.write((row.asDict() for row in rows), entity, time_column, names, version)
+
+    latest.foreachPartition(write_partition)
+
+
+@dataclass
+class FeatureBatchWriter:
+    """``foreachBatch`` handler of one view: Delta feature table, then Redis (both idempotent)."""
+
+    view: FeatureView
+    settings: Settings
+    #: Redis version of the stream's writes; restatements (backfills) write higher ones.
+    version: int = 0
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        self.write_batch(batch, batch_id, f"features:{self.view.name}:{streaming_query_id(batch.sparkSession)}")
+
+    def write_batch(self, batch: DataFrame, batch_id: int, app_id: str) -> None:
+        rows = feature_table_rows(batch, self.view).persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            write_delta_idempotent(rows, self.settings.storage.feature_path(self.view.name), app_id, batch_id,
+                                   ["event_date"])
+            if self.view.online.enabled:
+                write_online(rows, self.view, self.settings.redis, self.version)
+        finally:
+            rows.unpersist()
+
+
+def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
+    """The streaming source of a contract-backed view: the bronze table of its topic."""
+    topics = [t for t in settings.ingest.topics if settings.kafka.topics[t].contract == view.source.contract]
+    if view.source.contract is None or len(topics) != 1:
+        raise ValueError(f"view {view.name!r}: its source must be the contract of exactly one ingested topic")
+    return spark.readStream.format("delta").load(settings.storage.bronze_path(topics[0]))
