@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import random
 import time
+from datetime import datetime, timedelta
 
 import pytest
-from datetime import datetime, timedelta
 
 from pipelines.aggregations import trailing_features
 from pipelines.config import PROJECT_ROOT, build
