@@ -68,3 +68,29 @@ def test_streaming_trailing_view_equals_the_batch_view(spark, tmp_path, seed):
     columns = batch.columns
     assert rounded(tuple(r[c] for c in columns) for r in streamed) == rounded(tuple(r[c] for c in columns) for r in batch.collect())
     assert len(streamed) == sum(len(rows) for rows in steps)
+
+
+def test_events_behind_the_watermark_are_left_out(spark, tmp_path):
+    """Allowed lateness 10m: after 11:00 the watermark is 10:50, so a 10:30 event that arrives
+    next is not computed (its interval may reach events already dropped from state)."""
+    view = build(FeatureView, {
+        "name": "count_only", "source": {"contract": "transactions"}, "entity": "account_id",
+        "event_time": "event_time", "kind": "trailing", "allowed_lateness": "10m",
+        "aggregations": [{"column": "*", "functions": ["count"], "windows": ["2h"]}],
+    }, "test")
+    source = tmp_path / "events"
+    source.mkdir()
+    stream = spark.readStream.schema(SCHEMA).option("recursiveFileLookup", "true").parquet(str(source))
+    name = f"late_{time.time_ns()}"
+    query = trailing_features_stream(stream, view).writeStream.format("memory").queryName(name).outputMode("append").start()
+    steps = [[("a", datetime(2026, 11, 23, 10, 0), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 0), 1.0, "m1")],
+             [("a", datetime(2026, 11, 23, 10, 30), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 5), 1.0, "m1")]]
+    try:
+        for i, rows in enumerate(steps):
+            spark.createDataFrame(rows, SCHEMA).write.parquet(str(source / f"step{i}"))
+            query.processAllAvailable()
+        streamed = sorted((r.event_time, r.count_2h) for r in spark.table(name).collect())
+    finally:
+        query.stop()
+    assert streamed == [(datetime(2026, 11, 23, 10, 0), 1), (datetime(2026, 11, 23, 11, 0), 2),
+                        (datetime(2026, 11, 23, 11, 5), 3)]
