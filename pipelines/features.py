@@ -102,3 +102,32 @@ def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) ->
     if view.source.contract is None or len(topics) != 1:
         raise ValueError(f"view {view.name!r}: its source must be the contract of exactly one ingested topic")
     return spark.readStream.format("delta").load(settings.storage.bronze_path(topics[0]))
+
+
+def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
+    """The streaming feature rows of ``view``, from its bronze table."""
+    from pipelines.aggregations import view_features
+    from pipelines.trailing_stream import trailing_features_stream
+
+    source = bronze_source(spark, settings, view)
+    return trailing_features_stream(source, view) if view.kind == "trailing" else view_features(source, view)
+
+
+def start_features(spark: SparkSession, settings: Settings, views: list[FeatureView],
+                   available_now: bool = False) -> list:
+    """One streaming query per view (checkpoint ``_checkpoints/features/<view>``), writing its
+    feature table and Redis in ``foreachBatch``."""
+    queries = []
+    for view in views:
+        writer = (
+            feature_stream(spark, settings, view).writeStream.queryName(f"features_{view.name}")
+            .foreachBatch(FeatureBatchWriter(view, settings))
+            .option("checkpointLocation", settings.storage.checkpoint_path("features", view.name))
+        )
+        if available_now:
+            writer = writer.trigger(availableNow=True)
+        else:
+            writer = writer.trigger(processingTime=f"{int(settings.ingest.trigger_interval.total_seconds() * 1000)} milliseconds")
+        queries.append(writer.start())
+        log.info("features %s (%s) -> %s", view.name, view.kind, settings.storage.feature_path(view.name))
+    return queries
