@@ -38,6 +38,7 @@ setup(
             "fp-ingest=jobs.ingest:main",
             "fp-generate=jobs.generate:main",
             "fp-reconcile=jobs.reconcile:main",
+            "fp-features=jobs.features:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

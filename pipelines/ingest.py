@@ -8,9 +8,6 @@ those of :mod:`pipelines.bronze`, the same functions a batch replay uses.
 from __future__ import annotations
 
 import logging
-import signal
-import threading
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -21,6 +18,7 @@ from pipelines.bronze import drop_duplicate_events, table_schemas, validate_reco
 from pipelines.config import Settings, format_duration
 from pipelines.contracts import Contract
 from pipelines.monitoring import METRICS_SCHEMA, IngestProgressListener
+from pipelines.runner import run_queries, stop_gracefully
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
@@ -50,23 +48,8 @@ class IngestRun:
     listener: IngestProgressListener
     handlers: dict[str, IngestBatchWriter]
 
-    def stop(self, grace: float = 300.0) -> None:
-        """Stop every query, each between two batches if it gets there within ``grace`` seconds
-        (an interrupted batch is safe too: it is replayed, exactly once, on the next start)."""
-        deadline = time.monotonic() + grace
-        for query in self.queries:
-            while query.isActive and query.status["isTriggerActive"] and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if query.isActive:
-                query.stop()
-
-    def await_termination(self, timeout: float | None = None) -> None:
-        """Wait until every query ends (or ``timeout`` seconds); raise the first failure."""
-        for query in self.queries:
-            query.awaitTermination(timeout)
-        for query in self.queries:
-            if query.exception() is not None:
-                raise query.exception()
+    def stop(self) -> None:
+        stop_gracefully(self.queries)
 
 
 def create_tables(spark: SparkSession, settings: Settings, topics: Sequence[str]) -> None:
@@ -141,26 +124,10 @@ def run_ingest(
     """Run the ingest until its queries end (``available_now``), ``timeout`` seconds pass, or
     SIGTERM/SIGINT asks for a graceful stop (the current batch finishes). Returns 0."""
     run = start_ingest(spark, settings, topics, available_now)
-    stop_requested = threading.Event()
-
-    def request_stop(signum: int, _frame: object) -> None:
-        log.info("signal %d: stopping after the current batch", signum)
-        stop_requested.set()
-
-    previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while any(q.isActive for q in run.queries) and not stop_requested.is_set():
-            if deadline is not None and time.monotonic() >= deadline:
-                break
-            for query in run.queries:
-                query.awaitTermination(0.5)
-        run.stop()
-        run.await_termination()
+        run_queries(run.queries, timeout)
         # Progress events reach the listener asynchronously: let it record the last batches.
-        run.listener.drain([q for q in run.queries], timeout=30)
+        run.listener.drain(run.queries, timeout=30)
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
         spark.streams.removeListener(run.listener)
     return 0

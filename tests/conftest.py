@@ -21,10 +21,16 @@ from pipelines.kafka_admin import TopicSpec, ensure_topics
 from pipelines.local.platform import LocalPlatform
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open together while they are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +40,7 @@ def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_overrides(test_root: Path) -> dict[str, Any]:
-    kafka_port, controller_port, redis_port = _free_port(), _free_port(), _free_port()
+    kafka_port, controller_port, redis_port = _free_ports(3)
     return {
         "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g",
                   "jars_dir": str(JARS_ROOT / "spark")},

@@ -42,3 +42,10 @@ def test_reconcile_rejects_a_missing_summary_file(capsys, tmp_path):
 def test_generator_duration_needs_a_rate(capsys):
     assert generate.main(["--env", "local", "--duration", "10m"]) == 2
     assert "--duration needs --rate" in capsys.readouterr().err
+
+
+def test_features_rejects_an_undeclared_view(capsys):
+    from jobs import features
+
+    assert features.main(["--env", "local", "--views", "account_velocity,nope"]) == 2
+    assert "--views: nope not declared in conf/features" in capsys.readouterr().err

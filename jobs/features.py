@@ -1,0 +1,49 @@
+"""Compute the configured feature views from the bronze tables into their Delta feature tables
+and the Redis online store, exactly once (one streaming query per view).
+
+Usage: spark-submit jobs/features.py --env local [--views account_velocity,merchant_hourly] [--available-now]
+       (console script: fp-features)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.config import ConfigError
+from pipelines.features import start_features
+from pipelines.runner import run_queries
+from pipelines.session import build_session
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fp-features", description=__doc__.splitlines()[0])
+    add_settings_arguments(parser)
+    parser.add_argument("--views", help="comma-separated views from conf/features (default: all)")
+    parser.add_argument("--available-now", action="store_true",
+                        help="process what is in bronze now, then stop")
+    parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(logging.INFO)
+    try:
+        settings = settings_from_args(args)
+        names = [v.strip() for v in (args.views or "").split(",") if v.strip()] or list(settings.views)
+        unknown = [n for n in names if n not in settings.views]
+        if unknown:
+            raise ConfigError(f"--views: {', '.join(unknown)} not declared in conf/features ({', '.join(settings.views)})")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    spark = build_session(settings.spark)
+    run_queries(start_features(spark, settings, [settings.views[n] for n in names], args.available_now), args.timeout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
