@@ -20,7 +20,7 @@ def console_scripts() -> set[str]:
 
 def test_every_job_is_a_valid_databricks_job():
     jobs = BUNDLE["resources"]["jobs"]
-    assert set(jobs) == {"ingest", "reconcile"}
+    assert set(jobs) == {"ingest", "features", "reconcile"}
     for name, spec in jobs.items():
         assert Job.from_dict(spec).tasks, name
 
