@@ -39,6 +39,7 @@ setup(
             "fp-generate=jobs.generate:main",
             "fp-reconcile=jobs.reconcile:main",
             "fp-features=jobs.features:main",
+            "fp-online=jobs.online:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

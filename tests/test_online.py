@@ -136,3 +136,28 @@ def test_redis_down_fails_the_batch_loudly_after_bounded_retries(namespace):
     writer = OnlineStoreWriter(dead, namespace, "velocity", ttl=timedelta(hours=1), attempts=3, backoff=0.01)
     with pytest.raises(OnlineStoreError, match="failed 3 times"):
         write(writer, [row("a", 1, 1)])
+
+
+def test_cli_prints_values_with_their_age_and_nulls_for_unknown_entities(client, settings, capsys):
+    import json as _json
+
+    from jobs import online
+
+    writer = OnlineStoreWriter(client, settings.redis.namespace, "merchant_hourly", ttl=timedelta(hours=1))
+    writer.write([{"merchant_id": "cli-m1", "window_end": T0, "count": 4, "sum_amount_usd": 12.5, "avg_amount_usd": 3.125,
+                   "approx_count_distinct_account_id": 2}], "merchant_id", "window_end",
+                 ["count", "sum_amount_usd", "avg_amount_usd", "approx_count_distinct_account_id"], version=0)
+    code = online.main(["get", "--env", "local", "--set", f"redis.port={settings.redis.port}",
+                        "--view", "merchant_hourly", "--entity", "cli-m1,cli-unknown", "--json"])
+    lines = [_json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert code == 0
+    assert [(r["entity"], r["count"], r["sum_amount_usd"], r["event_time"]) for r in lines] == [
+        ("cli-m1", 4, 12.5, "2026-11-23 10:00:00+00:00"), ("cli-unknown", None, None, None)]
+    assert lines[0]["age_seconds"] > 0 and lines[1]["age_seconds"] is None
+
+
+def test_cli_rejects_an_undeclared_view(capsys):
+    from jobs import online
+
+    assert online.main(["get", "--env", "local", "--view", "nope", "--entity", "x"]) == 2
+    assert "--view: 'nope' is not declared in conf/features" in capsys.readouterr().err

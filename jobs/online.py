@@ -1,0 +1,55 @@
+"""Read feature values from the Redis online store: one row per entity, with the event time
+and age of each value; missing or expired entities print as nulls.
+
+Usage: python jobs/online.py get --env local --view account_velocity --entity acct-000001,acct-000002 [--json]
+       (console script: fp-online)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipelines.cli import add_settings_arguments, settings_from_args
+from pipelines.config import ConfigError
+from pipelines.features import feature_names
+from pipelines.online import read_online, redis_client
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fp-online", description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["get"])
+    add_settings_arguments(parser)
+    parser.add_argument("--view", required=True, help="a view from conf/features")
+    parser.add_argument("--entity", required=True, help="comma-separated entity ids")
+    parser.add_argument("--json", action="store_true", help="one JSON object per line instead of a table")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        settings = settings_from_args(args)
+        if args.view not in settings.views:
+            raise ConfigError(f"--view: {args.view!r} is not declared in conf/features ({', '.join(settings.views)})")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    view = settings.views[args.view]
+    entities = [e.strip() for e in args.entity.split(",") if e.strip()]
+    rows = read_online(redis_client(settings.redis), settings.redis.namespace, view.name, feature_names(view), entities)
+    if args.json:
+        for row in rows:
+            print(json.dumps(row, default=str))
+        return 0
+    columns = list(rows[0]) if rows else []
+    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c]).ljust(widths[c]) for c in columns))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
