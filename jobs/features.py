@@ -13,8 +13,7 @@ import sys
 
 from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.config import ConfigError
-from pipelines.features import start_features
-from pipelines.runner import run_queries
+from pipelines.features import run_features
 from pipelines.session import build_session
 
 
@@ -41,8 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spark = build_session(settings.spark)
-    run_queries(start_features(spark, settings, [settings.views[n] for n in names], args.available_now), args.timeout)
-    return 0
+    return run_features(spark, settings, [settings.views[n] for n in names], args.available_now, args.timeout)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,10 @@ class StorageSettings:
         return f"{self.root}/features/{view}"
 
     @property
+    def feature_metrics_path(self) -> str:
+        return f"{self.root}/ops/feature_metrics"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 

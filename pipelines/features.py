@@ -11,16 +11,20 @@ for session views the latest closed session (event time = session end).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from datetime import timedelta
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 
 from pyspark import StorageLevel
-from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import DataFrame, Row, SparkSession, Window
 from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.config import RedisSettings, Settings
+from pipelines.monitoring import FEATURE_METRICS_SCHEMA, FeatureReporter, ProgressListener
 from pipelines.online import OnlineStoreWriter, redis_client
-from pipelines.sinks import streaming_query_id, write_delta_idempotent
+from pipelines.runner import run_queries
+from pipelines.sinks import ensure_delta_table, streaming_query_id, write_delta_idempotent
 from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
@@ -60,17 +64,36 @@ def latest_per_entity(features: DataFrame, view: FeatureView) -> DataFrame:
     return features.withColumn("_rank", F.row_number().over(newest)).filter("_rank = 1").drop("_rank")
 
 
-def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, version: int) -> None:
+@dataclass(frozen=True)
+class OnlineResult:
+    written: int
+    stale: int
+    #: The latest event time among the rows Redis accepted (None: nothing accepted).
+    newest_event_time: datetime | None
+
+
+def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, version: int) -> OnlineResult:
     """Write each entity's latest row of ``features`` to Redis from the executors."""
     latest = latest_per_entity(features, view)
     entity, time_column, names = view.entity, event_time_column(view), feature_names(view)
     ttl: timedelta = view.online.ttl
 
-    def write_partition(rows) -> None:
+    def write_partition(rows: Iterator[Row]) -> Iterator[tuple[int, int, datetime | None]]:
         writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
-        writer.write((row.asDict() for row in rows), entity, time_column, names, version)
+        batch = [row.asDict() for row in rows]
+        result = writer.write(batch, entity, time_column, names, version)
+        newest = max((r[time_column] for r in batch), default=None) if result.written else None
+        yield result.written, result.stale, newest
 
-    latest.foreachPartition(write_partition)
+    parts = latest.rdd.mapPartitions(write_partition).collect()
+    times = [t for _, _, t in parts if t is not None]
+    return OnlineResult(sum(p[0] for p in parts), sum(p[1] for p in parts), max(times) if times else None)
+
+
+@dataclass(frozen=True)
+class FeatureBatchResult:
+    rows: int
+    online: OnlineResult | None
 
 
 @dataclass
@@ -81,19 +104,26 @@ class FeatureBatchWriter:
     settings: Settings
     #: Redis version of the stream's writes; restatements (backfills) write higher ones.
     version: int = 0
+    results: dict[int, FeatureBatchResult] = field(default_factory=dict)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         self.write_batch(batch, batch_id, f"features:{self.view.name}:{streaming_query_id(batch.sparkSession)}")
 
-    def write_batch(self, batch: DataFrame, batch_id: int, app_id: str) -> None:
+    def write_batch(self, batch: DataFrame, batch_id: int, app_id: str) -> FeatureBatchResult:
         rows = feature_table_rows(batch, self.view).persist(StorageLevel.MEMORY_AND_DISK)
         try:
-            write_delta_idempotent(rows, self.settings.storage.feature_path(self.view.name), app_id, batch_id,
-                                   ["event_date"])
-            if self.view.online.enabled:
-                write_online(rows, self.view, self.settings.redis, self.version)
+            count = rows.count()
+            online = None
+            if count:
+                write_delta_idempotent(rows, self.settings.storage.feature_path(self.view.name), app_id, batch_id,
+                                       ["event_date"])
+                if self.view.online.enabled:
+                    online = write_online(rows, self.view, self.settings.redis, self.version)
         finally:
             rows.unpersist()
+        result = FeatureBatchResult(count, online)
+        self.results[batch_id] = result
+        return result
 
 
 def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
@@ -114,14 +144,21 @@ def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -
 
 
 def start_features(spark: SparkSession, settings: Settings, views: list[FeatureView],
-                   available_now: bool = False) -> list:
+                   available_now: bool = False) -> tuple[list[StreamingQuery], ProgressListener]:
     """One streaming query per view (checkpoint ``_checkpoints/features/<view>``), writing its
-    feature table and Redis in ``foreachBatch``."""
+    feature table and Redis in ``foreachBatch``; a listener logs each batch and appends it to
+    ``ops/feature_metrics``."""
+    ensure_delta_table(spark, settings.storage.feature_metrics_path, FEATURE_METRICS_SCHEMA)
+    listener = ProgressListener(spark)
+    spark.streams.addListener(listener)
     queries = []
     for view in views:
+        name = f"features_{view.name}"
+        handler = FeatureBatchWriter(view, settings)
+        listener.register(name, FeatureReporter(view.name, handler, settings.storage.feature_metrics_path))
         writer = (
-            feature_stream(spark, settings, view).writeStream.queryName(f"features_{view.name}")
-            .foreachBatch(FeatureBatchWriter(view, settings))
+            feature_stream(spark, settings, view).writeStream.queryName(name)
+            .foreachBatch(handler)
             .option("checkpointLocation", settings.storage.checkpoint_path("features", view.name))
         )
         if available_now:
@@ -130,4 +167,16 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
             writer = writer.trigger(processingTime=f"{int(settings.ingest.trigger_interval.total_seconds() * 1000)} milliseconds")
         queries.append(writer.start())
         log.info("features %s (%s) -> %s", view.name, view.kind, settings.storage.feature_path(view.name))
-    return queries
+    return queries, listener
+
+
+def run_features(spark: SparkSession, settings: Settings, views: list[FeatureView], available_now: bool = False,
+                 timeout: float | None = None) -> int:
+    """Run the views' queries until they end (``available_now``), ``timeout`` or SIGTERM."""
+    queries, listener = start_features(spark, settings, views, available_now)
+    try:
+        run_queries(queries, timeout)
+        listener.drain(queries, timeout=30)
+    finally:
+        spark.streams.removeListener(listener)
+    return 0

@@ -17,7 +17,7 @@ from pyspark.sql.streaming import StreamingQuery
 from pipelines.bronze import drop_duplicate_events, table_schemas, validate_records
 from pipelines.config import Settings, format_duration
 from pipelines.contracts import Contract
-from pipelines.monitoring import METRICS_SCHEMA, IngestProgressListener
+from pipelines.monitoring import METRICS_SCHEMA, IngestReporter, ProgressListener
 from pipelines.runner import run_queries, stop_gracefully
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
@@ -45,7 +45,7 @@ class IngestRun:
     """The running queries of one ingest job and their progress listener."""
 
     queries: list[StreamingQuery]
-    listener: IngestProgressListener
+    listener: ProgressListener
     handlers: dict[str, IngestBatchWriter]
 
     def stop(self) -> None:
@@ -81,9 +81,8 @@ def start_ingest(
     if unknown:
         raise ValueError(f"topics not declared under kafka.topics: {', '.join(unknown)}")
     create_tables(spark, settings, topics)
-    listener = IngestProgressListener(
-        spark, settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
-    )
+    listener = ProgressListener(spark)
+    metrics_table = settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
     spark.streams.addListener(listener)
     queries, handlers = [], {}
     for topic in topics:
@@ -92,7 +91,7 @@ def start_ingest(
             topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic
         )
         name = f"ingest_{topic}"
-        listener.register(name, topic, handler)
+        listener.register(name, IngestReporter(topic, handler, metrics_table))
         stream = bronze_stream(read_kafka_stream(spark, settings.kafka, topic, settings.ingest), contract, rules)
         writer = (
             stream.writeStream.queryName(name)

@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -141,20 +142,125 @@ def format_progress(row: Mapping[str, Any]) -> str:
     return line
 
 
-class IngestProgressListener(StreamingQueryListener):
-    """Logs each batch of the registered queries and appends it to the metrics table."""
+@dataclass
+class IngestReporter:
+    """Turns an ingest query's progress into its metrics row and log line."""
 
-    def __init__(self, spark: SparkSession, metrics_path: str | None):
+    topic: str
+    handler: Any
+    table: str | None
+    schema: StructType = METRICS_SCHEMA
+
+    def row(self, progress: Any) -> dict[str, Any]:
+        return metrics_row(progress, self.topic, self.handler.results.pop(int(progress.batchId), None))
+
+    def line(self, row: Mapping[str, Any]) -> str:
+        return format_progress(row)
+
+
+FEATURE_METRICS_SCHEMA = StructType(
+    [
+        StructField("query_name", StringType(), False),
+        StructField("query_id", StringType(), False),
+        StructField("run_id", StringType(), False),
+        StructField("batch_id", LongType(), False),
+        StructField("view", StringType(), False),
+        StructField("batch_timestamp", TimestampType(), False),
+        StructField("input_rows", LongType(), False),
+        StructField("batch_duration_ms", LongType(), False),
+        StructField("feature_rows", LongType(), True),
+        StructField("online_written", LongType(), True),
+        StructField("online_stale", LongType(), True),
+        StructField("newest_online_event_time", TimestampType(), True),
+        StructField("freshness_seconds", DoubleType(), True),
+        StructField("watermark", TimestampType(), True),
+        StructField("dropped_by_watermark", LongType(), True),
+        StructField("state_rows", LongType(), True),
+        StructField("recorded_at", TimestampType(), False),
+    ]
+)
+
+
+def _operator_sum(progress: Any, read: Callable[[Any], Any]) -> int | None:
+    values = [read(op) for op in (progress.stateOperators or [])]
+    values = [int(v) for v in values if v is not None]
+    return sum(values) if values else None
+
+
+def feature_metrics_row(progress: Any, view: str, result: Any) -> dict[str, Any]:
+    """One feature-metrics row: what the batch wrote, and how fresh Redis is after it
+    (``freshness_seconds`` = recorded_at - the newest event time Redis accepted)."""
+    recorded_at = datetime.now(timezone.utc)
+    online = result.online if result else None
+    newest = online.newest_event_time if online else None
+    if newest is not None and newest.tzinfo is None:
+        newest = newest.replace(tzinfo=timezone.utc)
+    return {
+        "query_name": progress.name or "",
+        "query_id": str(progress.id),
+        "run_id": str(progress.runId),
+        "batch_id": int(progress.batchId),
+        "view": view,
+        "batch_timestamp": _parse_time(progress.timestamp),
+        "input_rows": int(progress.numInputRows),
+        "batch_duration_ms": int(progress.batchDuration),
+        "feature_rows": result.rows if result else None,
+        "online_written": online.written if online else None,
+        "online_stale": online.stale if online else None,
+        "newest_online_event_time": newest,
+        "freshness_seconds": (recorded_at - newest).total_seconds() if newest else None,
+        "watermark": _watermark((progress.eventTime or {}).get("watermark")),
+        "dropped_by_watermark": _operator_sum(progress, lambda op: op.numRowsDroppedByWatermark),
+        "state_rows": _operator_sum(progress, lambda op: op.numRowsTotal),
+        "recorded_at": recorded_at,
+    }
+
+
+def format_feature_progress(row: Mapping[str, Any]) -> str:
+    def n(key: str) -> str:
+        return "?" if row.get(key) is None else f"{row[key]:,}"
+
+    newest = row["newest_online_event_time"]
+    fresh = (f"newest online event {newest.strftime('%Y-%m-%d %H:%M:%S')} ({row['freshness_seconds']:,.1f}s old)"
+             if newest else "nothing new online")
+    watermark = row["watermark"].strftime("%Y-%m-%d %H:%M:%S") if row["watermark"] else "-"
+    return (
+        f"{row['query_name']} batch {row['batch_id']}: {row['input_rows']:,} rows in "
+        f"{row['batch_duration_ms'] / 1000:.1f}s, feature rows {n('feature_rows')}, online {n('online_written')} "
+        f"written / {n('online_stale')} stale, {fresh}, watermark {watermark}, "
+        f"dropped by watermark {n('dropped_by_watermark')}, state {n('state_rows')}"
+    )
+
+
+@dataclass
+class FeatureReporter:
+    """Turns a feature query's progress into its metrics row and log line."""
+
+    view: str
+    handler: Any
+    table: str | None
+    schema: StructType = FEATURE_METRICS_SCHEMA
+
+    def row(self, progress: Any) -> dict[str, Any]:
+        return feature_metrics_row(progress, self.view, self.handler.results.pop(int(progress.batchId), None))
+
+    def line(self, row: Mapping[str, Any]) -> str:
+        return format_feature_progress(row)
+
+
+class ProgressListener(StreamingQueryListener):
+    """Logs each batch of the registered queries and appends it to their metrics table."""
+
+    def __init__(self, spark: SparkSession):
         self._spark = spark
-        self.metrics_path = metrics_path
-        #: query name -> (topic, handler whose results to read)
-        self.queries: dict[str, tuple[str, Any]] = {}
+        #: query name -> reporter (``row(progress)``, ``line(row)``, ``table``, ``schema``)
+        self.reporters: dict[str, Any] = {}
         self.rows: list[dict[str, Any]] = []
         self._recorded: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def register(self, query_name: str, topic: str, handler: Any) -> None:
-        self.queries[query_name] = (topic, handler)
+    def register(self, query_name: str, reporter: Any) -> None:
+        self.reporters[query_name] = reporter
 
     def drain(self, queries: list[Any], timeout: float) -> None:
         """Wait until the last batch of each of ``queries`` has been recorded (or ``timeout``)."""
@@ -172,29 +278,28 @@ class IngestProgressListener(StreamingQueryListener):
                 time.sleep(0.1)
 
     def onQueryStarted(self, event: Any) -> None:
-        if event.name in self.queries:
+        if event.name in self.reporters:
             log.info("%s started (id %s, run %s)", event.name, event.id, event.runId)
 
     def onQueryProgress(self, event: Any) -> None:
         progress = event.progress
-        if progress.name not in self.queries:
+        reporter = self.reporters.get(progress.name)
+        if reporter is None:
             return
-        topic, handler = self.queries[progress.name]
-        result = handler.results.pop(int(progress.batchId), None)
         try:
-            row = metrics_row(progress, topic, result)
+            row = reporter.row(progress)
         except Exception:  # noqa: BLE001 - a malformed progress event must not stop the listener
             log.exception("could not read the progress of batch %s of %s: %s", progress.batchId, progress.name,
                           progress.json)
             return
-        log.info(format_progress(row))
+        log.info(reporter.line(row))
         log.debug("%s batch %s durations (ms): %s", progress.name, progress.batchId, progress.durationMs)
         with self._lock:
             self.rows.append(row)
-        if self.metrics_path:
+        if reporter.table:
             try:
-                frame = self._spark.createDataFrame([row], METRICS_SCHEMA)
-                write_delta_idempotent(frame, self.metrics_path, f"metrics:{row['query_id']}", row["batch_id"])
+                frame = self._spark.createDataFrame([row], reporter.schema)
+                write_delta_idempotent(frame, reporter.table, f"metrics:{row['query_id']}", row["batch_id"])
             except Exception:  # noqa: BLE001 - metrics must never stop the data path
                 log.exception("could not append batch %s of %s to the metrics table", row["batch_id"], row["query_name"])
         with self._lock:

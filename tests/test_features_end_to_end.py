@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from pyspark.sql import functions as F
 
-from pipelines.features import event_time_column, feature_names, latest_per_entity, start_features
+from pipelines.features import event_time_column, feature_names, latest_per_entity, run_features
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.ingest import run_ingest
 from pipelines.online import read_online, redis_client
@@ -21,9 +21,7 @@ def test_online_values_equal_the_latest_feature_rows(spark, isolated):
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     run_ingest(spark, settings, available_now=True)
     views = list(settings.views.values())
-    for query in start_features(spark, settings, views, available_now=True):
-        query.awaitTermination()
-        assert query.exception() is None
+    assert run_features(spark, settings, views, available_now=True) == 0
 
     client = redis_client(settings.redis)
     for view in views:
@@ -38,3 +36,12 @@ def test_online_values_equal_the_latest_feature_rows(spark, isolated):
             for name in names:
                 want, got = expected[name], value[name]
                 assert (got == want) or (isinstance(want, float) and abs(got - want) < 1e-9), (view.name, name, got, want)
+
+    metrics = spark.read.format("delta").load(settings.storage.feature_metrics_path).collect()
+    assert {m.view for m in metrics} == {v.name for v in views}
+    for view in views:
+        # Every entity reached Redis at least once (a later batch may update it again).
+        written = sum(m.online_written or 0 for m in metrics if m.view == view.name)
+        assert written >= len({r[view.entity] for r in spark.read.format("delta").load(
+            settings.storage.feature_path(view.name)).select(view.entity).collect()}), view.name
+    assert all(m.freshness_seconds is None or m.freshness_seconds > 0 for m in metrics)

@@ -81,3 +81,23 @@ def test_progress_line_shouts_when_the_watermark_dropped_rows():
     late = dict(PROGRESS, stateOperators=[dict(PROGRESS["stateOperators"][0], numRowsDroppedByWatermark=3)])
     line = format_progress(metrics_row(StreamingQueryProgress.fromJson(late), "transactions", None))
     assert line.endswith("bronze ?, dlq ?, duplicates 2,401, state 495,257, DROPPED BY WATERMARK 3")
+
+
+def test_feature_progress_reports_freshness_of_the_online_store():
+    from pipelines.features import FeatureBatchResult, OnlineResult
+    from pipelines.monitoring import feature_metrics_row, format_feature_progress
+
+    progress = dict(PROGRESS, name="features_account_velocity", stateOperators=[dict(
+        PROGRESS["stateOperators"][0], operatorName="transformWithStateInPandasExec", numRowsTotal=1200,
+        customMetrics={})])
+    newest = datetime(2026, 11, 23, 21, 19, 0, tzinfo=timezone.utc)
+    row = feature_metrics_row(StreamingQueryProgress.fromJson(progress), "account_velocity",
+                              FeatureBatchResult(250000, OnlineResult(900, 3, newest)))
+    assert row["freshness_seconds"] == (row["recorded_at"] - newest).total_seconds()
+    assert (row["feature_rows"], row["online_written"], row["online_stale"], row["state_rows"]) == (250000, 900, 3, 1200)
+    line = format_feature_progress(dict(row, freshness_seconds=2.5))
+    assert line == (
+        "features_account_velocity batch 7: 250,000 rows in 13.4s, feature rows 250,000, online 900 written / "
+        "3 stale, newest online event 2026-11-23 21:19:00 (2.5s old), watermark 2026-11-16 20:45:49, "
+        "dropped by watermark 0, state 1,200"
+    )
