@@ -32,8 +32,9 @@ reset: $(VENV)/.installed
 	$(PY) -m pipelines.local reset
 	rm -rf .local/lake $(RUN)
 
-# The main job end to end on the embedded local default, from a clean slate: platform up,
-# generate events, ingest them into bronze / dead letter, reconcile against what was sent.
+# The main jobs end to end on the embedded local default, from a clean slate: platform up,
+# generate events, ingest them into bronze / dead letter, compute the feature views into
+# their tables and Redis, reconcile against what was sent, read a few online values.
 demo: setup
 	$(PY) -m pipelines.local reset
 	rm -rf .local/lake $(RUN)
@@ -41,7 +42,9 @@ demo: setup
 	mkdir -p $(RUN)
 	$(PY) jobs/generate.py --env local --count $(COUNT) --summary-file $(RUN)/sent.json
 	$(PY) jobs/ingest.py --env local --available-now
+	$(PY) jobs/features.py --env local --available-now
 	$(PY) jobs/reconcile.py --env local --expect $(RUN)/sent.json
+	$(PY) jobs/online.py get --env local --view account_velocity --entity acct-000001,acct-000002,acct-unknown
 
 # The tests start their own Kafka and Redis on free ports (and stop them).
 test: setup
