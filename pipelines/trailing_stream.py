@@ -21,6 +21,7 @@ import logging
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from pyspark.sql import DataFrame
 from pyspark.sql.streaming import StatefulProcessor, StatefulProcessorHandle
@@ -41,28 +42,25 @@ def _micros(values: pd.Series) -> pd.Series:
     return stamps.astype("datetime64[us]").astype("int64")
 
 
-def _feature(function: str, column: str, window_rows: pd.DataFrame, event_time: str) -> Any:
-    if column == "*":
-        return len(window_rows)
-    values = window_rows[column]
-    present = window_rows[values.notna()]
+def _window_values(function: str, values: list, times: list) -> Any:
+    """One feature over the present (non-null) values of an interval, in time order."""
     if function == "count":
-        return int(values.notna().sum())
+        return len(values)
     if function == "approx_count_distinct":
-        return int(values.dropna().nunique())
+        return len(set(values))
     if function == "sum":
-        return present[column].sum() if len(present) else 0
-    if present.empty:
+        return sum(values) if values else 0
+    if not values:
         return None
     if function == "avg":
-        return float(present[column].mean())
+        return float(sum(values)) / len(values)
     if function == "min":
-        return present[column].min()
+        return min(values)
     if function == "max":
-        return present[column].max()
+        return max(values)
     if function == "last":
-        latest = present[present[_MICROS] == present[_MICROS].max()]
-        return latest[column].max()
+        latest = times[-1]
+        return max(v for v, t in zip(values, times) if t == latest)
     raise ValueError(function)
 
 
@@ -70,18 +68,31 @@ def compute_trailing(events: pd.DataFrame, is_new: pd.Series, view: FeatureView)
     """Features of the rows flagged ``is_new``, over all of ``events`` (one entity, any order)."""
     ordered = events.assign(_new=is_new.values).sort_values(_MICROS, kind="stable").reset_index(drop=True)
     times = ordered[_MICROS].to_numpy()
+    new_rows = np.flatnonzero(ordered["_new"].to_numpy())
+    event_times = times[new_rows]
     delay = int(view.delay.total_seconds() * 1_000_000)
-    out_rows = []
-    for _, event in ordered[ordered["_new"]].iterrows():
-        t = int(event[_MICROS])
-        row = {view.entity: event[view.entity], view.event_time: event[view.event_time]}
-        for name, function, column, window in view.outputs():
-            width = int(window.total_seconds() * 1_000_000)
-            lo = times.searchsorted(t - delay - width, side="right")
-            hi = times.searchsorted(t - delay, side="right")
-            row[name] = _feature(function, column, ordered.iloc[lo:hi], view.event_time)
-        out_rows.append(row)
-    return pd.DataFrame(out_rows)
+    out = {view.entity: ordered[view.entity].iloc[new_rows].to_numpy(),
+           view.event_time: ordered[view.event_time].iloc[new_rows].reset_index(drop=True)}
+    present: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, function, column, window in view.outputs():
+        width = int(window.total_seconds() * 1_000_000)
+        lo = times.searchsorted(event_times - delay - width, side="right")
+        hi = times.searchsorted(event_times - delay, side="right")
+        if column == "*":
+            out[name] = hi - lo
+            continue
+        if column not in present:
+            mask = ordered[column].notna().to_numpy()
+            present[column] = (np.flatnonzero(mask), ordered[column].to_numpy(dtype=object))
+        positions, values = present[column]
+        # Present values of [lo, hi) are those whose position p has lo <= p < hi.
+        first = positions.searchsorted(lo, side="left")
+        last = positions.searchsorted(hi, side="left")
+        out[name] = [
+            _window_values(function, [values[p] for p in positions[a:b]], [times[p] for p in positions[a:b]])
+            for a, b in zip(first, last)
+        ]
+    return pd.DataFrame(out)
 
 
 class TrailingProcessor(StatefulProcessor):
