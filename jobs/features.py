@@ -11,7 +11,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, views_from_args
 from pipelines.config import ConfigError
 from pipelines.features import run_features
 from pipelines.session import build_session
@@ -32,15 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     try:
         settings = settings_from_args(args)
-        names = [v.strip() for v in (args.views or "").split(",") if v.strip()] or list(settings.views)
-        unknown = [n for n in names if n not in settings.views]
-        if unknown:
-            raise ConfigError(f"--views: {', '.join(unknown)} not declared in conf/features ({', '.join(settings.views)})")
+        views = views_from_args(args.views, settings)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     spark = build_session(settings.spark)
-    return run_features(spark, settings, [settings.views[n] for n in names], args.available_now, args.timeout)
+    return run_features(spark, settings, views, args.available_now, args.timeout)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,15 @@ def topics_from_args(text: str | None, settings: Settings) -> list[str]:
     return topics
 
 
+def views_from_args(text: str | None, settings: Settings) -> list:
+    """``--views a,b`` -> the feature views, each declared in conf/features; default: all."""
+    names = [v.strip() for v in (text or "").split(",") if v.strip()] or list(settings.views)
+    unknown = [n for n in names if n not in settings.views]
+    if unknown:
+        raise ConfigError(f"--views: {', '.join(unknown)} not declared in conf/features ({', '.join(settings.views)})")
+    return [settings.views[n] for n in names]
+
+
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)

@@ -52,3 +52,21 @@ def kafka_row(value: bytes | None, offset: int, partition: int = 0, key: bytes =
               topic: str = "transactions", timestamp: str = "2026-11-23 11:59:30",
               headers: list[tuple[str, bytes]] | None = None) -> tuple:
     return (key, value, topic, partition, offset, naive(timestamp), headers)
+
+
+def run_stream_in_steps(spark, folder, schema: str, transform, steps) -> list:
+    """Feed each step's rows to a Parquet file stream as a new file, process it as its own
+    micro-batch through ``transform`` into a memory table, and return every row emitted."""
+    import time as _time
+
+    folder.mkdir()
+    stream = spark.readStream.schema(schema).option("recursiveFileLookup", "true").parquet(str(folder))
+    name = f"stream_{_time.time_ns()}"
+    query = transform(stream).writeStream.format("memory").queryName(name).outputMode("append").start()
+    try:
+        for i, rows in enumerate(steps):
+            spark.createDataFrame(rows, schema).coalesce(1).write.parquet(str(folder / f"step{i}"))
+            query.processAllAvailable()
+        return spark.table(name).collect()
+    finally:
+        query.stop()

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import random
-import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -13,6 +12,7 @@ from pipelines.aggregations import session_features, sliding_features
 from pipelines.config import PROJECT_ROOT, build
 from pipelines.contracts import load_contracts
 from pipelines.views import FeatureView, check_view
+from tests.support import run_stream_in_steps
 
 CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
 SCHEMA = "merchant_id string, event_time timestamp, amount_usd double, account_id string"
@@ -48,21 +48,6 @@ def random_steps(seed: int, steps: int = 4, per_step: int = 30):
     return result
 
 
-def stream_rows(spark, tmp_path, transform, v, steps):
-    source = tmp_path / "events"
-    source.mkdir()
-    stream = spark.readStream.schema(SCHEMA).option("recursiveFileLookup", "true").parquet(str(source))
-    name = f"parity_{time.time_ns()}"
-    query = transform(stream, v).writeStream.format("memory").queryName(name).outputMode("append").start()
-    try:
-        for i, rows in enumerate(steps):
-            spark.createDataFrame(rows, SCHEMA).write.parquet(str(source / f"step{i}"))
-            query.processAllAvailable()
-        return spark.table(name).collect()
-    finally:
-        query.stop()
-
-
 def normalised(rows, columns):
     return sorted(tuple(round(r[c], 9) if isinstance(r[c], float) else r[c] for c in columns) for r in rows)
 
@@ -73,7 +58,7 @@ def normalised(rows, columns):
 @pytest.mark.parametrize("seed", [3, 17])
 def test_stream_emits_exactly_the_closed_batch_rows(spark, tmp_path, transform, v, end_column, seed):
     steps = random_steps(seed)
-    streamed = stream_rows(spark, tmp_path, transform, v, steps)
+    streamed = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: transform(s, v), steps)
     everything = [r for rows in steps for r in rows]
     watermark = max(r[1] for r in everything) - LATENESS
     batch = transform(spark.createDataFrame(everything, SCHEMA), v)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import time
 from datetime import datetime, timedelta
 
 import pytest
@@ -13,6 +12,7 @@ from pipelines.config import PROJECT_ROOT, build
 from pipelines.contracts import load_contracts
 from pipelines.trailing_stream import trailing_features_stream
 from pipelines.views import FeatureView, check_view
+from tests.support import run_stream_in_steps
 
 CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
 SCHEMA = "account_id string, event_time timestamp, amount_usd double, merchant_id string"
@@ -51,18 +51,7 @@ def rounded(rows):
 @pytest.mark.parametrize("seed", [5, 11, 23])
 def test_streaming_trailing_view_equals_the_batch_view(spark, tmp_path, seed):
     steps = random_steps(seed)
-    source = tmp_path / "events"
-    source.mkdir()
-    stream = spark.readStream.schema(SCHEMA).option("recursiveFileLookup", "true").parquet(str(source))
-    name = f"trailing_{time.time_ns()}"
-    query = trailing_features_stream(stream, VIEW).writeStream.format("memory").queryName(name).outputMode("append").start()
-    try:
-        for i, rows in enumerate(steps):
-            spark.createDataFrame(rows, SCHEMA).coalesce(1).write.parquet(str(source / f"step{i}"))
-            query.processAllAvailable()
-        streamed = spark.table(name).collect()
-    finally:
-        query.stop()
+    streamed = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, VIEW), steps)
     everything = spark.createDataFrame([r for rows in steps for r in rows], SCHEMA)
     batch = trailing_features(everything, VIEW)
     columns = batch.columns
@@ -78,19 +67,9 @@ def test_events_behind_the_watermark_are_left_out(spark, tmp_path):
         "event_time": "event_time", "kind": "trailing", "allowed_lateness": "10m",
         "aggregations": [{"column": "*", "functions": ["count"], "windows": ["2h"]}],
     }, "test")
-    source = tmp_path / "events"
-    source.mkdir()
-    stream = spark.readStream.schema(SCHEMA).option("recursiveFileLookup", "true").parquet(str(source))
-    name = f"late_{time.time_ns()}"
-    query = trailing_features_stream(stream, view).writeStream.format("memory").queryName(name).outputMode("append").start()
     steps = [[("a", datetime(2026, 11, 23, 10, 0), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 0), 1.0, "m1")],
              [("a", datetime(2026, 11, 23, 10, 30), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 5), 1.0, "m1")]]
-    try:
-        for i, rows in enumerate(steps):
-            spark.createDataFrame(rows, SCHEMA).write.parquet(str(source / f"step{i}"))
-            query.processAllAvailable()
-        streamed = sorted((r.event_time, r.count_2h) for r in spark.table(name).collect())
-    finally:
-        query.stop()
+    rows = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, view), steps)
+    streamed = sorted((r.event_time, r.count_2h) for r in rows)
     assert streamed == [(datetime(2026, 11, 23, 10, 0), 1), (datetime(2026, 11, 23, 11, 0), 2),
                         (datetime(2026, 11, 23, 11, 5), 3)]
