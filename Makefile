@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RUN    := .local/runs
 COUNT  ?= 20000
 
-.PHONY: setup jars up down status reset demo test bench clean
+.PHONY: setup jars up down status reset demo lint test bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -46,8 +46,11 @@ demo: setup
 	$(PY) jobs/reconcile.py --env local --expect $(RUN)/sent.json
 	$(PY) jobs/online.py get --env local --view account_velocity --entity acct-000001,acct-000002,acct-unknown
 
+lint: $(VENV)/.installed
+	$(PY) -m pyflakes pipelines jobs tests bench
+
 # The tests start their own Kafka and Redis on free ports (and stop them).
-test: setup
+test: setup lint
 	$(PY) -m pytest tests -q -ra --durations=10
 
 bench: up

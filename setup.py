@@ -25,6 +25,7 @@ setup(
     extras_require={
         "dev": [
             "pytest==9.2.0",
+            "pyflakes==4.1.0",
             "chispa==0.12.0",
             "nbformat>=5.10",
             "nbclient>=0.10",

@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     out = PROJECT_ROOT / "bench" / "results" / f"ingest-{run_id}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\n| path | records | seconds | events/s | vs baseline |\n|---|---|---|---|---|")
+    print("\n| path | records | seconds | events/s | vs baseline |\n|---|---|---|---|---|")
     base_rate = results.get("baseline", {}).get("events_per_second")
     for key, label in (("baseline", "Python consumer -> Parquet (baseline)"), ("spark_copy", "Spark Kafka -> Delta, raw copy"),
                        ("ingest", "ingest: validate + dedupe + bronze/DLQ, exactly once")):

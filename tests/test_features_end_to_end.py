@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pyspark.sql import functions as F
-
 from pipelines.features import event_time_column, feature_names, latest_per_entity, run_features
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.ingest import run_ingest
