@@ -18,7 +18,7 @@ from pipelines.bronze import drop_duplicate_events, table_schemas, validate_reco
 from pipelines.config import Settings, format_duration
 from pipelines.contracts import Contract
 from pipelines.monitoring import METRICS_SCHEMA, IngestReporter, ProgressListener
-from pipelines.runner import run_queries, stop_gracefully
+from pipelines.runner import run_queries
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
@@ -46,10 +46,6 @@ class IngestRun:
 
     queries: list[StreamingQuery]
     listener: ProgressListener
-    handlers: dict[str, IngestBatchWriter]
-
-    def stop(self) -> None:
-        stop_gracefully(self.queries)
 
 
 def create_tables(spark: SparkSession, settings: Settings, topics: Sequence[str]) -> None:
@@ -84,7 +80,7 @@ def start_ingest(
     listener = ProgressListener(spark)
     metrics_table = settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
     spark.streams.addListener(listener)
-    queries, handlers = [], {}
+    queries = []
     for topic in topics:
         contract = settings.contract_for(topic)
         handler = IngestBatchWriter(
@@ -104,13 +100,12 @@ def start_ingest(
             interval_ms = int(settings.ingest.trigger_interval.total_seconds() * 1000)
             writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         queries.append(writer.start())
-        handlers[topic] = handler
         log.info(
             "ingesting %s -> %s (contract %s v%d, trigger %s)", topic, settings.storage.bronze_path(topic),
             contract.name, contract.version,
             "availableNow" if available_now else format_duration(settings.ingest.trigger_interval),
         )
-    return IngestRun(queries, listener, handlers)
+    return IngestRun(queries, listener)
 
 
 def run_ingest(

@@ -91,16 +91,15 @@ def offsets_behind_latest(progress: Any) -> int | None:
     return total
 
 
+def _operator_sum(progress: Any, read: Callable[[Any], Any]) -> int | None:
+    values = [read(op) for op in (progress.stateOperators or [])]
+    values = [int(v) for v in values if v is not None]
+    return sum(values) if values else None
+
+
 def metrics_row(progress: Any, topic: str | None, result: BatchResult | None) -> dict[str, Any]:
     """One metrics row from a ``StreamingQueryProgress`` and the batch's write result."""
-    operators = progress.stateOperators or []
     event_time = progress.eventTime or {}
-
-    def operator_sum(read: Callable[[Any], Any]) -> int | None:
-        values = [read(op) for op in operators]
-        values = [int(v) for v in values if v is not None]
-        return sum(values) if values else None
-
     return {
         "query_name": progress.name or "",
         "query_id": str(progress.id),
@@ -117,9 +116,11 @@ def metrics_row(progress: Any, topic: str | None, result: BatchResult | None) ->
         "max_event_time": _parse_time(event_time.get("max")),
         "bronze_rows": result.bronze_rows if result else None,
         "dead_letter_rows": result.dead_letter_rows if result else None,
-        "duplicates_dropped": operator_sum(lambda op: (op.customMetrics or {}).get("numDroppedDuplicateRows")),
-        "dropped_by_watermark": operator_sum(lambda op: op.numRowsDroppedByWatermark),
-        "state_rows": operator_sum(lambda op: op.numRowsTotal),
+        "duplicates_dropped": _operator_sum(
+            progress, lambda op: (op.customMetrics or {}).get("numDroppedDuplicateRows")
+        ),
+        "dropped_by_watermark": _operator_sum(progress, lambda op: op.numRowsDroppedByWatermark),
+        "state_rows": _operator_sum(progress, lambda op: op.numRowsTotal),
         "recorded_at": datetime.now(timezone.utc),
     }
 
@@ -179,12 +180,6 @@ FEATURE_METRICS_SCHEMA = StructType(
         StructField("recorded_at", TimestampType(), False),
     ]
 )
-
-
-def _operator_sum(progress: Any, read: Callable[[Any], Any]) -> int | None:
-    values = [read(op) for op in (progress.stateOperators or [])]
-    values = [int(v) for v in values if v is not None]
-    return sum(values) if values else None
 
 
 def feature_metrics_row(progress: Any, view: str, result: Any) -> dict[str, Any]:
