@@ -181,6 +181,14 @@ class IngestSettings:
 
 
 @dataclass(frozen=True)
+class FeatureSettings:
+    """The feature-view streams (one query per view)."""
+
+    #: How often each view's query looks for new bronze commits.
+    trigger_interval: timedelta = timedelta(seconds=5)
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     host: str = "127.0.0.1"
     port: int = 6379
@@ -211,6 +219,7 @@ class Settings:
     kafka: KafkaSettings
     storage: StorageSettings
     ingest: IngestSettings
+    features: FeatureSettings = field(default_factory=FeatureSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     local: LocalPlatformSettings | None = None
     #: Contract name -> :class:`pipelines.contracts.Contract`, loaded from ``conf/contracts/``.
@@ -397,6 +406,8 @@ def _check_references(settings: Settings, source: Path) -> None:
         raise ConfigError(
             f"{source}: ingest.max_offsets_per_trigger and ingest.max_value_bytes must be positive"
         )
+    if settings.features.trigger_interval <= timedelta(0):
+        raise ConfigError(f"{source}: features.trigger_interval: must be positive")
     for name, topic in settings.kafka.topics.items():
         if topic.contract not in settings.contracts:
             raise ConfigError(

@@ -126,16 +126,22 @@ class FeatureBatchWriter:
         return result
 
 
-def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
-    """The streaming source of a contract-backed view: the bronze table of its topic."""
+def source_topic(settings: Settings, view: FeatureView) -> str:
+    """The ingested topic whose contract is the view's source."""
     topics = [t for t in settings.ingest.topics if settings.kafka.topics[t].contract == view.source.contract]
     if view.source.contract is None or len(topics) != 1:
         raise ValueError(f"view {view.name!r}: its source must be the contract of exactly one ingested topic")
-    return spark.readStream.format("delta").load(settings.storage.bronze_path(topics[0]))
+    return topics[0]
+
+
+def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
+    """The view's events as a stream of its topic's bronze Delta table."""
+    return spark.readStream.format("delta").load(settings.storage.bronze_path(source_topic(settings, view)))
 
 
 def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
-    """The streaming feature rows of ``view``, from its bronze table."""
+    """The streaming feature rows of ``view``, from its bronze table (README "Where the feature
+    streams read" has the measurement behind reading bronze rather than Kafka)."""
     from pipelines.aggregations import view_features
     from pipelines.trailing_stream import trailing_features_stream
 
@@ -164,7 +170,8 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
         if available_now:
             writer = writer.trigger(availableNow=True)
         else:
-            writer = writer.trigger(processingTime=f"{int(settings.ingest.trigger_interval.total_seconds() * 1000)} milliseconds")
+            interval_ms = int(settings.features.trigger_interval.total_seconds() * 1000)
+            writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
         queries.append(writer.start())
         log.info("features %s (%s) -> %s", view.name, view.kind, settings.storage.feature_path(view.name))
     return queries, listener

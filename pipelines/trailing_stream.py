@@ -9,6 +9,10 @@ entity entirely. For every new event the features are computed over the retained
 events with exactly the batch semantics (half-open interval, ties, delay, empty intervals,
 ``last``), so for in-order input the stream and the batch agree row for row.
 
+State per entity is bounded by ``max_events_per_entity``: beyond it the oldest events are
+evicted, and the entity's later features cover only the events kept (each eviction is logged
+with the entity, so the under-count is never silent).
+
 Events behind the watermark (their interval may reach events already dropped from state) are
 not computed: they are left out, and logged with their count. Events arriving in different
 micro-batches at exactly the same event time do not see each other the way a batch does
@@ -125,6 +129,11 @@ class TrailingProcessor(StatefulProcessor):
         is_new = pd.Series([False] * (len(everything) - len(new_state)) + [True] * len(new_state))
         features = compute_trailing(everything, is_new, self.view)
         retained = everything[everything[_MICROS] > watermark - self.lookback]
+        if len(retained) > self.view.max_events_per_entity:
+            log.warning("view %s: entity %r has %d events in state, over max_events_per_entity=%d: "
+                        "the oldest are evicted and its later features under-count", self.view.name, key,
+                        len(retained), self.view.max_events_per_entity)
+            retained = retained.sort_values(_MICROS, kind="stable").iloc[-self.view.max_events_per_entity:]
         self.events.put([tuple(r) for r in retained.itertuples(index=False, name=None)])
         for timer in self.handle.listTimers():
             self.handle.deleteTimer(timer)

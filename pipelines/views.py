@@ -104,8 +104,13 @@ class FeatureView:
     #: sliding: the window length and step (tumbling when equal).
     window: timedelta | None = None
     slide: timedelta | None = None
-    #: sliding/session: how late an event may arrive and still count (the watermark delay).
+    #: How late an event may arrive and still count (the watermark delay). Events behind the
+    #: watermark are left out of the stream (a backfill from bronze computes them).
     allowed_lateness: timedelta = timedelta(minutes=10)
+    #: trailing, on a stream: at most this many events kept in state per entity (the newest).
+    #: An entity with more events in ``max window + delay`` gets features over only its newest
+    #: ones, and a warning naming it is logged: size it above the busiest entity's rate.
+    max_events_per_entity: int = 100_000
     #: session: inactivity that closes a session.
     gap: timedelta | None = None
     count_by: tuple[CountBy, ...] = ()
@@ -211,6 +216,8 @@ def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str)
         return types[name]
 
     column(view.entity, "entity")
+    if view.max_events_per_entity <= 0:
+        raise ConfigError(f"{where}.max_events_per_entity: must be positive")
     if not isinstance(column(view.event_time, "event_time"), TimestampType):
         raise ConfigError(f"{where}.event_time: {view.event_time!r} is not a timestamp")
     if view.kind == "trailing":

@@ -73,3 +73,23 @@ def test_events_behind_the_watermark_are_left_out(spark, tmp_path):
     streamed = sorted((r.event_time, r.count_2h) for r in rows)
     assert streamed == [(datetime(2026, 11, 23, 10, 0), 1), (datetime(2026, 11, 23, 11, 0), 2),
                         (datetime(2026, 11, 23, 11, 5), 3)]
+
+
+def test_state_per_entity_keeps_only_the_newest_max_events(spark, tmp_path):
+    """max_events_per_entity 2: the first batch's three events are computed over all three,
+    then only the newest two stay in state, so the next event counts 3, not 4. The other
+    entity, under the bound, is unaffected."""
+    view = build(FeatureView, {
+        "name": "bounded", "source": {"contract": "transactions"}, "entity": "account_id",
+        "event_time": "event_time", "kind": "trailing", "max_events_per_entity": 2,
+        "aggregations": [{"column": "*", "functions": ["count"], "windows": ["1h"]}],
+    }, "test")
+    check_view(view, CONTRACTS, "test")
+    at = lambda minute: datetime(2026, 11, 23, 10, minute)  # noqa: E731
+    steps = [[("a", at(0), 1.0, "m1"), ("a", at(1), 1.0, "m1"), ("a", at(2), 1.0, "m1"), ("b", at(0), 1.0, "m1")],
+             [("a", at(3), 1.0, "m1"), ("b", at(3), 1.0, "m1")]]
+    rows = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, view), steps)
+    assert sorted((r.account_id, r.event_time, r.count_1h) for r in rows) == [
+        ("a", at(0), 1), ("a", at(1), 2), ("a", at(2), 3), ("a", at(3), 3),
+        ("b", at(0), 1), ("b", at(3), 2),
+    ]

@@ -57,10 +57,12 @@ def test_output_names_are_derived_and_can_be_overridden():
         ({"aggregations": [{"column": "amount_usd", "functions": ["sum", "sum"], "windows": ["1h"]}]},
          r"output name 'sum_amount_usd_1h' is used twice"),
         ({"windw": "1h"}, r"test\.windw: unknown key"),
+        ({"max_events_per_entity": 0}, r"test\.max_events_per_entity: must be positive"),
     ],
     ids=["unknown-entity", "event-time-not-timestamp", "unknown-kind", "unknown-function", "sum-of-string",
          "bad-duration", "trailing-without-windows", "unknown-contract", "path-without-schema",
-         "sliding-without-window", "session-without-gap", "duplicate-output", "unknown-key"],
+         "sliding-without-window", "session-without-gap", "duplicate-output", "unknown-key",
+         "state-bound-zero"],
 )
 def test_bad_views_fail_naming_the_key(changes, message):
     with pytest.raises(ConfigError, match=message):
