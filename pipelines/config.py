@@ -186,6 +186,9 @@ class FeatureSettings:
 
     #: How often each view's query looks for new bronze commits.
     trigger_interval: timedelta = timedelta(seconds=5)
+    #: At most this many new bronze files per micro-batch (Delta ``maxFilesPerTrigger``): a
+    #: restart after an outage catches up in bounded batches instead of one huge one.
+    max_files_per_trigger: int = 1000
 
 
 @dataclass(frozen=True)
@@ -408,6 +411,8 @@ def _check_references(settings: Settings, source: Path) -> None:
         )
     if settings.features.trigger_interval <= timedelta(0):
         raise ConfigError(f"{source}: features.trigger_interval: must be positive")
+    if settings.features.max_files_per_trigger <= 0:
+        raise ConfigError(f"{source}: features.max_files_per_trigger: must be positive")
     for name, topic in settings.kafka.topics.items():
         if topic.contract not in settings.contracts:
             raise ConfigError(

@@ -136,7 +136,11 @@ def source_topic(settings: Settings, view: FeatureView) -> str:
 
 def bronze_source(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
     """The view's events as a stream of its topic's bronze Delta table."""
-    return spark.readStream.format("delta").load(settings.storage.bronze_path(source_topic(settings, view)))
+    return (
+        spark.readStream.format("delta")
+        .option("maxFilesPerTrigger", str(settings.features.max_files_per_trigger))
+        .load(settings.storage.bronze_path(source_topic(settings, view)))
+    )
 
 
 def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -> DataFrame:
