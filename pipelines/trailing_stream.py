@@ -1,4 +1,4 @@
-"""Trailing views on a stream: per-entity state in ``transformWithStateInPandas`` (RocksDB).
+"""Trailing views on a stream: per-entity state in ``transformWithState`` (RocksDB).
 
 The batch transform (:func:`pipelines.aggregations.trailing_features`) uses a RANGE window
 over all of an entity's events; a stream only ever sees the new ones. So each entity keeps, in
@@ -8,6 +8,11 @@ time t >= W and covers ``(t - delay - window, t - delay]``, so events at or befo
 entity entirely. For every new event the features are computed over the retained and the new
 events with exactly the batch semantics (half-open interval, ties, delay, empty intervals,
 ``last``), so for in-order input the stream and the batch agree row for row.
+
+The processor works on plain rows and tuples, not pandas: most entities bring one or two
+events per micro-batch, and per-entity pandas frames cost ~20 ms each (measured), which made a
+1,000-entity batch take 20 s. Each entity's new events are appended to its list state; the list
+is rewritten (pruned) only once enough of it has expired.
 
 State per entity is bounded by ``max_events_per_entity``: beyond it the oldest events are
 evicted, and the entity's later features cover only the events kept (each eviction is logged
@@ -22,12 +27,12 @@ micro-batches at exactly the same event time do not see each other the way a bat
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
-import pandas as pd
-from pyspark.sql import DataFrame
+from pyspark.sql import DataFrame, Row
+from pyspark.sql import functions as F
 from pyspark.sql.streaming import StatefulProcessor, StatefulProcessorHandle
 from pyspark.sql.types import LongType, StructField, StructType
 
@@ -36,14 +41,11 @@ from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
 
+#: Event time in microseconds since the epoch, computed by Spark (no time-zone guesswork in
+#: the Python worker); the last field of every state tuple.
 _MICROS = "_event_micros"
-
-
-def _micros(values: pd.Series) -> pd.Series:
-    stamps = pd.to_datetime(values)
-    if stamps.dt.tz is not None:
-        stamps = stamps.dt.tz_convert("UTC").dt.tz_localize(None)
-    return stamps.astype("datetime64[us]").astype("int64")
+#: Rewrite an entity's list state once this share of it has expired (appends otherwise).
+_PRUNE_SHARE = 0.25
 
 
 def _window_values(function: str, values: list, times: list) -> Any:
@@ -68,102 +70,101 @@ def _window_values(function: str, values: list, times: list) -> Any:
     raise ValueError(function)
 
 
-def compute_trailing(events: pd.DataFrame, is_new: pd.Series, view: FeatureView) -> pd.DataFrame:
-    """Features of the rows flagged ``is_new``, over all of ``events`` (one entity, any order)."""
-    ordered = events.assign(_new=is_new.values).sort_values(_MICROS, kind="stable").reset_index(drop=True)
-    times = ordered[_MICROS].to_numpy()
-    new_rows = np.flatnonzero(ordered["_new"].to_numpy())
-    event_times = times[new_rows]
+def compute_trailing(events: Sequence[tuple], first_new: int, columns: Sequence[str],
+                     view: FeatureView) -> list[dict[str, Any]]:
+    """Feature rows of ``events[first_new:]`` over all of ``events`` (one entity, any order).
+
+    ``events`` are tuples of ``columns`` values followed by the event time in microseconds.
+    Each new event covers the events with time in ``(t - delay - window, t - delay]``: the
+    half-open interval of the batch transform, ties at ``t`` included.
+    """
+    order = sorted(range(len(events)), key=lambda i: events[i][-1])
+    ordered = [events[i] for i in order]
+    times = np.fromiter((e[-1] for e in ordered), dtype=np.int64, count=len(ordered))
+    new_positions = [p for p, i in enumerate(order) if i >= first_new]
+    event_times = times[new_positions]
     delay = int(view.delay.total_seconds() * 1_000_000)
-    out = {view.entity: ordered[view.entity].iloc[new_rows].to_numpy(),
-           view.event_time: ordered[view.event_time].iloc[new_rows].reset_index(drop=True)}
-    present: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    entity_at, time_at = columns.index(view.entity), columns.index(view.event_time)
+    rows = [{view.entity: ordered[p][entity_at], view.event_time: ordered[p][time_at]} for p in new_positions]
+    present: dict[str, tuple[np.ndarray, list]] = {}
     for name, function, column, window in view.outputs():
         width = int(window.total_seconds() * 1_000_000)
-        lo = times.searchsorted(event_times - delay - width, side="right")
-        hi = times.searchsorted(event_times - delay, side="right")
+        lows = times.searchsorted(event_times - delay - width, side="right")
+        highs = times.searchsorted(event_times - delay, side="right")
         if column == "*":
-            out[name] = hi - lo
+            for row, lo, hi in zip(rows, lows, highs):
+                row[name] = int(hi - lo)
             continue
         if column not in present:
-            mask = ordered[column].notna().to_numpy()
-            present[column] = (np.flatnonzero(mask), ordered[column].to_numpy(dtype=object))
+            at = columns.index(column)
+            positions = np.array([p for p, e in enumerate(ordered) if e[at] is not None], dtype=np.int64)
+            present[column] = (positions, [ordered[p][at] for p in positions])
         positions, values = present[column]
-        # Present values of [lo, hi) are those whose position p has lo <= p < hi.
-        first = positions.searchsorted(lo, side="left")
-        last = positions.searchsorted(hi, side="left")
-        out[name] = [
-            _window_values(function, [values[p] for p in positions[a:b]], [times[p] for p in positions[a:b]])
-            for a, b in zip(first, last)
-        ]
-    return pd.DataFrame(out)
+        # The present values of [lo, hi) are those whose position p has lo <= p < hi.
+        firsts = positions.searchsorted(lows, side="left")
+        lasts = positions.searchsorted(highs, side="left")
+        for row, a, b in zip(rows, firsts, lasts):
+            row[name] = _window_values(function, values[a:b], [int(times[p]) for p in positions[a:b]])
+    return rows
 
 
 class TrailingProcessor(StatefulProcessor):
     """Keeps each entity's recent events and emits one feature row per new event."""
 
-    def __init__(self, view: FeatureView, state_schema: StructType, output_schema: StructType):
+    def __init__(self, view: FeatureView, columns: Sequence[str], state_schema: StructType, output_schema: StructType):
         self.view = view
+        self.columns = list(columns)
         self.state_schema = state_schema
-        self.output_schema = output_schema
-        self.state_columns = [f.name for f in state_schema.fields]
+        self.output_names = [f.name for f in output_schema.fields]
         self.lookback = int(view.max_lookback.total_seconds() * 1_000_000)
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
         self.events = handle.getListState("events", self.state_schema)
 
-    def handleInputRows(self, key: Any, rows: Iterator[pd.DataFrame], timerValues: Any) -> Iterator[pd.DataFrame]:
+    def handleInputRows(self, key: Any, rows: Iterator[Row], timerValues: Any) -> Iterator[Row]:
         watermark = timerValues.getCurrentWatermarkInMs() * 1000
-        new = pd.concat(list(rows), ignore_index=True)
-        new[_MICROS] = _micros(new[self.view.event_time])
-        late = new[_MICROS] < watermark
-        if late.any():
-            log.warning("view %s: %d events of %r behind the watermark left out", self.view.name, int(late.sum()), key)
-            new = new[~late]
-        if new.empty:
+        new, late = [], 0
+        for row in rows:
+            event = tuple(row[c] for c in self.columns) + (row[_MICROS],)
+            if event[-1] < watermark:
+                late += 1
+            else:
+                new.append(event)
+        if late:
+            log.warning("view %s: %d events of %r behind the watermark left out", self.view.name, late, key)
+        if not new:
             return
-        stored = pd.DataFrame(list(self.events.get()), columns=self.state_columns) if self.events.exists() else None
-        new_state = new[self.state_columns]
-        everything = new_state if stored is None or stored.empty else pd.concat([stored, new_state], ignore_index=True)
-        is_new = pd.Series([False] * (len(everything) - len(new_state)) + [True] * len(new_state))
-        features = compute_trailing(everything, is_new, self.view)
-        retained = everything[everything[_MICROS] > watermark - self.lookback]
-        if len(retained) > self.view.max_events_per_entity:
+        stored = [tuple(e) for e in self.events.get()] if self.events.exists() else []
+        everything = stored + new
+        features = compute_trailing(everything, len(stored), self.columns, self.view)
+        horizon = watermark - self.lookback
+        expired = sum(1 for e in stored if e[-1] <= horizon)
+        limit = self.view.max_events_per_entity
+        if len(everything) - expired > limit:
             log.warning("view %s: entity %r has %d events in state, over max_events_per_entity=%d: "
                         "the oldest are evicted and its later features under-count", self.view.name, key,
-                        len(retained), self.view.max_events_per_entity)
-            retained = retained.sort_values(_MICROS, kind="stable").iloc[-self.view.max_events_per_entity:]
-        self.events.put([tuple(r) for r in retained.itertuples(index=False, name=None)])
+                        len(everything) - expired, limit)
+        if expired > _PRUNE_SHARE * len(stored) or len(everything) - expired > limit:
+            kept = sorted((e for e in everything if e[-1] > horizon), key=lambda e: e[-1])[-limit:]
+            self.events.put(kept)
+        else:
+            # Expired events left in the list are harmless: no future interval reaches them.
+            self.events.appendList(new)
+        newest = max(e[-1] for e in everything)
         for timer in self.handle.listTimers():
             self.handle.deleteTimer(timer)
-        self.handle.registerTimer(int(retained[_MICROS].max() + self.lookback) // 1000 + 1)
-        yield _typed(features, self.output_schema)
+        self.handle.registerTimer((newest + self.lookback) // 1000 + 1)
+        for feature_row in features:
+            yield Row(**{name: feature_row[name] for name in self.output_names})
 
-    def handleExpiredTimer(self, key: Any, timerValues: Any, expiredTimerInfo: Any) -> Iterator[pd.DataFrame]:
+    def handleExpiredTimer(self, key: Any, timerValues: Any, expiredTimerInfo: Any) -> Iterator[Row]:
         # No event of this entity for max window + delay: nothing it holds is needed any more.
         self.events.clear()
         return iter(())
 
     def close(self) -> None:
         pass
-
-
-def _typed(frame: pd.DataFrame, schema: StructType) -> pd.DataFrame:
-    """Nullable pandas dtypes, so that missing values reach Spark as nulls, not NaN."""
-    out = pd.DataFrame()
-    for field in schema.fields:
-        values = frame[field.name]
-        kind = field.dataType.simpleString()
-        if kind in ("bigint", "int"):
-            out[field.name] = values.astype("Int64")
-        elif kind in ("double", "float"):
-            out[field.name] = values.astype("Float64")
-        elif kind == "boolean":
-            out[field.name] = values.astype("boolean")
-        else:
-            out[field.name] = values.astype(object).where(values.notna(), None)
-    return out
 
 
 def trailing_features_stream(events: DataFrame, view: FeatureView) -> DataFrame:
@@ -178,11 +179,11 @@ def trailing_features_stream(events: DataFrame, view: FeatureView) -> DataFrame:
     state_schema = StructType(
         [StructField(c, input_types[c], True) for c in columns] + [StructField(_MICROS, LongType(), True)]
     )
-    processor = TrailingProcessor(view, state_schema, output_schema)
+    processor = TrailingProcessor(view, columns, state_schema, output_schema)
     return (
-        events.select(*columns)
+        events.select(*columns, F.unix_micros(F.col(view.event_time)).alias(_MICROS))
         .filter(f"{view.entity} IS NOT NULL AND {view.event_time} IS NOT NULL")
         .withWatermark(view.event_time, f"{int(view.allowed_lateness.total_seconds())} seconds")
         .groupBy(view.entity)
-        .transformWithStateInPandas(processor, output_schema, "Append", "EventTime")
+        .transformWithState(processor, output_schema, "Append", "EventTime")
     )
