@@ -29,6 +29,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
+from pipelines.online import as_utc
 from pipelines.sinks import BatchResult, write_delta_idempotent
 
 log = logging.getLogger("pipelines.progress")
@@ -188,8 +189,8 @@ def feature_metrics_row(progress: Any, view: str, result: Any) -> dict[str, Any]
     recorded_at = datetime.now(timezone.utc)
     online = result.online if result else None
     newest = online.newest_event_time if online else None
-    if newest is not None and newest.tzinfo is None:
-        newest = newest.replace(tzinfo=timezone.utc)
+    if newest is not None:
+        newest = as_utc(newest)
     return {
         "query_name": progress.name or "",
         "query_id": str(progress.id),

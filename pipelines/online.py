@@ -66,18 +66,21 @@ def entity_key(namespace: str, view: str, entity: Any) -> str:
     return f"{namespace}:{view}:{entity}"
 
 
+def as_utc(moment: datetime) -> datetime:
+    """An aware UTC datetime. A naive one is taken as local time: that is how PySpark hands out
+    timestamps (``collect``, RDD rows: the Python process's time zone, not the session's)."""
+    return moment.astimezone(timezone.utc)
+
+
 def _micros(moment: datetime) -> int:
-    if moment.tzinfo is None:  # Spark hands out naive datetimes in the session time zone (UTC)
-        moment = moment.replace(tzinfo=timezone.utc)
-    delta = moment - datetime(1970, 1, 1, tzinfo=timezone.utc)
+    delta = as_utc(moment) - datetime(1970, 1, 1, tzinfo=timezone.utc)
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def encode_value(value: Any) -> str:
     """A feature value as stored in its hash field (None is never stored: the field is absent)."""
     if isinstance(value, datetime):
-        moment = value if value.tzinfo else value.replace(tzinfo=timezone.utc)
-        return "t:" + moment.astimezone(timezone.utc).isoformat()
+        return "t:" + as_utc(value).isoformat()
     if isinstance(value, date):
         return "t:" + value.isoformat()
     if isinstance(value, float) and value != value:  # NaN: JSON has none; keep it explicit

@@ -88,8 +88,8 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
     """Build settings with fresh topics and a fresh lake for one test.
 
     ``isolated(partitions=2, **overrides)`` returns settings whose ``transactions`` and
-    ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), and
-    whose storage root is the test's own folder.
+    ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), whose
+    storage root is the test's own folder and whose Redis namespace is the test's own.
     """
 
     overrides_by_root: dict[str, dict[str, Any]] = {}
@@ -106,6 +106,8 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
                                           "replication_factor": 1}}},
                 "ingest": {"topics": [tx, lb]},
                 "storage": {"root": str(tmp_path / "lake")},
+                # Tests share one Redis: each its own keys, so newer-wins never spans two tests.
+                "redis": {"namespace": f"test-{suffix}"},
             },
         )
         tree = deep_merge(tree, overrides)

@@ -22,7 +22,7 @@ from pipelines.config import PROJECT_ROOT
 from pipelines.features import event_time_column, feature_names, latest_per_entity, run_features
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.ingest import run_ingest
-from pipelines.online import read_online, redis_client
+from pipelines.online import as_utc, read_online, redis_client
 from tests.conftest import topic_names
 
 
@@ -126,5 +126,5 @@ def test_sigkilled_features_job_restarts_to_exact_tables_and_redis_equal_to_them
         online = read_online(client, settings.redis.namespace, view.name, names, sorted(latest))
         for value in online:
             expected = latest[value["entity"]]
-            assert value["event_time"].replace(tzinfo=None) == expected[event_time_column(view)], (view.name, value)
+            assert value["event_time"] == as_utc(expected[event_time_column(view)]), (view.name, value)
             assert all(value[n] == expected[n] or abs(value[n] - expected[n]) < 1e-9 for n in names), (view.name, value)

@@ -8,7 +8,7 @@ from datetime import timedelta
 from pipelines.features import event_time_column, feature_names, latest_per_entity, run_features
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.ingest import run_ingest
-from pipelines.online import read_online, redis_client
+from pipelines.online import as_utc, read_online, redis_client
 from tests.conftest import topic_names
 
 
@@ -30,7 +30,7 @@ def test_online_values_equal_the_latest_feature_rows(spark, isolated):
         online = read_online(client, settings.redis.namespace, view.name, names, sorted(latest))
         for value in online:
             expected = latest[value["entity"]]
-            assert value["event_time"].replace(tzinfo=None) == expected[event_time_column(view)], (view.name, value)
+            assert value["event_time"] == as_utc(expected[event_time_column(view)]), (view.name, value)
             for name in names:
                 want, got = expected[name], value[name]
                 assert (got == want) or (isinstance(want, float) and abs(got - want) < 1e-9), (view.name, name, got, want)

@@ -51,6 +51,24 @@ def test_values_round_trip_with_their_types(client, namespace):
     }]
 
 
+def test_naive_times_are_local_time_as_pyspark_hands_them_out(client, namespace, monkeypatch):
+    """PySpark's collect/RDD rows give naive datetimes in the Python process's time zone, not
+    the session's UTC: at UTC+5:30, 15:30 naive is 10:00 UTC, in the key and in the values."""
+    monkeypatch.setenv("TZ", "Asia/Kolkata")
+    time.tzset()
+    try:
+        local = datetime(2026, 11, 23, 15, 30)
+        writer = OnlineStoreWriter(client, namespace, "velocity", ttl=timedelta(hours=1))
+        write(writer, [{"account_id": "a", "event_time": local, "count_1h": 1, "sum_amount_usd_1h": None,
+                        "last_seen": local - timedelta(minutes=1)}])
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+    [value] = stored(client, namespace, "a")
+    assert value["event_time"] == T0
+    assert value["last_seen"] == T0 - timedelta(minutes=1)
+
+
 def test_older_event_never_overwrites_a_newer_one(client, namespace):
     writer = OnlineStoreWriter(client, namespace, "velocity", ttl=timedelta(hours=1))
     assert write(writer, [row("a", 10, 5)]).written == 1
