@@ -13,8 +13,7 @@ import sys
 
 from pipelines.cli import add_settings_arguments, settings_from_args
 from pipelines.config import ConfigError
-from pipelines.features import feature_names
-from pipelines.online import read_online, redis_client
+from pipelines.features import get_online_features
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    view = settings.views[args.view]
     entities = [e.strip() for e in args.entity.split(",") if e.strip()]
-    rows = read_online(redis_client(settings.redis), settings.redis.namespace, view.name, feature_names(view), entities)
+    rows = get_online_features(settings, args.view, entities)
     if args.json:
         for row in rows:
             print(json.dumps(row, default=str))

@@ -11,9 +11,13 @@ for session views the latest closed session (event time = session end).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
+
+import pandas as pd
+import redis
 
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, Row, SparkSession, Window
@@ -22,7 +26,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.config import RedisSettings, Settings
 from pipelines.monitoring import FEATURE_METRICS_SCHEMA, FeatureReporter, ProgressListener
-from pipelines.online import OnlineStoreWriter, redis_client
+from pipelines.online import OnlineStoreWriter, read_online, redis_client
 from pipelines.runner import run_queries
 from pipelines.sinks import ensure_delta_table, streaming_query_id, write_delta_idempotent
 from pipelines.views import FeatureView
@@ -62,6 +66,24 @@ def latest_per_entity(features: DataFrame, view: FeatureView) -> DataFrame:
         order.append(F.col("window_start").desc())
     newest = Window.partitionBy(view.entity).orderBy(*order)
     return features.withColumn("_rank", F.row_number().over(newest)).filter("_rank = 1").drop("_rank")
+
+
+def get_online_features(settings: Settings, view: str, entity_ids: Sequence[Any], as_pandas: bool = False,
+                        client: redis.Redis | None = None) -> list[dict[str, Any]] | pd.DataFrame:
+    """The online values of ``view`` for ``entity_ids``: one row per requested entity, in order,
+    with ``entity``, every feature, ``event_time`` (UTC) and ``age_seconds`` (now - event time).
+
+    A missing or expired entity, and a feature stored as null, come back as None (NaN/NaT in
+    pandas): never an error, never a default. An undeclared view raises ``KeyError``.
+    """
+    if view not in settings.views:
+        raise KeyError(f"view {view!r} is not declared in conf/features ({', '.join(settings.views)})")
+    declared = settings.views[view]
+    names = feature_names(declared)
+    rows = read_online(client or redis_client(settings.redis), settings.redis.namespace, view, names, list(entity_ids))
+    if not as_pandas:
+        return rows
+    return pd.DataFrame(rows, columns=["entity", *names, "event_time", "age_seconds"])
 
 
 @dataclass(frozen=True)

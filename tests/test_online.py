@@ -179,3 +179,23 @@ def test_cli_rejects_an_undeclared_view(capsys):
 
     assert online.main(["get", "--env", "local", "--view", "nope", "--entity", "x"]) == 2
     assert "--view: 'nope' is not declared in conf/features" in capsys.readouterr().err
+
+
+def test_get_online_features_as_pandas_keeps_request_order_and_nulls(client, settings):
+    import pandas as pd
+
+    from pipelines.features import get_online_features
+
+    writer = OnlineStoreWriter(client, settings.redis.namespace, "merchant_hourly", ttl=timedelta(hours=1))
+    writer.write([{"merchant_id": "api-m1", "window_end": T0, "count": 4, "sum_amount_usd": 12.5, "avg_amount_usd": None,
+                   "approx_count_distinct_account_id": 2}], "merchant_id", "window_end",
+                 ["count", "sum_amount_usd", "avg_amount_usd", "approx_count_distinct_account_id"], version=0)
+    frame = get_online_features(settings, "merchant_hourly", ["api-unknown", "api-m1"], as_pandas=True, client=client)
+    assert list(frame.columns) == ["entity", "count", "sum_amount_usd", "avg_amount_usd",
+                                   "approx_count_distinct_account_id", "event_time", "age_seconds"]
+    assert list(frame["entity"]) == ["api-unknown", "api-m1"]
+    assert frame.loc[1, "count"] == 4 and frame.loc[1, "event_time"] == pd.Timestamp(T0)
+    assert frame.loc[0, ["count", "sum_amount_usd", "event_time", "age_seconds"]].isna().all()
+    assert pd.isna(frame.loc[1, "avg_amount_usd"])
+    with pytest.raises(KeyError, match="'nope' is not declared"):
+        get_online_features(settings, "nope", ["x"], client=client)
