@@ -95,19 +95,32 @@ class OnlineResult:
 
 
 def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, version: int) -> OnlineResult:
-    """Write each entity's latest row of ``features`` to Redis from the executors."""
-    latest = latest_per_entity(features, view)
+    """Write each entity's latest row of ``features`` to Redis from the executors.
+
+    Each partition sends its own latest row per entity, with no shuffle to find the global
+    one: the newer-wins compare-and-set makes the newest row win whatever the order of the
+    writes, so an entity found in two partitions costs one extra (stale) write, not a wrong
+    value. (Trailing rows come partitioned by entity, so that is rare.)
+    """
     entity, time_column, names = view.entity, event_time_column(view), feature_names(view)
     ttl: timedelta = view.online.ttl
+    tiebreak = "window_start" if view.kind == "sliding" else time_column
 
     def write_partition(rows: Iterator[Row]) -> Iterator[tuple[int, int, datetime | None]]:
+        latest: dict[Any, dict[str, Any]] = {}
+        for row in rows:
+            values = row.asDict()
+            held = latest.get(values[entity])
+            if held is None or (values[time_column], values[tiebreak]) > (held[time_column], held[tiebreak]):
+                latest[values[entity]] = values
+        if not latest:
+            return
         writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
-        batch = [row.asDict() for row in rows]
-        result = writer.write(batch, entity, time_column, names, version)
-        newest = max((r[time_column] for r in batch), default=None) if result.written else None
+        result = writer.write(latest.values(), entity, time_column, names, version)
+        newest = max(r[time_column] for r in latest.values()) if result.written else None
         yield result.written, result.stale, newest
 
-    parts = latest.rdd.mapPartitions(write_partition).collect()
+    parts = features.filter(F.col(entity).isNotNull()).rdd.mapPartitions(write_partition).collect()
     times = [t for _, _, t in parts if t is not None]
     return OnlineResult(sum(p[0] for p in parts), sum(p[1] for p in parts), max(times) if times else None)
 

@@ -135,7 +135,7 @@ class TrailingProcessor(StatefulProcessor):
             log.warning("view %s: %d events of %r behind the watermark left out", self.view.name, late, key)
         if not new:
             return
-        stored = [tuple(e) for e in self.events.get()] if self.events.exists() else []
+        stored = [tuple(e) for e in self.events.get()]  # empty for a new entity
         everything = stored + new
         features = compute_trailing(everything, len(stored), self.columns, self.view)
         horizon = watermark - self.lookback
