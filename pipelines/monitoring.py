@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from pyspark.sql import SparkSession
@@ -184,13 +184,20 @@ FEATURE_METRICS_SCHEMA = StructType(
 
 
 def feature_metrics_row(progress: Any, view: str, result: Any) -> dict[str, Any]:
-    """One feature-metrics row: what the batch wrote, and how fresh Redis is after it
-    (``freshness_seconds`` = recorded_at - the newest event time Redis accepted)."""
+    """One feature-metrics row: what the batch wrote, and how fresh Redis is after it.
+
+    ``freshness_seconds`` = the batch's end (its start + ``batchDuration``) - the newest event
+    time Redis accepted in it: the age of the freshest online value when it landed. Measured
+    from the batch end, not from when the listener gets to the row, so a listener busy with
+    other queries' rows does not make Redis look staler than it was.
+    """
     recorded_at = datetime.now(timezone.utc)
     online = result.online if result else None
     newest = online.newest_event_time if online else None
     if newest is not None:
         newest = as_utc(newest)
+    started = _parse_time(progress.timestamp)
+    ended = started + timedelta(milliseconds=int(progress.batchDuration)) if started else recorded_at
     return {
         "query_name": progress.name or "",
         "query_id": str(progress.id),
@@ -204,7 +211,7 @@ def feature_metrics_row(progress: Any, view: str, result: Any) -> dict[str, Any]
         "online_written": online.written if online else None,
         "online_stale": online.stale if online else None,
         "newest_online_event_time": newest,
-        "freshness_seconds": (recorded_at - newest).total_seconds() if newest else None,
+        "freshness_seconds": (ended - newest).total_seconds() if newest else None,
         "watermark": _watermark((progress.eventTime or {}).get("watermark")),
         "dropped_by_watermark": _operator_sum(progress, lambda op: op.numRowsDroppedByWatermark),
         "state_rows": _operator_sum(progress, lambda op: op.numRowsTotal),
