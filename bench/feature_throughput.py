@@ -136,14 +136,19 @@ def baseline(settings, topics: dict[str, str], expected: int, namespace: str) ->
 
 
 def compare_online(settings, namespace_a: str, namespace_b: str) -> int:
-    """Every entity of both views holds the same values in the two namespaces; entities checked."""
+    """Both namespaces hold the same entities of both views, with the same values; entities checked."""
     client = redis_client(settings.redis)
     checked = 0
+
+    def entities_in(namespace: str, view: str) -> list[str]:
+        prefix = f"{namespace}:{view}:"
+        return sorted(k.decode()[len(prefix):] for k in client.scan_iter(f"{prefix}*", count=1000))
+
     for name in VIEWS:
         view = settings.views[name]
         names = feature_names(view)
-        prefix = f"{namespace_a}:{name}:"
-        entities = sorted(k.decode()[len(prefix):] for k in client.scan_iter(f"{prefix}*", count=1000))
+        entities = entities_in(namespace_a, name)
+        assert entities and entities == entities_in(namespace_b, name), f"{name}: different entities online"
         a = read_online(client, namespace_a, name, names, entities)
         b = read_online(client, namespace_b, name, names, entities)
         for left, right in zip(a, b):

@@ -8,7 +8,10 @@ boundaries and nulls are those documented in :mod:`pipelines.views`; in short:
   ``avg``/``min``/``max``/``last`` null; null values are ignored by every function but
   ``count`` of ``*``;
 * ``last``: the value of the latest event in the interval with a non-null value; among events
-  at that same time, the greatest value (so the result does not depend on row order).
+  at that same time, the greatest value (so the result does not depend on row order);
+* ``approx_count_distinct``: exact in trailing views (stream and batch both count the
+  interval's distinct values), Spark's HyperLogLog++ (relative error ~5%) in sliding and
+  session views, the same function on a stream and in a batch.
 """
 
 from __future__ import annotations
@@ -81,7 +84,13 @@ def trailing_features(events: DataFrame, view: FeatureView) -> DataFrame:
         # RANGE frames include every row with an ordering value in [current + lo, current + hi]:
         # lo = -(delay + w) + 1 microsecond makes the interval open at t - delay - w.
         frame = ordered.rangeBetween(-(delay + _micros(window)) + 1, -delay)
-        features.append(_finish(function, _aggregate(function, column, view.event_time).over(frame)).alias(name))
+        if function == "approx_count_distinct" and column != "*":
+            # Exact for trailing views: the stream holds the interval's events and counts them
+            # exactly, so the batch must too (HyperLogLog++ undercounts on hash collisions).
+            value = F.size(F.collect_set(F.col(column)).over(frame)).cast("long")
+        else:
+            value = _finish(function, _aggregate(function, column, view.event_time).over(frame))
+        features.append(value.alias(name))
     return rows.select(view.entity, view.event_time, *features)
 
 

@@ -10,10 +10,11 @@ for session views the latest closed session (event time = session end).
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pandas as pd
@@ -68,19 +69,29 @@ def latest_per_entity(features: DataFrame, view: FeatureView) -> DataFrame:
     return features.withColumn("_rank", F.row_number().over(newest)).filter("_rank = 1").drop("_rank")
 
 
+@functools.lru_cache(maxsize=8)
+def _shared_client(settings: RedisSettings) -> redis.Redis:
+    """One client (one connection pool) per Redis settings: serving reuses its connections."""
+    return redis_client(settings)
+
+
 def get_online_features(settings: Settings, view: str, entity_ids: Sequence[Any], as_pandas: bool = False,
                         client: redis.Redis | None = None) -> list[dict[str, Any]] | pd.DataFrame:
     """The online values of ``view`` for ``entity_ids``: one row per requested entity, in order,
     with ``entity``, every feature, ``event_time`` (UTC) and ``age_seconds`` (now - event time).
 
     A missing or expired entity, and a feature stored as null, come back as None (NaN/NaT in
-    pandas): never an error, never a default. An undeclared view raises ``KeyError``.
+    pandas): never an error, never a default. An undeclared view raises ``KeyError``. Calls
+    share one connection pool per Redis settings (or pass ``client``).
     """
     if view not in settings.views:
         raise KeyError(f"view {view!r} is not declared in conf/features ({', '.join(settings.views)})")
+    if isinstance(entity_ids, (str, bytes)):
+        raise TypeError("entity_ids: a sequence of ids, not one string")
     declared = settings.views[view]
     names = feature_names(declared)
-    rows = read_online(client or redis_client(settings.redis), settings.redis.namespace, view, names, list(entity_ids))
+    rows = read_online(client or _shared_client(settings.redis), settings.redis.namespace, view, names,
+                       list(entity_ids))
     if not as_pandas:
         return rows
     return pd.DataFrame(rows, columns=["entity", *names, "event_time", "age_seconds"])
@@ -90,7 +101,7 @@ def get_online_features(settings: Settings, view: str, entity_ids: Sequence[Any]
 class OnlineResult:
     written: int
     stale: int
-    #: The latest event time among the rows Redis accepted (None: nothing accepted).
+    #: The latest event time (aware, UTC) among the rows Redis accepted (None: nothing accepted).
     newest_event_time: datetime | None
 
 
@@ -99,30 +110,41 @@ def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, v
 
     Each partition sends its own latest row per entity, with no shuffle to find the global
     one: the newer-wins compare-and-set makes the newest row win whatever the order of the
-    writes, so an entity found in two partitions costs one extra (stale) write, not a wrong
-    value. (Trailing rows come partitioned by entity, so that is rare.)
+    writes. Trailing rows come partitioned by entity; sliding and session rows by (entity,
+    window), so an entity with several closed windows in one batch costs one write per
+    partition holding them, the older ones counted as stale. Rows without an entity cannot
+    have a key: they stay in the feature table and are counted and logged, never written.
     """
     entity, time_column, names = view.entity, event_time_column(view), feature_names(view)
     ttl: timedelta = view.online.ttl
     tiebreak = "window_start" if view.kind == "sliding" else time_column
 
-    def write_partition(rows: Iterator[Row]) -> Iterator[tuple[int, int, datetime | None]]:
+    def write_partition(rows: Iterator[Row]) -> Iterator[tuple[int, int, int | None, int]]:
         latest: dict[Any, dict[str, Any]] = {}
+        without_entity = 0
         for row in rows:
             values = row.asDict()
+            if values[entity] is None:
+                without_entity += 1
+                continue
             held = latest.get(values[entity])
             if held is None or (values[time_column], values[tiebreak]) > (held[time_column], held[tiebreak]):
                 latest[values[entity]] = values
-        if not latest:
-            return
-        writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
-        result = writer.write(latest.values(), entity, time_column, names, version)
-        newest = max(r[time_column] for r in latest.values()) if result.written else None
-        yield result.written, result.stale, newest
+        if latest:
+            writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
+            result = writer.write(latest.values(), entity, time_column, names, version)
+            yield result.written, result.stale, result.newest_written_micros, without_entity
+        elif without_entity:
+            yield 0, 0, None, without_entity
 
-    parts = features.filter(F.col(entity).isNotNull()).rdd.mapPartitions(write_partition).collect()
-    times = [t for _, _, t in parts if t is not None]
-    return OnlineResult(sum(p[0] for p in parts), sum(p[1] for p in parts), max(times) if times else None)
+    parts = features.rdd.mapPartitions(write_partition).collect()
+    without_entity = sum(p[3] for p in parts)
+    if without_entity:
+        log.warning("view %s: %d feature rows without %s kept in the table, not written to Redis",
+                    view.name, without_entity, entity)
+    times = [p[2] for p in parts if p[2] is not None]
+    newest = datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=max(times)) if times else None
+    return OnlineResult(sum(p[0] for p in parts), sum(p[1] for p in parts), newest)
 
 
 @dataclass(frozen=True)

@@ -101,6 +101,8 @@ def decode_value(raw: str) -> Any:
 class WriteResult:
     written: int
     stale: int
+    #: The latest event time (µs since the epoch, UTC) among the rows Redis applied, if any.
+    newest_written_micros: int | None = None
 
 
 class OnlineStoreWriter:
@@ -123,11 +125,15 @@ class OnlineStoreWriter:
               features: Sequence[str], version: int) -> WriteResult:
         """Write ``rows`` (mappings with the entity, event time and feature columns)."""
         written = stale = 0
+        newest: int | None = None
         for chunk in _chunks(rows, self.chunk_size):
             applied = self._write_chunk(chunk, entity, event_time, features, version)
             written += sum(applied)
             stale += len(applied) - sum(applied)
-        return WriteResult(written, stale)
+            times = [_micros(row[event_time]) for row, ok in zip(chunk, applied) if ok]
+            if times:
+                newest = max(times + ([newest] if newest is not None else []))
+        return WriteResult(written, stale, newest)
 
     def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
                      features: Sequence[str], version: int) -> list[int]:

@@ -28,15 +28,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import numpy as np
 from pyspark.sql import DataFrame, Row
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StatefulProcessor, StatefulProcessorHandle
-from pyspark.sql.types import LongType, StructField, StructType
+from pyspark.sql.types import DateType, LongType, StructField, StructType, TimestampType
 
 from pipelines.aggregations import trailing_features
+from pipelines.online import as_utc
 from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
@@ -46,6 +48,7 @@ log = logging.getLogger(__name__)
 _MICROS = "_event_micros"
 #: Rewrite an entity's list state once this share of it has expired (appends otherwise).
 _PRUNE_SHARE = 0.25
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
 def _window_values(function: str, values: list, times: list) -> Any:
@@ -117,6 +120,29 @@ class TrailingProcessor(StatefulProcessor):
         self.state_schema = state_schema
         self.output_names = [f.name for f in output_schema.fields]
         self.lookback = int(view.max_lookback.total_seconds() * 1_000_000)
+        #: (position, type) of the state fields that PySpark may return as internal ints.
+        self.internal_fields = [(i, f.dataType) for i, f in enumerate(state_schema.fields[:-1])
+                                if isinstance(f.dataType, (TimestampType, DateType))]
+
+    def _canonical(self, event: tuple) -> tuple:
+        """An event tuple with timestamps as aware UTC datetimes and dates as dates.
+
+        PySpark hands the same timestamp in different forms: naive local time in input rows,
+        and from list state either aware UTC or Spark's internal µs, depending on how it was
+        written. A timestamp feature (min/max/last of a timestamp column) must compare like
+        with like."""
+        if not self.internal_fields:
+            return tuple(event)
+        values = list(event)
+        for i, data_type in self.internal_fields:
+            value = values[i]
+            if value is None:
+                continue
+            if isinstance(data_type, TimestampType):
+                values[i] = _EPOCH + timedelta(microseconds=value) if isinstance(value, int) else as_utc(value)
+            elif isinstance(value, int):
+                values[i] = data_type.fromInternal(value)
+        return tuple(values)
 
     def init(self, handle: StatefulProcessorHandle) -> None:
         self.handle = handle
@@ -126,7 +152,7 @@ class TrailingProcessor(StatefulProcessor):
         watermark = timerValues.getCurrentWatermarkInMs() * 1000
         new, late = [], 0
         for row in rows:
-            event = tuple(row[c] for c in self.columns) + (row[_MICROS],)
+            event = self._canonical(tuple(row[c] for c in self.columns) + (row[_MICROS],))
             if event[-1] < watermark:
                 late += 1
             else:
@@ -135,7 +161,7 @@ class TrailingProcessor(StatefulProcessor):
             log.warning("view %s: %d events of %r behind the watermark left out", self.view.name, late, key)
         if not new:
             return
-        stored = [tuple(e) for e in self.events.get()]  # empty for a new entity
+        stored = [self._canonical(e) for e in self.events.get()]  # empty for a new entity
         everything = stored + new
         features = compute_trailing(everything, len(stored), self.columns, self.view)
         horizon = watermark - self.lookback

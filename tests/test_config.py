@@ -113,3 +113,14 @@ def test_overrides_parse_values_as_yaml():
 def test_malformed_override_is_rejected():
     with pytest.raises(ConfigError, match="expected KEY.PATH=VALUE"):
         parse_overrides(["ingest.max_offsets_per_trigger"])
+
+
+@pytest.mark.parametrize(
+    "features, message",
+    [({"trigger_interval": "0s"}, r"features\.trigger_interval: must be positive"),
+     ({"max_files_per_trigger": 0}, r"features\.max_files_per_trigger: must be positive"),
+     ({"source": "kafka"}, r"features\.source: unknown key")],
+)
+def test_bad_feature_settings_name_the_key(features, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("local", CONF, {"features": features})

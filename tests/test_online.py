@@ -199,3 +199,5 @@ def test_get_online_features_as_pandas_keeps_request_order_and_nulls(client, set
     assert pd.isna(frame.loc[1, "avg_amount_usd"])
     with pytest.raises(KeyError, match="'nope' is not declared"):
         get_online_features(settings, "nope", ["x"], client=client)
+    with pytest.raises(TypeError, match="not one string"):
+        get_online_features(settings, "merchant_hourly", "api-m1", client=client)

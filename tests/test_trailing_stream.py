@@ -23,6 +23,8 @@ VIEW = build(FeatureView, {
         {"column": "*", "functions": ["count"], "windows": ["10m", "1h"]},
         {"column": "amount_usd", "functions": ["sum", "avg", "min", "max", "last"], "windows": ["30m"]},
         {"column": "merchant_id", "functions": ["approx_count_distinct"], "windows": ["1h"]},
+        # A timestamp feature: state must hand stored timestamps back as datetimes.
+        {"column": "event_time", "functions": ["min", "last", "approx_count_distinct"], "windows": ["2h"]},
     ],
 }, "test")
 check_view(VIEW, CONTRACTS, "test")
