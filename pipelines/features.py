@@ -28,7 +28,7 @@ from pyspark.sql.streaming import StreamingQuery
 from pipelines.config import RedisSettings, Settings
 from pipelines.monitoring import FEATURE_METRICS_SCHEMA, FeatureReporter, ProgressListener
 from pipelines.online import OnlineStoreWriter, read_online, redis_client
-from pipelines.runner import run_queries
+from pipelines.runner import run_queries, with_trigger
 from pipelines.sinks import ensure_delta_table, streaming_query_id, write_delta_idempotent
 from pipelines.views import FeatureView
 
@@ -228,12 +228,7 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
             .foreachBatch(handler)
             .option("checkpointLocation", settings.storage.checkpoint_path("features", view.name))
         )
-        if available_now:
-            writer = writer.trigger(availableNow=True)
-        else:
-            interval_ms = int(settings.features.trigger_interval.total_seconds() * 1000)
-            writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
-        queries.append(writer.start())
+        queries.append(with_trigger(writer, available_now, settings.features.trigger_interval).start())
         log.info("features %s (%s) -> %s", view.name, view.kind, settings.storage.feature_path(view.name))
     return queries, listener
 

@@ -18,7 +18,7 @@ from pipelines.bronze import drop_duplicate_events, table_schemas, validate_reco
 from pipelines.config import Settings, format_duration
 from pipelines.contracts import Contract
 from pipelines.monitoring import METRICS_SCHEMA, IngestReporter, ProgressListener
-from pipelines.runner import run_queries
+from pipelines.runner import run_queries, with_trigger
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
@@ -94,12 +94,7 @@ def start_ingest(
             .foreachBatch(handler)
             .option("checkpointLocation", settings.storage.checkpoint_path("ingest", topic))
         )
-        if available_now:
-            writer = writer.trigger(availableNow=True)
-        else:
-            interval_ms = int(settings.ingest.trigger_interval.total_seconds() * 1000)
-            writer = writer.trigger(processingTime=f"{interval_ms} milliseconds")
-        queries.append(writer.start())
+        queries.append(with_trigger(writer, available_now, settings.ingest.trigger_interval).start())
         log.info(
             "ingesting %s -> %s (contract %s v%d, trigger %s)", topic, settings.storage.bronze_path(topic),
             contract.name, contract.version,

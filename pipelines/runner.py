@@ -7,10 +7,19 @@ import signal
 import threading
 import time
 from collections.abc import Sequence
+from datetime import timedelta
 
-from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
 log = logging.getLogger(__name__)
+
+
+def with_trigger(writer: DataStreamWriter, available_now: bool, interval: timedelta) -> DataStreamWriter:
+    """``availableNow`` (what the source holds at start, in rate-limited batches, then stop) or
+    a processing-time trigger of ``interval``."""
+    if available_now:
+        return writer.trigger(availableNow=True)
+    return writer.trigger(processingTime=f"{int(interval.total_seconds() * 1000)} milliseconds")
 
 
 def stop_gracefully(queries: Sequence[StreamingQuery], grace: float = 300.0) -> None:
