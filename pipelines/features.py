@@ -105,7 +105,7 @@ class OnlineResult:
     newest_event_time: datetime | None
 
 
-def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, version: int) -> OnlineResult:
+def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, version: int) -> OnlineResult:
     """Write each entity's latest row of ``features`` to Redis from the executors.
 
     Each partition sends its own latest row per entity, with no shuffle to find the global
@@ -131,7 +131,7 @@ def write_online(features: DataFrame, view: FeatureView, redis: RedisSettings, v
             if held is None or (values[time_column], values[tiebreak]) > (held[time_column], held[tiebreak]):
                 latest[values[entity]] = values
         if latest:
-            writer = OnlineStoreWriter(redis_client(redis), redis.namespace, view.name, ttl)
+            writer = OnlineStoreWriter(redis_client(store), store.namespace, view.name, ttl)
             result = writer.write(latest.values(), entity, time_column, names, version)
             yield result.written, result.stale, result.newest_written_micros, without_entity
         elif without_entity:
