@@ -43,6 +43,7 @@ setup(
             "fp-reconcile=jobs.reconcile:main",
             "fp-features=jobs.features:main",
             "fp-online=jobs.online:main",
+            "fp-backfill=jobs.backfill:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

@@ -130,7 +130,8 @@ def session_features(events: DataFrame, view: FeatureView) -> DataFrame:
     )
     features = [
         F.count(F.lit(1)).alias("event_count"),
-        (F.unix_micros(F.max(view.event_time)) - F.unix_micros(F.min(view.event_time))).alias("_duration_micros"),
+        F.min(view.event_time).alias("_first"),
+        F.max(view.event_time).alias("_last"),
     ]
     features += [
         _finish(function, _aggregate(function, column, view.event_time)).alias(name)
@@ -142,12 +143,16 @@ def session_features(events: DataFrame, view: FeatureView) -> DataFrame:
             name = f"count_{by.column}_{value}"
             features.append(F.count(F.when(F.col(by.column).cast("string") == value, True)).alias(name))
             counted.append(name)
+    # Start and end from the aggregates, not from the grouping key ``s`` (equal values: first
+    # event, last event + gap): Spark pushes a filter on a grouping key below the aggregate, and
+    # for session windows that key is each event's own [t, t + gap) before the merge, so a
+    # filter such as ``session_end <= x`` on the result would drop events, not sessions.
     return grouped.agg(*features).select(
         view.entity,
-        F.col("s.start").alias("session_start"),
-        F.col("s.end").alias("session_end"),
+        F.col("_first").alias("session_start"),
+        (F.col("_last") + F.expr(f"INTERVAL {_micros(view.gap)} MICROSECONDS")).alias("session_end"),
         "event_count",
-        (F.col("_duration_micros") / 1_000_000).alias("duration_seconds"),
+        ((F.unix_micros("_last") - F.unix_micros("_first")) / 1_000_000).alias("duration_seconds"),
         *[name for name, *_ in view.outputs()],
         *counted,
     )

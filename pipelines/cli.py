@@ -41,3 +41,25 @@ def views_from_args(text: str | None, settings: Settings) -> list:
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
+
+
+def run_batch_job(name: str, body) -> int:
+    """Run a batch job's ``body`` and turn its failure into an exit code and a one-line reason on
+    stderr (the last line, for schedulers that show only that): 2 bad arguments or
+    configuration, the error's own ``exit_code`` for source errors, 1 anything else (with the
+    traceback logged before the reason)."""
+    import sys
+
+    from pipelines.batch_sources import SourceError
+
+    try:
+        return body()
+    except ConfigError as exc:
+        code, reason = 2, str(exc)
+    except SourceError as exc:
+        code, reason = exc.exit_code, str(exc)
+    except Exception as exc:  # noqa: BLE001 - a scheduled job reports every failure as one line
+        logging.getLogger(name).exception("%s failed", name)
+        code, reason = 1, (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    print(f"{name}: error: {reason}", file=sys.stderr)
+    return code

@@ -169,3 +169,12 @@ def test_session_counts_per_listed_value(spark):
     rows = [("a", "10:00", 1.0, None, "m1"), ("a", "10:05", 1.0, None, "m1"), ("a", "10:06", 1.0, None, "m3")]
     out = session_features(events(spark, rows), v).collect()
     assert [(r.event_count, r.count_merchant_id_m1, r.count_merchant_id_m2) for r in out] == [(3, 2, 0)]
+
+
+def test_a_filter_on_session_end_selects_whole_sessions_never_their_events(spark):
+    # Spark pushes filters on a grouping key below the aggregate; a session's key before the
+    # merge is each event's own [t, t + gap), so a filter on it would cut sessions short.
+    v = view(kind="session", gap="30m", aggregations=[{"column": "amount_usd", "functions": ["sum"]}])
+    out = session_features(events(spark, [("a", "10:00", 1.0), ("a", "10:20", 2.0), ("a", "10:40", 4.0)]), v)
+    assert out.filter(out.session_end <= ts("10:55")).count() == 0
+    assert [(r.event_count, r.sum_amount_usd) for r in out.filter(out.session_end <= ts("11:10")).collect()] == [(3, 7.0)]
