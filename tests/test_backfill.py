@@ -41,14 +41,12 @@ def table_rows(spark, path, version=None) -> Counter:
                    for r in rows.select(*columns).collect())
 
 
-def content_hash(spark, path) -> str:
-    """A hash of the table's sorted rows (``computed_at`` aside)."""
-    rows = sorted(repr(sorted(r.items())) for r in table_rows(spark, path).elements() for r in [dict(enumerate(r))])
+def content_hash(spark, path, where: str = "true") -> str:
+    """SHA-256 of the table's rows (``computed_at`` aside) in sorted order."""
+    table = spark.read.format("delta").load(path).filter(where).drop("computed_at")
+    columns = sorted(table.columns)
+    rows = sorted(repr(tuple(r)) for r in table.select(*columns).collect())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
-def latest_version(spark, path) -> int:
-    return spark.sql(f"DESCRIBE HISTORY delta.`{path}` LIMIT 1").collect()[0]["version"]
 
 
 def stream_in_slices(spark, settings, spec: GeneratorSpec, slices: int) -> None:
@@ -80,3 +78,47 @@ def test_kafka_replay_backfill_gives_exactly_the_stream_rows_for_every_view_kind
     assert {o.view: o.rows for o in outcomes} == {name: sum(rows.values()) for name, rows in streamed.items()}
     # The stream dead-lettered every invalid record already: the replay adds none.
     assert spark.read.format("delta").load(settings.storage.dead_letter_path).count() == dead_letters > 0
+
+
+def test_the_same_bronze_backfill_twice_leaves_identical_tables_and_a_narrower_one_only_its_days(spark, isolated):
+    settings = isolated()
+    spec = crossing_midnight_spec(count=600)
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    run_ingest(spark, settings, available_now=True)
+    views = [settings.views["account_velocity"], settings.views["account_sessions"]]
+    days = both_days(spec)
+    first_day, second_day = (str(d) for d in days.days())
+
+    backfill(spark, settings, views, [days], BronzeSnapshot())
+    hashes = {v.name: content_hash(spark, settings.storage.feature_path(v.name)) for v in views}
+    backfill(spark, settings, views, [days], BronzeSnapshot())
+    assert {v.name: content_hash(spark, settings.storage.feature_path(v.name)) for v in views} == hashes
+
+    velocity = settings.storage.feature_path("account_velocity")
+    untouched = spark.read.format("delta").load(velocity).filter(f"event_date = '{first_day}'").collect()
+    rewritten = content_hash(spark, velocity, f"event_date = '{second_day}'")
+    [outcome] = backfill(spark, settings, views[:1], [DayRange.parse(second_day, str(days.end))], BronzeSnapshot())
+    assert outcome.days == [days.end - timedelta(days=1)]
+    # The first day is not rewritten at all (same computed_at); the second day is, to the same rows.
+    assert sorted(spark.read.format("delta").load(velocity).filter(f"event_date = '{first_day}'").collect()) == \
+        sorted(untouched)
+    assert content_hash(spark, velocity, f"event_date = '{second_day}'") == rewritten
+    assert len(untouched) > 0
+
+
+def test_a_kafka_replay_dead_letters_each_invalid_record_once_however_often_it_runs(spark, isolated):
+    settings = isolated()
+    spec = crossing_midnight_spec(count=500, bad_rate=0.06)
+    sent = produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    views = [settings.views["merchant_hourly"]]
+    dead_letter_path = settings.storage.dead_letter_path
+
+    backfill(spark, settings, views, [both_days(spec)], KafkaReplay())
+    first = content_hash(spark, settings.storage.feature_path("merchant_hourly"))
+    backfill(spark, settings, views, [both_days(spec)], KafkaReplay())
+
+    tx = settings.ingest.topics[0]
+    letters = spark.read.format("delta").load(dead_letter_path).filter(F.col("kafka_topic") == tx)
+    assert letters.count() == sum(sent.expected_dead_letters(tx).values()) > 0
+    assert letters.select("kafka_partition", "kafka_offset").distinct().count() == letters.count()
+    assert content_hash(spark, settings.storage.feature_path("merchant_hourly")) == first
