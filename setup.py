@@ -44,6 +44,7 @@ setup(
             "fp-features=jobs.features:main",
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
+            "fp-rehydrate=jobs.rehydrate:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

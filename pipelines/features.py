@@ -105,7 +105,8 @@ class OnlineResult:
     newest_event_time: datetime | None
 
 
-def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, version: int) -> OnlineResult:
+def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, version: int,
+                 ttl_ms_column: str | None = None) -> OnlineResult:
     """Write each entity's latest row of ``features`` to Redis from the executors.
 
     Each partition sends its own latest row per entity, with no shuffle to find the global
@@ -114,6 +115,7 @@ def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, v
     window), so an entity with several closed windows in one batch costs one write per
     partition holding them, the older ones counted as stale. Rows without an entity cannot
     have a key: they stay in the feature table and are counted and logged, never written.
+    ``ttl_ms_column``: a column holding each row's TTL in ms (default: the view's TTL).
     """
     entity, time_column, names = view.entity, event_time_column(view), feature_names(view)
     ttl: timedelta = view.online.ttl
@@ -132,7 +134,7 @@ def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, v
                 latest[values[entity]] = values
         if latest:
             writer = OnlineStoreWriter(redis_client(store), store.namespace, view.name, ttl)
-            result = writer.write(latest.values(), entity, time_column, names, version)
+            result = writer.write(latest.values(), entity, time_column, names, version, ttl_ms_column)
             yield result.written, result.stale, result.newest_written_micros, without_entity
         elif without_entity:
             yield 0, 0, None, without_entity

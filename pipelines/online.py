@@ -122,12 +122,16 @@ class OnlineStoreWriter:
         self._script = client.register_script(_NEWER_WINS)
 
     def write(self, rows: Iterable[Mapping[str, Any]], entity: str, event_time: str,
-              features: Sequence[str], version: int) -> WriteResult:
-        """Write ``rows`` (mappings with the entity, event time and feature columns)."""
+              features: Sequence[str], version: int, ttl_ms_field: str | None = None) -> WriteResult:
+        """Write ``rows`` (mappings with the entity, event time and feature columns).
+
+        ``ttl_ms_field``: the row field holding that row's TTL in milliseconds (a restore gives
+        each key what was left of its TTL); otherwise every key gets the view's TTL.
+        """
         written = stale = 0
         newest: int | None = None
         for chunk in _chunks(rows, self.chunk_size):
-            applied = self._write_chunk(chunk, entity, event_time, features, version)
+            applied = self._write_chunk(chunk, entity, event_time, features, version, ttl_ms_field)
             written += sum(applied)
             stale += len(applied) - sum(applied)
             times = [_micros(row[event_time]) for row, ok in zip(chunk, applied) if ok]
@@ -136,12 +140,15 @@ class OnlineStoreWriter:
         return WriteResult(written, stale, newest)
 
     def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
-                     features: Sequence[str], version: int) -> list[int]:
+                     features: Sequence[str], version: int, ttl_ms_field: str | None) -> list[int]:
         for attempt in range(1, self.attempts + 1):
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for row in chunk:
-                    args: list[Any] = [_micros(row[event_time]), version, self.ttl_ms]
+                    ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
+                    if ttl_ms <= 0:
+                        raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
+                    args: list[Any] = [_micros(row[event_time]), version, ttl_ms]
                     for name in features:
                         if row[name] is not None:
                             args += [name, encode_value(row[name])]
