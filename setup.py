@@ -45,6 +45,7 @@ setup(
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",
+            "fp-recompute-late=jobs.recompute_late:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

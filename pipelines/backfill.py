@@ -196,11 +196,16 @@ def _bounds(events: DataFrame, event_time: str) -> tuple[datetime | None, dateti
     return (as_utc(row.lo) if row.lo else None), (as_utc(row.hi) if row.hi else None)
 
 
+#: The time bounds of a source: its earliest and latest event time (None: no events).
+Bounds = tuple[datetime | None, datetime | None]
+
+
 def load_events(spark: SparkSession, settings: Settings, topic: str,
                 source: KafkaReplay | BronzeSnapshot | FileSource, needed: set[str],
-                read_from: datetime, read_to: datetime) -> SourceEvents:
+                read_from: datetime, read_to: datetime, bounds: Bounds | None = None) -> SourceEvents:
     """The valid events of ``topic``'s contract from ``source``, between ``read_from`` and
-    ``read_to`` (event time, end exclusive), with the whole source's time bounds."""
+    ``read_to`` (event time, end exclusive), with the whole source's time bounds (scanned,
+    unless the caller knows them: ``bounds``)."""
     contract = settings.contract_for(topic)
     event_time = contract.event_time_field
     validated = None
@@ -227,7 +232,7 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
     else:
         everything = read_files(spark, source, contract, needed)
         description = f"{source.format} files {source.path}"
-    earliest, latest = _bounds(everything, event_time)
+    earliest, latest = bounds if bounds is not None else _bounds(everything, event_time)
     events = everything.filter(
         (F.col("event_date") >= F.lit(read_from.date())) & (F.col("event_date") <= F.lit(read_to.date()))
         & (F.col(event_time) >= F.lit(read_from)) & (F.col(event_time) < F.lit(read_to))
@@ -255,10 +260,12 @@ def _check_sessions(rows: DataFrame, view: FeatureView, read_from: datetime, sou
 
 def backfill(spark: SparkSession, settings: Settings, views: Sequence[FeatureView], ranges: Sequence[DayRange],
              source: KafkaReplay | BronzeSnapshot | FileSource, restate_online: bool = False,
-             session_history: timedelta = DEFAULT_SESSION_HISTORY) -> list[ViewOutcome]:
+             session_history: timedelta = DEFAULT_SESSION_HISTORY, bounds: Bounds | None = None) -> list[ViewOutcome]:
     """Recompute ``views`` on the days of ``ranges`` from ``source`` and replace those days of
     their feature tables; with ``restate_online`` also write each entity's latest recomputed
-    row to Redis with the new table version as its version (newer event times still win)."""
+    row to Redis with the new table version as its version (newer event times still win).
+    ``bounds``: the source's earliest and latest event time when the caller knows them (saves a
+    scan of the whole source)."""
     ranges = sorted(ranges)
     by_topic: dict[str, list[FeatureView]] = {}
     for view in views:
@@ -273,7 +280,7 @@ def backfill(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
         read_from = min(r.begins for r in ranges) - max(history(v, session_history) for v in topic_views)
         read_to = max(r.ends for r in ranges) + max(lookahead(v) for v in topic_views)
         needed = set().union(*(needed_columns(v) for v in topic_views))
-        loaded = load_events(spark, settings, topic, source, needed, read_from, read_to)
+        loaded = load_events(spark, settings, topic, source, needed, read_from, read_to, bounds)
         events = loaded.events.persist(StorageLevel.MEMORY_AND_DISK)
         try:
             count = events.count()

@@ -154,6 +154,10 @@ class StorageSettings:
         return f"{self.root}/ops/feature_metrics"
 
     @property
+    def late_recompute_path(self) -> str:
+        return f"{self.root}/ops/late_recompute"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 

@@ -1,0 +1,186 @@
+"""Late-window recompute: the days whose feature rows the stream computed without events that
+arrived after their watermark, recomputed from bronze and restated in Redis.
+
+Bronze keeps every valid event; a feature query leaves out (and counts) events behind its
+watermark. An event is **late** here when its event time is behind the watermark the stream
+could have had when the event reached bronze: the latest event time among rows ingested in
+earlier ingest batches (``ingested_at`` orders them) minus the view's ``allowed_lateness``.
+The stream's real watermark is never ahead of that (it has seen at most those rows), so every
+event the stream dropped is found; an event a slower feature batch still took in may be found
+too, which costs a recompute of its days and changes no row.
+
+Each run, per view: read bronze at its current version, take the rows ingested after the
+previous run's cursor (Delta data skipping on ``ingested_at`` keeps this proportional to the
+new rows, not to the table), find the late ones, and recompute the days they can change (the
+event's own day up to ``max window + delay`` later for trailing views, ``window`` for sliding
+views, ``gap`` for session views) with :func:`pipelines.backfill.backfill` from that bronze
+version, restating Redis (the new feature-table version is the version, so the newer-wins
+compare-and-set takes the corrected values for the same event time). Then one row goes to the
+state table ``ops/late_recompute``: the cursor (latest ``ingested_at`` seen), the latest event
+time (the next run's starting watermark), what was found and recomputed. A run that fails
+before that row is written is simply redone by the next one (recomputing is idempotent).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+
+from delta.tables import DeltaTable
+from pyspark.sql import DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import (
+    ArrayType,
+    DateType,
+    LongType,
+    StringType,
+    StructField,
+    StructType,
+    TimestampType,
+)
+
+from pipelines.backfill import DEFAULT_SESSION_HISTORY, DayRange, backfill, history
+from pipelines.batch_sources import BronzeSnapshot, SourceError
+from pipelines.config import Settings
+from pipelines.features import source_topic
+from pipelines.online import as_utc
+from pipelines.sinks import ensure_delta_table
+from pipelines.views import FeatureView
+
+log = logging.getLogger(__name__)
+
+STATE_SCHEMA = StructType([
+    StructField("view", StringType(), False),
+    StructField("run_at", TimestampType(), False),
+    StructField("bronze_version", LongType(), False),
+    #: Bronze rows ingested at or before this were looked at (the next run's cursor).
+    StructField("ingested_through", TimestampType(), True),
+    #: The latest event time in bronze up to ``ingested_through`` (the next run's watermark).
+    StructField("max_event_time", TimestampType(), True),
+    StructField("new_rows", LongType(), False),
+    StructField("late_events", LongType(), False),
+    StructField("days_recomputed", ArrayType(DateType()), False),
+    StructField("feature_table_version", LongType(), True),
+    StructField("rows_written", LongType(), False),
+    StructField("online_restated", LongType(), False),
+])
+
+
+def influence(view: FeatureView) -> timedelta:
+    """How long after an event's time the view's rows can depend on it."""
+    if view.kind == "session":
+        assert view.gap is not None
+        return view.gap
+    return history(view)
+
+
+def mark_late(rows: DataFrame, event_time: str, lateness: timedelta, previous_max: datetime | None) -> DataFrame:
+    """``rows`` (bronze rows, with ``ingested_at``) plus ``late``: the event time is behind the
+    latest event time of the rows ingested in earlier ingest batches (or ``previous_max``, the
+    latest before all of ``rows``) minus ``lateness``. Rows of the first batch with no
+    ``previous_max`` are never late."""
+    batches = rows.groupBy("ingested_at").agg(F.max(event_time).alias("_batch_max"))
+    # One row per ingest batch: a window over all of them (no partition) is small.
+    earlier = Window.orderBy("ingested_at").rowsBetween(Window.unboundedPreceding, -1)
+    prior = F.max("_batch_max").over(earlier)
+    if previous_max is not None:
+        prior = F.greatest(F.coalesce(prior, F.lit(previous_max)), F.lit(previous_max))
+    watermarks = batches.select("ingested_at", (prior - F.expr(
+        f"INTERVAL {int(lateness.total_seconds() * 1_000_000)} MICROSECONDS")).alias("_watermark"))
+    return rows.join(F.broadcast(watermarks), "ingested_at").withColumn(
+        "late", F.coalesce(F.col(event_time) < F.col("_watermark"), F.lit(False))
+    ).drop("_watermark")
+
+
+def affected_days(late: DataFrame, view: FeatureView, last_day: date) -> list[date]:
+    """Every UTC day, up to ``last_day``, holding rows that ``late`` events can change."""
+    reach = F.expr(f"INTERVAL {int(influence(view).total_seconds() * 1_000_000)} MICROSECONDS")
+    days = late.select(F.explode(F.sequence(F.to_date(view.event_time),
+                                            F.to_date(F.col(view.event_time) + reach))).alias("day")).distinct()
+    return sorted(d for (d,) in days.collect() if d <= last_day)
+
+
+def day_ranges(days: Sequence[date]) -> list[DayRange]:
+    """Consecutive days grouped into ranges."""
+    ranges: list[DayRange] = []
+    for day in sorted(days):
+        if ranges and ranges[-1].end == day:
+            ranges[-1] = DayRange(ranges[-1].start, day + timedelta(days=1))
+        else:
+            ranges.append(DayRange(day, day + timedelta(days=1)))
+    return ranges
+
+
+@dataclass(frozen=True)
+class LateOutcome:
+    view: str
+    new_rows: int
+    late_events: int
+    days: list[date]
+    rows_written: int
+    feature_table_version: int | None
+    online_restated: int
+    seconds: float
+
+
+def _previous_run(spark: SparkSession, path: str, view: str) -> tuple[datetime | None, datetime | None]:
+    """(ingested_through, max_event_time) of the view's last recorded run (None, None: first)."""
+    last = (spark.read.format("delta").load(path).filter(F.col("view") == view)
+            .orderBy(F.col("run_at").desc()).limit(1).collect())
+    if not last:
+        return None, None
+    row = last[0]
+    return (as_utc(row.ingested_through) if row.ingested_through else None,
+            as_utc(row.max_event_time) if row.max_event_time else None)
+
+
+def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[FeatureView],
+                   session_history: timedelta = DEFAULT_SESSION_HISTORY) -> list[LateOutcome]:
+    """One late-window recompute run over ``views`` (see the module docstring)."""
+    state_path = settings.storage.late_recompute_path
+    ensure_delta_table(spark, state_path, STATE_SCHEMA)
+    outcomes = []
+    for view in views:
+        started = time.monotonic()
+        topic = source_topic(settings, view)
+        bronze_path = settings.storage.bronze_path(topic)
+        if not DeltaTable.isDeltaTable(spark, bronze_path):
+            raise SourceError(f"{view.name}: bronze table of {topic} not found at {bronze_path}: run the ingest first")
+        version = DeltaTable.forPath(spark, bronze_path).history(1).collect()[0]["version"]
+        cursor, previous_max = _previous_run(spark, state_path, view.name)
+        bronze = spark.read.format("delta").option("versionAsOf", version).load(bronze_path)
+        new = bronze.select(view.entity, view.event_time, "ingested_at")
+        if cursor is not None:
+            new = new.filter(F.col("ingested_at") > F.lit(cursor))
+        marked = mark_late(new, view.event_time, view.allowed_lateness, previous_max).cache()
+        try:
+            summary = marked.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.col("late").cast("long")).alias("late"),
+                                 F.max("ingested_at").alias("through"), F.max(view.event_time).alias("latest")).collect()[0]
+            new_rows, late_count = summary["rows"], summary["late"] or 0
+            through = as_utc(summary["through"]) if summary["through"] else cursor
+            latest = max([t for t in (previous_max, as_utc(summary["latest"]) if summary["latest"] else None) if t],
+                         default=None)
+            days = affected_days(marked.filter("late"), view, latest.date()) if late_count and latest else []
+        finally:
+            marked.unpersist()
+        log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s", view.name, new_rows,
+                 cursor or "the start", topic, version, late_count,
+                 f": recomputing {', '.join(str(r) for r in day_ranges(days))}" if days else "")
+        written, table_version, restated = 0, None, 0
+        if days:
+            # Latest event time known from the state: no scan of the whole bronze table. The
+            # earliest is unknown: taken as older than any history read (sessions are checked).
+            bounds = (datetime.min.replace(tzinfo=timezone.utc), latest)
+            [outcome] = backfill(spark, settings, [view], day_ranges(days), BronzeSnapshot(version=version),
+                                 restate_online=True, session_history=session_history, bounds=bounds)
+            written, table_version = outcome.rows, outcome.table_version
+            restated = outcome.online.written if outcome.online else 0
+        state = spark.createDataFrame([(view.name, datetime.now(timezone.utc), version, through, latest, new_rows,
+                                        late_count, days, table_version, written, restated)], STATE_SCHEMA)
+        state.write.format("delta").mode("append").save(state_path)
+        outcomes.append(LateOutcome(view.name, new_rows, late_count, days, written, table_version, restated,
+                                    time.monotonic() - started))
+    return outcomes
