@@ -20,7 +20,7 @@ def console_scripts() -> set[str]:
 
 def test_every_job_is_a_valid_databricks_job():
     jobs = BUNDLE["resources"]["jobs"]
-    assert set(jobs) == {"ingest", "features", "reconcile"}
+    assert set(jobs) == {"ingest", "features", "reconcile", "backfill", "recompute_late", "rehydrate"}
     for name, spec in jobs.items():
         assert Job.from_dict(spec).tasks, name
 
@@ -44,3 +44,22 @@ def test_secrets_come_from_the_secret_scope_not_the_bundle():
     text = (PROJECT_ROOT / "databricks.yml").read_text()
     for value in re.findall(r"(?:PASSWORD|SECRET)\w*:\s*(.+)", text):
         assert value.strip().strip('"').startswith("{{secrets/"), value
+
+
+def test_job_parameters_reach_the_batch_jobs_arguments():
+    from jobs import backfill
+
+    jobs = BUNDLE["resources"]["jobs"]
+    for name in ("backfill", "rehydrate"):
+        declared = {p["name"] for p in jobs[name]["parameters"]}
+        used = set(re.findall(r"\{\{job\.parameters\.(\w+)\}\}", str(jobs[name]["tasks"])))
+        assert used == declared, name
+    # The backfill's task arguments, with its parameters' defaults, parse as the job expects.
+    defaults = {p["name"]: p["default"] for p in jobs["backfill"]["parameters"]}
+    defaults.update({"from": "2026-11-01", "to": "2026-11-02"})
+    argv = [re.sub(r"\{\{job\.parameters\.(\w+)\}\}", lambda m: defaults[m.group(1)], a)
+            for a in jobs["backfill"]["tasks"][0]["python_wheel_task"]["parameters"]]
+    argv = [a.replace("${var.env}", "prod") for a in argv]
+    args = backfill.parse_args(argv)
+    assert (args.start, args.end, args.source, args.views) == ("2026-11-01", "2026-11-02", "bronze", "")
+    assert backfill.source_from_args(args).version is None
