@@ -50,11 +50,20 @@ from pipelines.batch_sources import (
 )
 from pipelines.bronze import bronze_rows
 from pipelines.config import Settings
-from pipelines.features import OnlineResult, event_time_column, feature_table_rows, source_topic, write_online
+from pipelines.features import (
+    OnlineResult,
+    event_time_column,
+    feature_table_rows,
+    latest_per_entity,
+    source_topic,
+    write_online,
+)
 from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
 
+#: A source's earliest event time when it is not known (taken as older than any history read).
+UNKNOWN_EARLIEST = datetime.min.replace(tzinfo=timezone.utc)
 #: How much history a session view reads before the first day (see the module docstring).
 DEFAULT_SESSION_HISTORY = timedelta(days=1)
 
@@ -246,6 +255,22 @@ def needed_columns(view: FeatureView) -> set[str]:
     return columns | {by.column for by in view.count_by}
 
 
+def entities_latest_within(rows: DataFrame, table: DataFrame, view: FeatureView,
+                           ranges: Sequence[DayRange]) -> DataFrame:
+    """Each entity's latest row among ``rows`` (recomputed on ``ranges``), kept only if the
+    feature ``table`` has no later row of that entity on another day: only then is it the row
+    Redis should serve. (Redis' own newer-wins check would also refuse an older row, but not
+    when the newer one is missing there, e.g. expired or never written.) Reads only the days
+    from the first range on, outside the ranges, and only the entity and time columns."""
+    time_column = event_time_column(view)
+    latest = latest_per_entity(rows, view)
+    later = table.filter(~F.expr(days_predicate(ranges)) & (F.col("event_date") >= F.lit(min(r.start for r in ranges))))
+    later = later.select(F.col(view.entity).alias("_entity"), F.col(time_column).alias("_later"))
+    superseded = (latest.join(later, latest[view.entity] == later["_entity"])
+                  .filter(F.col("_later") > F.col(time_column)).select("_entity").distinct())
+    return latest.join(superseded, latest[view.entity] == superseded["_entity"], "left_anti")
+
+
 def _check_sessions(rows: DataFrame, view: FeatureView, read_from: datetime, source: SourceEvents) -> None:
     """Fail when a session may be missing its start: it begins within ``gap`` of the history
     read and the source has older events."""
@@ -288,7 +313,7 @@ def backfill(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
                 loaded.cached.unpersist()
             log.info("%s: %d events between %s and %s from %s (source spans %s .. %s)", topic, count,
                      f"{read_from:%Y-%m-%d %H:%M}", f"{read_to:%Y-%m-%d %H:%M}", loaded.description,
-                     loaded.earliest, loaded.latest)
+                     "?" if loaded.earliest == UNKNOWN_EARLIEST else loaded.earliest, loaded.latest)
             if loaded.earliest is not None and loaded.earliest > read_from:
                 log.warning("%s: the source starts at %s, after the history needed (%s): features of the first "
                             "days cover only what the source has", topic, loaded.earliest, read_from)
@@ -313,7 +338,10 @@ def _backfill_view(spark: SparkSession, settings: Settings, view: FeatureView, r
         outcome = replace_days(rows, settings.storage.feature_path(view.name), ranges)
         online = None
         if restate_online and view.online.enabled:
-            online = write_online(rows, view, settings.redis, outcome.table_version)
+            table = spark.read.format("delta").option("versionAsOf", outcome.table_version).load(
+                settings.storage.feature_path(view.name))
+            online = write_online(entities_latest_within(rows, table, view, ranges), view, settings.redis,
+                                  outcome.table_version)
     finally:
         rows.unpersist()
     days = [d for r in ranges for d in r.days()]

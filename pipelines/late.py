@@ -42,7 +42,7 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from pipelines.backfill import DEFAULT_SESSION_HISTORY, DayRange, backfill, history
+from pipelines.backfill import DEFAULT_SESSION_HISTORY, UNKNOWN_EARLIEST, DayRange, backfill, history
 from pipelines.batch_sources import BronzeSnapshot, SourceError
 from pipelines.config import Settings
 from pipelines.features import source_topic
@@ -173,7 +173,7 @@ def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[Feat
         if days:
             # Latest event time known from the state: no scan of the whole bronze table. The
             # earliest is unknown: taken as older than any history read (sessions are checked).
-            bounds = (datetime.min.replace(tzinfo=timezone.utc), latest)
+            bounds = (UNKNOWN_EARLIEST, latest)
             [outcome] = backfill(spark, settings, [view], day_ranges(days), BronzeSnapshot(version=version),
                                  restate_online=True, session_history=session_history, bounds=bounds)
             written, table_version = outcome.rows, outcome.table_version
