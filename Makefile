@@ -59,6 +59,7 @@ bench: up
 	$(PY) bench/feature_throughput.py --env local
 	$(PY) bench/feature_latency.py --env local
 	$(PY) bench/online_store.py --env local
+	$(PY) bench/backfill.py --env local
 
 clean: down
 	rm -rf .local $(VENV)

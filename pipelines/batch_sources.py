@@ -301,10 +301,11 @@ class FileSource:
 
 
 def read_files(spark: SparkSession, source: FileSource, contract: Contract, needed: set[str]) -> DataFrame:
-    """The files' rows as contract fields (``needed`` ones must be there and non-null; other
-    contract fields are taken when present). Fails fast, naming the field and its file column,
-    for a missing column, a column of an incompatible type, values that do not parse, or nulls
-    in a needed field."""
+    """The files' rows as contract fields (``needed`` ones must be there, and non-null where
+    the contract requires them; other contract fields are taken when present). Fails fast,
+    naming the field and its file column, for a missing column, a column of an incompatible
+    type, values that do not parse, or nulls in a needed required field. Rows are taken as
+    they are: files have no repeated deliveries to drop."""
     if source.format not in FILE_FORMATS:
         raise BadSourceArguments(f"--format: {source.format!r} is not one of {', '.join(FILE_FORMATS)}")
     unknown = sorted(set(source.mapping) - set(contract.field_names))
@@ -340,8 +341,10 @@ def read_files(spark: SparkSession, source: FileSource, contract: Contract, need
         else:
             raise SourceError(f"file source: column {label} is {found.simpleString()}, "
                               f"contract {contract.name} needs {spec.type}")
-        if spec.name in needed:
-            checks.append((f"{label}: null values", f"`{column}`", value.isNull()))
+        if spec.non_negative:
+            checks.append((f"{label}: negative values (the contract forbids them)", f"`{column}`", value < 0))
+        if spec.name in needed and spec.required:
+            checks.append((f"{label}: null values (the contract requires it)", f"`{column}`", value.isNull()))
         selected.append(value.alias(spec.name))
     events = raw.select(*selected)
     if checks:

@@ -137,50 +137,81 @@ def _previous_run(spark: SparkSession, path: str, view: str) -> tuple[datetime |
             as_utc(row.max_event_time) if row.max_event_time else None)
 
 
+@dataclass(frozen=True)
+class _Found:
+    """What one view's scan of the newly ingested bronze rows found."""
+
+    view: FeatureView
+    topic: str
+    bronze_version: int
+    through: datetime | None
+    latest: datetime | None
+    new_rows: int
+    late_events: int
+    days: list[date]
+
+
+def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state_path: str) -> _Found:
+    topic = source_topic(settings, view)
+    bronze_path = settings.storage.bronze_path(topic)
+    if not DeltaTable.isDeltaTable(spark, bronze_path):
+        raise SourceError(f"{view.name}: bronze table of {topic} not found at {bronze_path}: run the ingest first")
+    version = DeltaTable.forPath(spark, bronze_path).history(1).collect()[0]["version"]
+    cursor, previous_max = _previous_run(spark, state_path, view.name)
+    bronze = spark.read.format("delta").option("versionAsOf", version).load(bronze_path)
+    new = bronze.select(view.entity, view.event_time, "ingested_at")
+    if cursor is not None:
+        new = new.filter(F.col("ingested_at") > F.lit(cursor))
+    marked = mark_late(new, view.event_time, view.allowed_lateness, previous_max).cache()
+    try:
+        summary = marked.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.col("late").cast("long")).alias("late"),
+                             F.max("ingested_at").alias("through"), F.max(view.event_time).alias("latest")).collect()[0]
+        new_rows, late_count = summary["rows"], summary["late"] or 0
+        through = as_utc(summary["through"]) if summary["through"] else cursor
+        latest = max([t for t in (previous_max, as_utc(summary["latest"]) if summary["latest"] else None) if t],
+                     default=None)
+        days = affected_days(marked.filter("late"), view, latest.date()) if late_count and latest else []
+    finally:
+        marked.unpersist()
+    log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s", view.name, new_rows,
+             cursor or "the start", topic, version, late_count,
+             f": days to recompute {', '.join(str(r) for r in day_ranges(days))}" if days else "")
+    return _Found(view, topic, version, through, latest, new_rows, late_count, days)
+
+
 def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[FeatureView],
                    session_history: timedelta = DEFAULT_SESSION_HISTORY) -> list[LateOutcome]:
-    """One late-window recompute run over ``views`` (see the module docstring)."""
+    """One late-window recompute run over ``views`` (see the module docstring). Views of one
+    topic with the same days to recompute share one backfill (one read of bronze)."""
     state_path = settings.storage.late_recompute_path
     ensure_delta_table(spark, state_path, STATE_SCHEMA)
-    outcomes = []
-    for view in views:
+    started = time.monotonic()
+    found = [_find_late(spark, settings, view, state_path) for view in views]
+    scan_seconds = (time.monotonic() - started) / max(len(found), 1)
+    groups: dict[tuple, list[_Found]] = {}
+    for item in found:
+        if item.days:
+            groups.setdefault((item.topic, item.bronze_version, tuple(item.days), item.latest), []).append(item)
+    done: dict[str, tuple] = {}
+    for (_, version, days, latest), items in groups.items():
         started = time.monotonic()
-        topic = source_topic(settings, view)
-        bronze_path = settings.storage.bronze_path(topic)
-        if not DeltaTable.isDeltaTable(spark, bronze_path):
-            raise SourceError(f"{view.name}: bronze table of {topic} not found at {bronze_path}: run the ingest first")
-        version = DeltaTable.forPath(spark, bronze_path).history(1).collect()[0]["version"]
-        cursor, previous_max = _previous_run(spark, state_path, view.name)
-        bronze = spark.read.format("delta").option("versionAsOf", version).load(bronze_path)
-        new = bronze.select(view.entity, view.event_time, "ingested_at")
-        if cursor is not None:
-            new = new.filter(F.col("ingested_at") > F.lit(cursor))
-        marked = mark_late(new, view.event_time, view.allowed_lateness, previous_max).cache()
-        try:
-            summary = marked.agg(F.count(F.lit(1)).alias("rows"), F.sum(F.col("late").cast("long")).alias("late"),
-                                 F.max("ingested_at").alias("through"), F.max(view.event_time).alias("latest")).collect()[0]
-            new_rows, late_count = summary["rows"], summary["late"] or 0
-            through = as_utc(summary["through"]) if summary["through"] else cursor
-            latest = max([t for t in (previous_max, as_utc(summary["latest"]) if summary["latest"] else None) if t],
-                         default=None)
-            days = affected_days(marked.filter("late"), view, latest.date()) if late_count and latest else []
-        finally:
-            marked.unpersist()
-        log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s", view.name, new_rows,
-                 cursor or "the start", topic, version, late_count,
-                 f": recomputing {', '.join(str(r) for r in day_ranges(days))}" if days else "")
-        written, table_version, restated = 0, None, 0
-        if days:
-            # Latest event time known from the state: no scan of the whole bronze table. The
-            # earliest is unknown: taken as older than any history read (sessions are checked).
-            bounds = (UNKNOWN_EARLIEST, latest)
-            [outcome] = backfill(spark, settings, [view], day_ranges(days), BronzeSnapshot(version=version),
-                                 restate_online=True, session_history=session_history, bounds=bounds)
-            written, table_version = outcome.rows, outcome.table_version
-            restated = outcome.online.written if outcome.online else 0
-        state = spark.createDataFrame([(view.name, datetime.now(timezone.utc), version, through, latest, new_rows,
-                                        late_count, days, table_version, written, restated)], STATE_SCHEMA)
-        state.write.format("delta").mode("append").save(state_path)
-        outcomes.append(LateOutcome(view.name, new_rows, late_count, days, written, table_version, restated,
-                                    time.monotonic() - started))
+        # Latest event time known from the state: no scan of the whole bronze table. The
+        # earliest is unknown: taken as older than any history read (sessions are checked).
+        results = backfill(spark, settings, [i.view for i in items], day_ranges(days),
+                           BronzeSnapshot(version=version), restate_online=True, session_history=session_history,
+                           bounds=(UNKNOWN_EARLIEST, latest))
+        seconds = (time.monotonic() - started) / len(items)
+        for outcome in results:
+            done[outcome.view] = (outcome.rows, outcome.table_version,
+                                  outcome.online.written if outcome.online else 0, seconds)
+    now = datetime.now(timezone.utc)
+    outcomes, state = [], []
+    for item in found:
+        written, table_version, restated, seconds = done.get(item.view.name, (0, None, 0, 0.0))
+        state.append((item.view.name, now, item.bronze_version, item.through, item.latest, item.new_rows,
+                      item.late_events, item.days, table_version, written, restated))
+        outcomes.append(LateOutcome(item.view.name, item.new_rows, item.late_events, item.days, written,
+                                    table_version, restated, scan_seconds + seconds))
+    # One commit for every view's progress: written only once all their recomputes are done.
+    spark.createDataFrame(state, STATE_SCHEMA).write.format("delta").mode("append").save(state_path)
     return outcomes

@@ -106,3 +106,12 @@ def test_offsets_deleted_by_retention_fail_clearly_unless_the_gap_is_allowed(spa
         assert run_job(conf_dir, *replay, "--allow-gap") == 0
     assert f"{topic} partition 0" in caplog.text and "GAP of 10 records" in caplog.text
     assert spark.read.format("delta").load(settings.storage.feature_path("account_velocity")).count() == 10
+
+
+def test_file_values_the_contract_forbids_fail_naming_the_column(spark, isolated, tmp_path, capsys):
+    settings = isolated()
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    spark.createDataFrame([("a", t("10:00"), -5.0, "m1", 1.0)], FILE_SCHEMA).write.parquet(str(tmp_path / "history"))
+    assert run_job(conf_dir, *file_args(tmp_path / "history")) == 3
+    assert "1 rows with amount_usd (file column 'amt'): negative values (the contract forbids them) (e.g. '-5.0')" in \
+        capsys.readouterr().err.splitlines()[-1]
