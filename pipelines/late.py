@@ -15,9 +15,13 @@ new rows, not to the table), find the late ones, and recompute the days they can
 event's own day up to ``max window + delay`` later for trailing views, ``window`` for sliding
 views, ``gap`` for session views) with :func:`pipelines.backfill.backfill` from that bronze
 version, restating Redis (the new feature-table version is the version, so the newer-wins
-compare-and-set takes the corrected values for the same event time). Then one row goes to the
-state table ``ops/late_recompute``: the cursor (latest ``ingested_at`` seen), the latest event
-time (the next run's starting watermark), what was found and recomputed. A run that fails
+compare-and-set takes the corrected values for the same event time). A day the feature stream
+still writes into (its watermark, from ``ops/feature_metrics``, has not passed the day's end)
+is not replaced yet: its rows are not final, and the replace would race the stream's appends
+(or write rows the stream writes again later); it is kept as pending and recomputed by the
+first run after the watermark passes it. Then one row per view goes to the state table
+``ops/late_recompute``: the cursor (latest ``ingested_at`` seen), the latest event time (the
+next run's starting watermark), what was found, recomputed and left pending. A run that fails
 before that row is written is simply redone by the next one (recomputing is idempotent).
 """
 
@@ -63,6 +67,9 @@ STATE_SCHEMA = StructType([
     StructField("new_rows", LongType(), False),
     StructField("late_events", LongType(), False),
     StructField("days_recomputed", ArrayType(DateType()), False),
+    #: Days to recompute that the stream still writes (its watermark has not passed their
+    #: end): left for a later run.
+    StructField("days_pending", ArrayType(DateType()), False),
     StructField("feature_table_version", LongType(), True),
     StructField("rows_written", LongType(), False),
     StructField("online_restated", LongType(), False),
@@ -119,22 +126,35 @@ class LateOutcome:
     view: str
     new_rows: int
     late_events: int
+    #: Days recomputed by this run, and days left for a later one (the stream still writes them).
     days: list[date]
+    pending: list[date]
     rows_written: int
     feature_table_version: int | None
     online_restated: int
     seconds: float
 
 
-def _previous_run(spark: SparkSession, path: str, view: str) -> tuple[datetime | None, datetime | None]:
-    """(ingested_through, max_event_time) of the view's last recorded run (None, None: first)."""
+def _previous_run(spark: SparkSession, path: str, view: str) -> tuple[datetime | None, datetime | None, list[date]]:
+    """(ingested_through, max_event_time, days_pending) of the view's last recorded run
+    (None, None, []: the first run)."""
     last = (spark.read.format("delta").load(path).filter(F.col("view") == view)
             .orderBy(F.col("run_at").desc()).limit(1).collect())
     if not last:
-        return None, None
+        return None, None, []
     row = last[0]
     return (as_utc(row.ingested_through) if row.ingested_through else None,
-            as_utc(row.max_event_time) if row.max_event_time else None)
+            as_utc(row.max_event_time) if row.max_event_time else None, list(row.days_pending or []))
+
+
+def stream_watermark(spark: SparkSession, settings: Settings, view: FeatureView) -> datetime | None:
+    """The feature stream's latest watermark for ``view`` (``ops/feature_metrics``; None when
+    the stream has not reported one)."""
+    path = settings.storage.feature_metrics_path
+    if not DeltaTable.isDeltaTable(spark, path):
+        return None
+    latest = spark.read.format("delta").load(path).filter(F.col("view") == view.name).agg(F.max("watermark")).collect()
+    return as_utc(latest[0][0]) if latest and latest[0][0] else None
 
 
 @dataclass(frozen=True)
@@ -148,7 +168,9 @@ class _Found:
     latest: datetime | None
     new_rows: int
     late_events: int
+    #: Days to recompute now, and days left until the stream's watermark passes them.
     days: list[date]
+    pending: list[date]
 
 
 def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state_path: str) -> _Found:
@@ -157,7 +179,7 @@ def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state
     if not DeltaTable.isDeltaTable(spark, bronze_path):
         raise SourceError(f"{view.name}: bronze table of {topic} not found at {bronze_path}: run the ingest first")
     version = DeltaTable.forPath(spark, bronze_path).history(1).collect()[0]["version"]
-    cursor, previous_max = _previous_run(spark, state_path, view.name)
+    cursor, previous_max, pending = _previous_run(spark, state_path, view.name)
     bronze = spark.read.format("delta").option("versionAsOf", version).load(bronze_path)
     new = bronze.select(view.entity, view.event_time, "ingested_at")
     if cursor is not None:
@@ -173,10 +195,19 @@ def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state
         days = affected_days(marked.filter("late"), view, latest.date()) if late_count and latest else []
     finally:
         marked.unpersist()
-    log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s", view.name, new_rows,
+    # A day the stream still writes into cannot be replaced now: its rows there are not final
+    # (and replacing them would race its appends). It waits until the watermark passes its end.
+    watermark = stream_watermark(spark, settings, view)
+    wanted = sorted(set(days) | set(pending))
+    ready = [d for d in wanted if watermark is None or datetime.combine(d + timedelta(days=1), datetime.min.time(),
+                                                                        timezone.utc) <= watermark]
+    waiting = [d for d in wanted if d not in ready]
+    log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s%s", view.name, new_rows,
              cursor or "the start", topic, version, late_count,
-             f": days to recompute {', '.join(str(r) for r in day_ranges(days))}" if days else "")
-    return _Found(view, topic, version, through, latest, new_rows, late_count, days)
+             f"; recomputing {', '.join(str(r) for r in day_ranges(ready))}" if ready else "",
+             f"; waiting for the stream's watermark ({watermark}) to pass "
+             f"{', '.join(str(r) for r in day_ranges(waiting))}" if waiting else "")
+    return _Found(view, topic, version, through, latest, new_rows, late_count, ready, waiting)
 
 
 def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[FeatureView],
@@ -209,8 +240,8 @@ def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[Feat
     for item in found:
         written, table_version, restated, seconds = done.get(item.view.name, (0, None, 0, 0.0))
         state.append((item.view.name, now, item.bronze_version, item.through, item.latest, item.new_rows,
-                      item.late_events, item.days, table_version, written, restated))
-        outcomes.append(LateOutcome(item.view.name, item.new_rows, item.late_events, item.days, written,
+                      item.late_events, item.days, item.pending, table_version, written, restated))
+        outcomes.append(LateOutcome(item.view.name, item.new_rows, item.late_events, item.days, item.pending, written,
                                     table_version, restated, scan_seconds + seconds))
     # One commit for every view's progress: written only once all their recomputes are done.
     spark.createDataFrame(state, STATE_SCHEMA).write.format("delta").mode("append").save(state_path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from datetime import datetime, timedelta
+from datetime import datetime, time, timedelta, timezone
 
 from pipelines.features import event_time_column, feature_names, latest_per_entity, run_features
 from pipelines.generator import GeneratorSpec, generate, produce
@@ -14,7 +14,6 @@ from pipelines.ingest import run_ingest
 from pipelines.late import recompute_late
 from pipelines.online import as_utc, read_online, redis_client
 from tests.conftest import topic_names
-from tests.test_backfill import crossing_midnight_spec
 
 QUARTER = timedelta(minutes=15)
 
@@ -40,31 +39,51 @@ def naive_utc(moment: datetime) -> datetime:
     return moment.astimezone().replace(tzinfo=None)
 
 
+def clean_spec(**changes) -> GeneratorSpec:
+    base = dict(accounts=30, merchants=12, late_rate=0.0, out_of_order_rate=0.0, duplicate_rate=0.0, bad_rate=0.0,
+                label_rate=0.0)
+    return GeneratorSpec(**{**base, **changes})
+
+
+def stream(spark, settings, spec: GeneratorSpec, views) -> None:
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    run_ingest(spark, settings, available_now=True)
+    run_features(spark, settings, views, available_now=True)
+
+
 def test_late_events_rewrite_exactly_their_rows_and_redis_serves_the_corrections(spark, isolated):
     settings = isolated()
     views = [settings.views[n] for n in ("account_velocity", "merchant_hourly", "account_sessions")]
-    on_time = crossing_midnight_spec(count=800, label_rate=0.0)
-    produce(generate(on_time), settings.kafka.client_properties(), topic_names=topic_names(settings))
-    run_ingest(spark, settings, available_now=True)
-    run_features(spark, settings, views, available_now=True)
+    midnight = datetime.combine(datetime.now(timezone.utc).date(), time(0), timezone.utc) - timedelta(days=3)
+    on_time = clean_spec(count=800, seed=5, end=midnight + timedelta(hours=3), span=timedelta(hours=6))
+    stream(spark, settings, on_time, views)
     assert all(o.late_events == 0 and not o.days for o in recompute_late(spark, settings, views))
 
-    # Events 2-3 hours behind the stream, sent after it: every one is behind every watermark.
-    late_spec = GeneratorSpec(count=6, accounts=30, merchants=12, seed=77, end=on_time.end, span=on_time.span,
-                              late_rate=1.0, late_by=(timedelta(hours=2), timedelta(hours=3)), out_of_order_rate=0.0,
-                              duplicate_rate=0.0, bad_rate=0.0, label_rate=0.0)
+    # Events of the second day (00:10-01:40), 1-2 hours behind the stream and sent after it:
+    # each is behind every watermark, and every window holding one has closed.
+    late_spec = clean_spec(count=6, seed=77, end=midnight + timedelta(hours=2, minutes=40), span=timedelta(minutes=40),
+                           late_rate=1.0, late_by=(timedelta(hours=1), timedelta(hours=1, minutes=50)))
     late = [json.loads(r.value) for r in generate(late_spec)]
     for event in late:
         event["time"] = datetime.fromisoformat(event["event_time"].replace("Z", "+00:00"))
-    produce(generate(late_spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
-    run_ingest(spark, settings, available_now=True)
-    run_features(spark, settings, views, available_now=True)
+    stream(spark, settings, late_spec, views)
+    paths = {v.name: settings.storage.feature_path(v.name) for v in views}
+    unchanged = {name: version(spark, path) for name, path in paths.items()}
 
+    # The stream still writes the late events' days (its watermark is 2:50 on the second day):
+    # they wait.
+    waiting = recompute_late(spark, settings, views)
+    assert all(o.late_events == len(late) and not o.days and o.pending for o in waiting), waiting
+    assert {name: version(spark, path) for name, path in paths.items()} == unchanged
+
+    # Two days later the stream's watermark has passed them: the next run recomputes them.
+    stream(spark, settings, clean_spec(count=20, seed=99, end=midnight + timedelta(days=2, hours=1),
+                                       span=timedelta(minutes=30)), views)
     paths = {v.name: settings.storage.feature_path(v.name) for v in views}
     before = {name: version(spark, path) for name, path in paths.items()}
     client = redis_client(settings.redis)
     outcomes = {o.view: o for o in recompute_late(spark, settings, views)}
-    assert {name: o.late_events for name, o in outcomes.items()} == {v.name: len(late) for v in views}
+    assert all(o.days == waiting[i].pending and not o.pending for i, o in enumerate(outcomes.values()))
 
     # account_velocity: each late event's own row is new, and every later row of its account
     # within a day counts it; no other row changes.
@@ -112,9 +131,9 @@ def test_late_events_rewrite_exactly_their_rows_and_redis_serves_the_corrections
 
     # Nothing new since: the next run finds nothing and writes no feature table.
     again = recompute_late(spark, settings, views)
-    assert [(o.new_rows, o.late_events, o.days) for o in again] == [(0, 0, [])] * 3
+    assert [(o.new_rows, o.late_events, o.days, o.pending) for o in again] == [(0, 0, [], [])] * 3
     assert {n: version(spark, p) for n, p in paths.items()} == \
         {n: o.feature_table_version for n, o in outcomes.items()}
     state = spark.read.format("delta").load(settings.storage.late_recompute_path)
-    # One state row per view and run: the first (nothing late), the late one, this one.
-    assert state.count() == 9 and state.filter("late_events = 6").count() == 3
+    # One state row per view and run: nothing late, late but waiting, recomputed, nothing new.
+    assert state.count() == 12 and state.filter("late_events = 6 AND size(days_pending) > 0").count() == 3
