@@ -58,6 +58,7 @@ from pipelines.features import (
     source_topic,
     write_online,
 )
+from pipelines.online import as_utc
 from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
@@ -200,8 +201,6 @@ class SourceEvents:
 
 def _bounds(events: DataFrame, event_time: str) -> tuple[datetime | None, datetime | None]:
     row = events.agg(F.min(event_time).alias("lo"), F.max(event_time).alias("hi")).collect()[0]
-    from pipelines.online import as_utc
-
     return (as_utc(row.lo) if row.lo else None), (as_utc(row.hi) if row.hi else None)
 
 
@@ -230,13 +229,7 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
         everything = bronze_rows(validated, contract)
         description = f"Kafka {topic} ({total} records)"
     elif isinstance(source, BronzeSnapshot):
-        everything = read_bronze(spark, settings, topic, source)
-        path = settings.storage.bronze_path(topic)
-        version = source.version
-        if version is None and source.timestamp is None:
-            # Pin the snapshot: every view of this run reads the same table version.
-            version = DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
-            everything = read_bronze(spark, settings, topic, BronzeSnapshot(version=version))
+        everything, version = read_bronze(spark, settings, topic, source)
         description = f"bronze {topic} @ " + (f"version {version}" if version is not None else source.timestamp)
     else:
         everything = read_files(spark, source, contract, needed)

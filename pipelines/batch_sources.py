@@ -263,16 +263,22 @@ class BronzeSnapshot:
     timestamp: str | None = None
 
 
-def read_bronze(spark: SparkSession, settings: Settings, topic: str, snapshot: BronzeSnapshot) -> DataFrame:
+def read_bronze(spark: SparkSession, settings: Settings, topic: str,
+                snapshot: BronzeSnapshot) -> tuple[DataFrame, int | None]:
+    """The topic's bronze table as of ``snapshot``, and the version read. Without a version or
+    timestamp, the current version is pinned, so every read of one run sees the same rows."""
     path = settings.storage.bronze_path(topic)
     if not DeltaTable.isDeltaTable(spark, path):
         raise SourceError(f"bronze table of {topic} not found at {path}: run the ingest first")
+    version = snapshot.version
+    if version is None and snapshot.timestamp is None:
+        version = DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
     reader = spark.read.format("delta")
-    if snapshot.version is not None:
-        reader = reader.option("versionAsOf", snapshot.version)
-    if snapshot.timestamp is not None:
+    if version is not None:
+        reader = reader.option("versionAsOf", version)
+    else:
         reader = reader.option("timestampAsOf", snapshot.timestamp)
-    return reader.load(path)
+    return reader.load(path), version
 
 
 # --------------------------------------------------------------------------- files

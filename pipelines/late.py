@@ -47,7 +47,7 @@ from pyspark.sql.types import (
 )
 
 from pipelines.backfill import DEFAULT_SESSION_HISTORY, UNKNOWN_EARLIEST, DayRange, backfill, history
-from pipelines.batch_sources import BronzeSnapshot, SourceError
+from pipelines.batch_sources import BronzeSnapshot, read_bronze
 from pipelines.config import Settings
 from pipelines.features import source_topic
 from pipelines.online import as_utc
@@ -175,12 +175,9 @@ class _Found:
 
 def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state_path: str) -> _Found:
     topic = source_topic(settings, view)
-    bronze_path = settings.storage.bronze_path(topic)
-    if not DeltaTable.isDeltaTable(spark, bronze_path):
-        raise SourceError(f"{view.name}: bronze table of {topic} not found at {bronze_path}: run the ingest first")
-    version = DeltaTable.forPath(spark, bronze_path).history(1).collect()[0]["version"]
+    bronze, version = read_bronze(spark, settings, topic, BronzeSnapshot())
+    assert version is not None
     cursor, previous_max, pending = _previous_run(spark, state_path, view.name)
-    bronze = spark.read.format("delta").option("versionAsOf", version).load(bronze_path)
     new = bronze.select(view.entity, view.event_time, "ingested_at")
     if cursor is not None:
         new = new.filter(F.col("ingested_at") > F.lit(cursor))
