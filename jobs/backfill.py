@@ -38,7 +38,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bronze-version", type=int, help="bronze: read this Delta version")
     parser.add_argument("--bronze-timestamp", help="bronze: read the table as of this time")
     parser.add_argument("--starting-offsets", default="earliest",
-                        help='kafka: earliest, {"topic": {"0": 42}} (-2 earliest) or an ISO timestamp')
+                        help='kafka: earliest (default), {"topic": {"0": 42, "1": "2026-11-20T00:00Z"}} '
+                             '(offsets, -2 earliest, or per-partition timestamps) or one ISO timestamp')
     parser.add_argument("--ending-offsets", default="latest",
                         help='kafka: latest (default), {"topic": {"0": 99}} (-1 latest) or an ISO timestamp; exclusive')
     parser.add_argument("--allow-gap", action="store_true",

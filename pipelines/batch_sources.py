@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -42,7 +42,7 @@ from pyspark.sql.types import (
 from pipelines.bronze import dead_letter_rows, drop_duplicate_events, table_schemas, validate_records
 from pipelines.config import Settings
 from pipelines.contracts import Contract
-from pipelines.kafka_admin import offsets_for_time, topic_offsets
+from pipelines.kafka_admin import offsets_for_times, topic_offsets
 from pipelines.sinks import ensure_delta_table
 
 log = logging.getLogger(__name__)
@@ -71,8 +71,9 @@ class BadSourceArguments(SourceError):
 class KafkaReplay:
     """Which offsets to replay. Each bound is ``"earliest"``/``"latest"``, Spark's per-partition
     JSON (``{"<topic>": {"0": 42, "1": -2}}``, -2 earliest, -1 latest; partitions not named
-    default to earliest/latest), or a UTC timestamp (the first offset at or after it, by Kafka
-    record timestamp). The end is exclusive."""
+    default to earliest/latest; a value may also be an ISO timestamp string, as Spark's
+    ``startingOffsetsByTimestamp``), or a UTC timestamp for every partition (the first offset at
+    or after it, by Kafka record timestamp). The end is exclusive."""
 
     starting: str | datetime = "earliest"
     ending: str | datetime = "latest"
@@ -94,8 +95,9 @@ class PartitionRange:
         return self.end - self.start
 
 
-def _json_bound(text: str, topic: str, what: str) -> dict[int, int] | None:
-    """Per-partition offsets of ``topic`` from Spark's JSON form (None: not JSON)."""
+def _json_bound(text: str, topic: str, what: str) -> dict[int, int | datetime] | None:
+    """Per-partition bounds of ``topic`` from Spark's JSON form (None: not JSON): an integer is
+    an offset, a string an ISO timestamp with its UTC offset."""
     if not text.lstrip().startswith("{"):
         return None
     try:
@@ -103,12 +105,50 @@ def _json_bound(text: str, topic: str, what: str) -> dict[int, int] | None:
     except json.JSONDecodeError as exc:
         raise BadSourceArguments(f"{what}: not valid JSON ({exc})") from exc
     if not isinstance(parsed, dict) or not all(isinstance(v, dict) for v in parsed.values()):
-        raise BadSourceArguments(f'{what}: expected {{"<topic>": {{"<partition>": offset}}}}')
-    offsets = parsed.get(topic, {})
-    try:
-        return {int(p): int(o) for p, o in offsets.items()}
-    except (TypeError, ValueError) as exc:
-        raise BadSourceArguments(f"{what}: partitions and offsets of {topic} must be integers") from exc
+        raise BadSourceArguments(f'{what}: expected {{"<topic>": {{"<partition>": offset or timestamp}}}}')
+    bounds: dict[int, int | datetime] = {}
+    for partition, value in parsed.get(topic, {}).items():
+        try:
+            if isinstance(value, str):
+                moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+                if moment.tzinfo is None:
+                    raise ValueError("no UTC offset")
+                bounds[int(partition)] = moment
+            elif isinstance(value, int) and not isinstance(value, bool):
+                bounds[int(partition)] = value
+            else:
+                raise ValueError("not an integer")
+        except ValueError as exc:
+            raise BadSourceArguments(f"{what}: {topic} partition {partition!r}: {value!r} is not an offset or an "
+                                     f"ISO timestamp with offset ({exc})") from exc
+    return bounds
+
+
+def _named(bound: str | datetime, topic: str, what: str, empty: str,
+           partitions: Sequence[int]) -> dict[int, int | datetime]:
+    """The explicit per-partition bounds of ``bound`` (JSON), {} for earliest/latest/a timestamp."""
+    if isinstance(bound, datetime) or bound in ("earliest", "latest"):
+        if bound == empty:
+            raise BadSourceArguments(f"{what} offsets: {bound!r} makes an empty replay")
+        return {}
+    parsed = _json_bound(bound, topic, f"{what} offsets")
+    if parsed is None:
+        raise BadSourceArguments(f"{what} offsets: {bound!r} is not earliest, latest, JSON or a timestamp")
+    unknown = sorted(set(parsed) - set(partitions))
+    if unknown:
+        raise BadSourceArguments(f"{what} offsets: {topic} has no partition {unknown[0]} "
+                                 f"(partitions: {', '.join(map(str, sorted(partitions)))})")
+    return parsed
+
+
+def bound_times(bound: str | datetime, topic: str, partitions: Sequence[int]) -> dict[int, datetime]:
+    """Partition -> the timestamp its bound asks for (a timestamp for all, or JSON timestamps)."""
+    if isinstance(bound, datetime):
+        return {p: bound for p in partitions}
+    if bound in ("earliest", "latest"):
+        return {}
+    parsed = _json_bound(bound, topic, "offsets") or {}
+    return {p: v for p, v in parsed.items() if isinstance(v, datetime)}
 
 
 def resolve_offsets(topic: str, replay: KafkaReplay, watermarks: Mapping[int, tuple[int, int]],
@@ -117,46 +157,30 @@ def resolve_offsets(topic: str, replay: KafkaReplay, watermarks: Mapping[int, tu
     """The concrete ``[start, end)`` offsets per partition of ``topic`` for ``replay``.
 
     ``watermarks``: partition -> (earliest, latest) offsets now in the topic. ``starts_by_time``
-    / ``ends_by_time``: partition -> first offset at or after the requested timestamp (-1: none),
-    when a bound is a timestamp. Raises :class:`OffsetsOutOfRetention` when a start lies below the
-    earliest offset (a timestamp start that resolves to the earliest offset of a partition whose
-    head was deleted counts too: the deleted records may have been at or after it), unless
-    ``replay.allow_gap``; raises :class:`BadSourceArguments` for offsets past the end, an end
-    before its start, or a partition the topic does not have.
+    / ``ends_by_time``: partition -> first offset at or after the timestamp its bound asks for
+    (-1: none), for the partitions bounded by a timestamp. Raises :class:`OffsetsOutOfRetention`
+    when a start lies below the earliest offset (a timestamp start that resolves to the earliest
+    offset of a partition whose head was deleted counts too: the deleted records may have been
+    at or after it), unless ``replay.allow_gap``; raises :class:`BadSourceArguments` for offsets
+    past the end, an end before its start, or a partition the topic does not have.
     """
-    def named(bound: str | datetime, what: str, empty: str) -> dict[int, int]:
-        if isinstance(bound, datetime):
-            return {}
-        if bound == empty:
-            raise BadSourceArguments(f"{what} offsets: {bound!r} makes an empty replay")
-        if bound in ("earliest", "latest"):
-            return {}
-        parsed = _json_bound(bound, topic, f"{what} offsets")
-        if parsed is None:
-            raise BadSourceArguments(f"{what} offsets: {bound!r} is not earliest, latest, JSON or a timestamp")
-        unknown = sorted(set(parsed) - set(watermarks))
-        if unknown:
-            raise BadSourceArguments(f"{what} offsets: {topic} has no partition {unknown[0]} "
-                                     f"(partitions: {', '.join(map(str, sorted(watermarks)))})")
-        return parsed
+    def pick(bound: str | datetime, explicit: Mapping[int, int | datetime], by_time: Mapping[int, int] | None,
+             partition: int, default: int, low: int, high: int) -> tuple[int, bool]:
+        """(offset, whether it came from a timestamp)."""
+        value = bound if isinstance(bound, datetime) else explicit.get(partition, default)
+        if isinstance(value, datetime):
+            found = (by_time or {}).get(partition, -1)
+            return (high if found < 0 else found), True
+        return (low if value == EARLIEST else high if value == LATEST else value), False
 
-    starts, ends = named(replay.starting, "starting", "latest"), named(replay.ending, "ending", "earliest")
+    partitions = sorted(watermarks)
+    starts = _named(replay.starting, topic, "starting", "latest", partitions)
+    ends = _named(replay.ending, topic, "ending", "earliest", partitions)
     ranges = []
     for partition, (low, high) in sorted(watermarks.items()):
-        possible_gap = False
-        if isinstance(replay.starting, datetime):
-            found = (starts_by_time or {}).get(partition, -1)
-            start = high if found < 0 else found
-            possible_gap = start == low and low > 0
-        else:
-            start = starts.get(partition, EARLIEST)
-            start = low if start == EARLIEST else high if start == LATEST else start
-        if isinstance(replay.ending, datetime):
-            found = (ends_by_time or {}).get(partition, -1)
-            end = high if found < 0 else found
-        else:
-            end = ends.get(partition, LATEST)
-            end = high if end == LATEST else low if end == EARLIEST else end
+        start, start_by_time = pick(replay.starting, starts, starts_by_time, partition, EARLIEST, low, high)
+        end, _ = pick(replay.ending, ends, ends_by_time, partition, LATEST, low, high)
+        possible_gap = start_by_time and start == low and low > 0
         where = f"{topic} partition {partition}"
         if start > high or end > high:
             raise BadSourceArguments(f"{where}: offset {max(start, end)} is past the end of the topic (latest {high})")
@@ -195,10 +219,11 @@ def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[Par
         raise SourceError(f"Kafka replay: {exc}") from exc
 
     def by_time(bound: str | datetime) -> dict[int, int] | None:
-        if not isinstance(bound, datetime):
+        times = bound_times(bound, topic, sorted(watermarks))
+        if not times:
             return None
-        millis = int(bound.astimezone(timezone.utc).timestamp() * 1000)
-        return offsets_for_time(properties, topic, millis)
+        millis = {p: int(t.astimezone(timezone.utc).timestamp() * 1000) for p, t in times.items()}
+        return offsets_for_times(properties, topic, millis)
 
     return resolve_offsets(topic, replay, watermarks, by_time(replay.starting), by_time(replay.ending))
 

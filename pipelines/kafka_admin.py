@@ -88,18 +88,15 @@ def topic_offsets(client_properties: Mapping[str, str], topic: str, timeout: flo
         consumer.close()
 
 
-def offsets_for_time(client_properties: Mapping[str, str], topic: str, timestamp_ms: int,
-                     timeout: float = 30.0) -> dict[int, int]:
-    """Partition -> the first offset whose record timestamp is at or after ``timestamp_ms``
-    (-1 where no record is that recent)."""
+def offsets_for_times(client_properties: Mapping[str, str], topic: str, timestamps_ms: Mapping[int, int],
+                      timeout: float = 30.0) -> dict[int, int]:
+    """Partition -> the first offset whose record timestamp is at or after that partition's
+    timestamp in ``timestamps_ms`` (-1 where no record is that recent)."""
     from confluent_kafka import Consumer
 
     consumer = Consumer({**client_properties, "group.id": "feature-platform-offsets", "enable.auto.commit": False})
     try:
-        metadata = consumer.list_topics(topic, timeout=timeout)
-        if topic not in metadata.topics or metadata.topics[topic].error is not None:
-            raise RuntimeError(f"topic {topic!r} does not exist")
-        wanted = [TopicPartition(topic, p, timestamp_ms) for p in sorted(metadata.topics[topic].partitions)]
+        wanted = [TopicPartition(topic, p, millis) for p, millis in sorted(timestamps_ms.items())]
         return {tp.partition: tp.offset for tp in consumer.offsets_for_times(wanted, timeout=timeout)}
     finally:
         consumer.close()

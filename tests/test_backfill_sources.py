@@ -102,6 +102,12 @@ def test_offsets_deleted_by_retention_fail_clearly_unless_the_gap_is_allowed(spa
     reason = capsys.readouterr().err.splitlines()[-1]
     assert f"{topic} partition 0: offsets 0..9 are no longer in the topic" in reason and "--allow-gap" in reason
 
+    # By time too: a start before every record resolves to the earliest offset left, 10, and
+    # offsets 0..9 may have been at or after that time.
+    by_time = [*replay[:-1], (datetime.now(timezone.utc) - timedelta(days=1)).isoformat()]
+    assert run_job(conf_dir, *by_time) == 4
+    assert "partition 0: the requested start time resolves to the earliest offset 10" in capsys.readouterr().err
+
     with caplog.at_level(logging.WARNING):
         assert run_job(conf_dir, *replay, "--allow-gap") == 0
     assert f"{topic} partition 0" in caplog.text and "GAP of 10 records" in caplog.text

@@ -67,3 +67,14 @@ def test_a_timestamp_start_resolving_to_a_truncated_head_is_a_possible_gap():
 def test_impossible_offsets_fail_with_the_reason(replay, message):
     with pytest.raises(BadSourceArguments, match=message):
         resolve_offsets("t", replay, WATERMARKS)
+
+
+def test_json_bounds_may_give_a_timestamp_per_partition():
+    replay = KafkaReplay('{"t": {"0": "2026-11-20T00:00:00Z", "1": 50}}')
+    ranges = resolve_offsets("t", replay, WATERMARKS, starts_by_time={0: 30})
+    assert ranges == [PartitionRange(0, 30, 100), PartitionRange(1, 50, 90)]
+
+
+def test_a_json_timestamp_without_offset_is_refused():
+    with pytest.raises(BadSourceArguments, match="partition '0'.*not an offset or an ISO timestamp"):
+        resolve_offsets("t", KafkaReplay('{"t": {"0": "2026-11-20T00:00:00"}}'), WATERMARKS)
