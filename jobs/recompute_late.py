@@ -6,8 +6,9 @@ Usage: spark-submit jobs/recompute_late.py --env local [--views account_velocity
 
 Progress per view goes to ``<storage.root>/ops/late_recompute``, so each run starts where the
 previous one ended. Exit codes: 0 done (also when nothing was late); 2 bad arguments or
-configuration; 3 a bronze table is missing; 1 any other failure. The last line on stderr is
-the reason.
+configuration; 3 a source problem (a bronze table missing, a session longer than
+--session-history: the views concerned keep their cursor and are retried by the next run, the
+others go on); 1 any other failure. The last line on stderr is the reason.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ view, same keys, versions and remaining TTLs). Idempotent: safe to run again.
 Usage: spark-submit jobs/rehydrate.py --env local [--views account_velocity,merchant_hourly]
        (console script: fp-rehydrate)
 
-Exit codes: 0 done; 2 bad arguments or configuration; 3 a feature table is missing; 1 any
+Exit codes: 0 done; 2 bad arguments or configuration; 3 a feature table is missing (the other
+views are restored first); 1 any
 other failure (Redis unreachable after retries, ...). The last line on stderr is the reason.
 """
 

@@ -15,6 +15,11 @@ The rows are the ones the stream would have written, computed by the same transf
   open is left to the stream (which would otherwise write it a second time). Unlike the stream,
   a backfill counts events that arrived after their window closed.
 
+A backfill never deletes what it cannot give back: rows of the table on the replaced days that
+lie before the source's first event or after the last window its latest event closes (a
+replay cut short, an old bronze version, files that end early, an empty source) make it fail
+before anything is written.
+
 Rows are partitioned by ``event_date``, the UTC date of the row's event time (window/session
 end for sliding/session views), which is why ranges are whole days: ``--from`` inclusive,
 ``--to`` exclusive. Running the same backfill twice leaves the same rows (only ``computed_at``,
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, time as clock, timedelta, timezone
@@ -42,6 +48,7 @@ from pipelines.batch_sources import (
     KafkaReplay,
     SourceError,
     merge_dead_letters,
+    path_exists,
     plan_replay,
     read_bronze,
     read_files,
@@ -162,14 +169,17 @@ def replace_days(rows: DataFrame, path: str, ranges: Sequence[DayRange]) -> Writ
     """Overwrite the ``ranges`` days of the feature table at ``path`` with ``rows`` in one commit
     (creating the table if needed; new feature columns are added to it)."""
     spark = rows.sparkSession
+    # Tagged so its commit is found even if the stream commits to the table right after it.
+    tag = f"backfill {uuid.uuid4()}"
     (
         rows.write.format("delta").mode("overwrite")
         .option("replaceWhere", days_predicate(ranges))
         .option("mergeSchema", "true")
+        .option("userMetadata", tag)
         .partitionBy("event_date")
         .save(path)
     )
-    last = DeltaTable.forPath(spark, path).history(1).collect()[0]
+    last = DeltaTable.forPath(spark, path).history(20).filter(F.col("userMetadata") == tag).collect()[0]
     metrics = last["operationMetrics"] or {}
     return WriteOutcome(int(metrics.get("numOutputRows", 0)), int(last["version"]),
                         int(metrics.get("numRemovedFiles", 0)), int(metrics.get("numFiles", 0)))
@@ -224,8 +234,14 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
                  ", ".join(f"p{r.partition} {r.start}..{r.end}" for r in ranges))
         validated = replay_validated(read_kafka_range(spark, settings, topic, ranges, source.allow_gap),
                                      contract, settings).persist(StorageLevel.MEMORY_AND_DISK)
-        inserted = merge_dead_letters(spark, settings, validated, contract)
-        log.info("%s: %d invalid records not yet in the dead-letter table added to it", topic, inserted)
+        checkpoint = settings.storage.checkpoint_path("ingest", topic)
+        if path_exists(spark, checkpoint):
+            # The ingest's verdict stands for every record it consumed or will consume: adding
+            # the replay's (validated at another time) could duplicate or contradict it.
+            log.info("%s: the ingest consumes this topic (%s): the dead-letter table is left to it", topic, checkpoint)
+        else:
+            inserted = merge_dead_letters(spark, settings, validated, contract)
+            log.info("%s: %d invalid records not yet in the dead-letter table added to it", topic, inserted)
         everything = bronze_rows(validated, contract)
         description = f"Kafka {topic} ({total} records)"
     elif isinstance(source, BronzeSnapshot):
@@ -239,7 +255,7 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
         (F.col("event_date") >= F.lit(read_from.date())) & (F.col("event_date") <= F.lit(read_to.date()))
         & (F.col(event_time) >= F.lit(read_from)) & (F.col(event_time) < F.lit(read_to))
     )
-    return SourceEvents(events, earliest, latest, description, validated if isinstance(source, KafkaReplay) else None)
+    return SourceEvents(events, earliest, latest, description, validated)
 
 
 def needed_columns(view: FeatureView) -> set[str]:
@@ -262,6 +278,33 @@ def entities_latest_within(rows: DataFrame, table: DataFrame, view: FeatureView,
     superseded = (latest.join(later, latest[view.entity] == later["_entity"])
                   .filter(F.col("_later") > F.col(time_column)).select("_entity").distinct())
     return latest.join(superseded, latest[view.entity] == superseded["_entity"], "left_anti")
+
+
+def _check_coverage(spark: SparkSession, path: str, view: FeatureView, ranges: Sequence[DayRange],
+                    source: SourceEvents) -> None:
+    """Fail when replacing the days would delete rows the source cannot give back: rows of the
+    table on those days before the source's first event, or after the last window its latest
+    event closes (a replay cut short, an old bronze version, files that end early, an empty
+    source)."""
+    if not DeltaTable.isDeltaTable(spark, path):
+        return
+    time_column = event_time_column(view)
+    table = spark.read.format("delta").load(path).filter(F.expr(days_predicate(ranges)))
+    if source.latest is None:
+        lost = table
+    else:
+        closed = source.latest if view.kind == "trailing" else source.latest - view.allowed_lateness
+        beyond = F.col(time_column) > F.lit(closed)
+        if source.earliest is not None and source.earliest != UNKNOWN_EARLIEST:
+            beyond = beyond | (F.col(time_column) < F.lit(source.earliest))
+        lost = table.filter(beyond)
+    found = lost.agg(F.count(F.lit(1)).alias("n"), F.min("event_date").alias("first"),
+                     F.max("event_date").alias("last")).collect()[0]
+    if found["n"]:
+        raise SourceError(
+            f"{view.name}: {found['n']} rows of the table on {found['first']}..{found['last']} lie outside what "
+            f"{source.description} covers (events {source.earliest or '-'} .. {source.latest or '-'}): replacing "
+            "those days would delete them; narrow --from/--to or extend the source")
 
 
 def _check_sessions(rows: DataFrame, view: FeatureView, read_from: datetime, source: SourceEvents) -> None:
@@ -328,6 +371,7 @@ def _backfill_view(spark: SparkSession, settings: Settings, view: FeatureView, r
     try:
         if view.kind == "session":
             _check_sessions(rows, view, view_from, loaded)
+        _check_coverage(spark, settings.storage.feature_path(view.name), view, ranges, loaded)
         outcome = replace_days(rows, settings.storage.feature_path(view.name), ranges)
         online = None
         if restate_online and view.online.enabled:

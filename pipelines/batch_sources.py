@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
+from confluent_kafka import KafkaException
 from delta.tables import DeltaTable
 from pyspark.sql import Column, DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -203,6 +204,13 @@ def resolve_offsets(topic: str, replay: KafkaReplay, watermarks: Mapping[int, tu
     return ranges
 
 
+def path_exists(spark: SparkSession, path: str) -> bool:
+    """Whether ``path`` exists, on any file system Spark reads (local, s3a, abfss, dbfs)."""
+    jvm = spark.sparkContext._jvm
+    hadoop_path = jvm.org.apache.hadoop.fs.Path(path)
+    return hadoop_path.getFileSystem(spark.sparkContext._jsc.hadoopConfiguration()).exists(hadoop_path)
+
+
 def kafka_offsets_json(topic: str, ranges: list[PartitionRange]) -> tuple[str, str]:
     """Spark's ``startingOffsets``/``endingOffsets`` for ``ranges``."""
     starts = {topic: {str(r.partition): r.start for r in ranges}}
@@ -213,11 +221,6 @@ def kafka_offsets_json(topic: str, ranges: list[PartitionRange]) -> tuple[str, s
 def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[PartitionRange]:
     """Resolve ``replay`` against the topic as it is now (one metadata round trip per bound)."""
     properties = settings.kafka.client_properties()
-    try:
-        watermarks = topic_offsets(properties, topic)
-    except RuntimeError as exc:
-        raise SourceError(f"Kafka replay: {exc}") from exc
-
     def by_time(bound: str | datetime) -> dict[int, int] | None:
         times = bound_times(bound, topic, sorted(watermarks))
         if not times:
@@ -225,7 +228,12 @@ def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[Par
         millis = {p: int(t.astimezone(timezone.utc).timestamp() * 1000) for p, t in times.items()}
         return offsets_for_times(properties, topic, millis)
 
-    return resolve_offsets(topic, replay, watermarks, by_time(replay.starting), by_time(replay.ending))
+    try:
+        watermarks = topic_offsets(properties, topic)
+        starts, ends = by_time(replay.starting), by_time(replay.ending)
+    except (RuntimeError, KafkaException) as exc:
+        raise SourceError(f"Kafka replay of {topic}: {exc}") from exc
+    return resolve_offsets(topic, replay, watermarks, starts, ends)
 
 
 def read_kafka_range(spark: SparkSession, settings: Settings, topic: str, ranges: list[PartitionRange],

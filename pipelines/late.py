@@ -47,7 +47,7 @@ from pyspark.sql.types import (
 )
 
 from pipelines.backfill import DEFAULT_SESSION_HISTORY, UNKNOWN_EARLIEST, DayRange, backfill, history
-from pipelines.batch_sources import BronzeSnapshot, read_bronze
+from pipelines.batch_sources import BronzeSnapshot, SourceError, read_bronze
 from pipelines.config import Settings
 from pipelines.features import source_topic
 from pipelines.online import as_utc
@@ -76,11 +76,13 @@ STATE_SCHEMA = StructType([
 ])
 
 
-def influence(view: FeatureView) -> timedelta:
-    """How long after an event's time the view's rows can depend on it."""
+def influence(view: FeatureView, session_history: timedelta = DEFAULT_SESSION_HISTORY) -> timedelta:
+    """How long after an event's time the view's rows can depend on it. A late event can join
+    sessions before and after it into one that ends up to a session's length (at most
+    ``session_history``, which the backfill enforces) plus ``gap`` later."""
     if view.kind == "session":
         assert view.gap is not None
-        return view.gap
+        return session_history + view.gap
     return history(view)
 
 
@@ -94,7 +96,7 @@ def mark_late(rows: DataFrame, event_time: str, lateness: timedelta, previous_ma
     earlier = Window.orderBy("ingested_at").rowsBetween(Window.unboundedPreceding, -1)
     prior = F.max("_batch_max").over(earlier)
     if previous_max is not None:
-        prior = F.greatest(F.coalesce(prior, F.lit(previous_max)), F.lit(previous_max))
+        prior = F.greatest(prior, F.lit(previous_max))  # greatest skips nulls
     watermarks = batches.select("ingested_at", (prior - F.expr(
         f"INTERVAL {int(lateness.total_seconds() * 1_000_000)} MICROSECONDS")).alias("_watermark"))
     return rows.join(F.broadcast(watermarks), "ingested_at").withColumn(
@@ -102,9 +104,10 @@ def mark_late(rows: DataFrame, event_time: str, lateness: timedelta, previous_ma
     ).drop("_watermark")
 
 
-def affected_days(late: DataFrame, view: FeatureView, last_day: date) -> list[date]:
+def affected_days(late: DataFrame, view: FeatureView, last_day: date,
+                  session_history: timedelta = DEFAULT_SESSION_HISTORY) -> list[date]:
     """Every UTC day, up to ``last_day``, holding rows that ``late`` events can change."""
-    reach = F.expr(f"INTERVAL {int(influence(view).total_seconds() * 1_000_000)} MICROSECONDS")
+    reach = F.expr(f"INTERVAL {int(influence(view, session_history).total_seconds() * 1_000_000)} MICROSECONDS")
     days = late.select(F.explode(F.sequence(F.to_date(view.event_time),
                                             F.to_date(F.col(view.event_time) + reach))).alias("day")).distinct()
     return sorted(d for (d,) in days.collect() if d <= last_day)
@@ -147,14 +150,22 @@ def _previous_run(spark: SparkSession, path: str, view: str) -> tuple[datetime |
             as_utc(row.max_event_time) if row.max_event_time else None, list(row.days_pending or []))
 
 
+#: The watermark of a view no feature stream has ever run for: nothing to wait for.
+NO_STREAM = datetime.max.replace(tzinfo=timezone.utc)
+
+
 def stream_watermark(spark: SparkSession, settings: Settings, view: FeatureView) -> datetime | None:
-    """The feature stream's latest watermark for ``view`` (``ops/feature_metrics``; None when
-    the stream has not reported one)."""
+    """The feature stream's latest watermark for ``view`` from ``ops/feature_metrics``: None
+    when the stream has batches but no watermark yet (every day waits), :data:`NO_STREAM` when
+    it has never run for the view (nothing waits)."""
     path = settings.storage.feature_metrics_path
     if not DeltaTable.isDeltaTable(spark, path):
-        return None
-    latest = spark.read.format("delta").load(path).filter(F.col("view") == view.name).agg(F.max("watermark")).collect()
-    return as_utc(latest[0][0]) if latest and latest[0][0] else None
+        return NO_STREAM
+    seen = (spark.read.format("delta").load(path).filter(F.col("view") == view.name)
+            .agg(F.count(F.lit(1)).alias("batches"), F.max("watermark").alias("watermark")).collect()[0])
+    if not seen["batches"]:
+        return NO_STREAM
+    return as_utc(seen["watermark"]) if seen["watermark"] else None
 
 
 @dataclass(frozen=True)
@@ -173,7 +184,8 @@ class _Found:
     pending: list[date]
 
 
-def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state_path: str) -> _Found:
+def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state_path: str,
+               session_history: timedelta) -> _Found:
     topic = source_topic(settings, view)
     bronze, version = read_bronze(spark, settings, topic, BronzeSnapshot())
     assert version is not None
@@ -189,20 +201,20 @@ def _find_late(spark: SparkSession, settings: Settings, view: FeatureView, state
         through = as_utc(summary["through"]) if summary["through"] else cursor
         latest = max([t for t in (previous_max, as_utc(summary["latest"]) if summary["latest"] else None) if t],
                      default=None)
-        days = affected_days(marked.filter("late"), view, latest.date()) if late_count and latest else []
+        days = affected_days(marked.filter("late"), view, latest.date(), session_history) if late_count and latest else []
     finally:
         marked.unpersist()
     # A day the stream still writes into cannot be replaced now: its rows there are not final
     # (and replacing them would race its appends). It waits until the watermark passes its end.
     watermark = stream_watermark(spark, settings, view)
     wanted = sorted(set(days) | set(pending))
-    ready = [d for d in wanted if watermark is None or datetime.combine(d + timedelta(days=1), datetime.min.time(),
-                                                                        timezone.utc) <= watermark]
+    ready = [d for d in wanted if watermark is not None and datetime.combine(
+        d + timedelta(days=1), datetime.min.time(), timezone.utc) <= watermark]
     waiting = [d for d in wanted if d not in ready]
     log.info("%s: %d bronze rows ingested since %s (bronze %s version %d), %d late%s%s", view.name, new_rows,
              cursor or "the start", topic, version, late_count,
              f"; recomputing {', '.join(str(r) for r in day_ranges(ready))}" if ready else "",
-             f"; waiting for the stream's watermark ({watermark}) to pass "
+             f"; waiting for the stream's watermark ({watermark or 'none yet'}) to pass "
              f"{', '.join(str(r) for r in day_ranges(waiting))}" if waiting else "")
     return _Found(view, topic, version, through, latest, new_rows, late_count, ready, waiting)
 
@@ -214,20 +226,28 @@ def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[Feat
     state_path = settings.storage.late_recompute_path
     ensure_delta_table(spark, state_path, STATE_SCHEMA)
     started = time.monotonic()
-    found = [_find_late(spark, settings, view, state_path) for view in views]
+    found = [_find_late(spark, settings, view, state_path, session_history) for view in views]
     scan_seconds = (time.monotonic() - started) / max(len(found), 1)
     groups: dict[tuple, list[_Found]] = {}
     for item in found:
         if item.days:
             groups.setdefault((item.topic, item.bronze_version, tuple(item.days), item.latest), []).append(item)
     done: dict[str, tuple] = {}
+    failed: dict[str, str] = {}
     for (_, version, days, latest), items in groups.items():
         started = time.monotonic()
         # Latest event time known from the state: no scan of the whole bronze table. The
         # earliest is unknown: taken as older than any history read (sessions are checked).
-        results = backfill(spark, settings, [i.view for i in items], day_ranges(days),
-                           BronzeSnapshot(version=version), restate_online=True, session_history=session_history,
-                           bounds=(UNKNOWN_EARLIEST, latest))
+        try:
+            results = backfill(spark, settings, [i.view for i in items], day_ranges(days),
+                               BronzeSnapshot(version=version), restate_online=True, session_history=session_history,
+                               bounds=(UNKNOWN_EARLIEST, latest))
+        except SourceError as exc:
+            # These views keep their cursor (no state row): the next run retries them; the
+            # other views go on.
+            log.error("late recompute of %s failed: %s", ", ".join(i.view.name for i in items), exc)
+            failed.update({i.view.name: str(exc) for i in items})
+            continue
         seconds = (time.monotonic() - started) / len(items)
         for outcome in results:
             done[outcome.view] = (outcome.rows, outcome.table_version,
@@ -235,11 +255,16 @@ def recompute_late(spark: SparkSession, settings: Settings, views: Sequence[Feat
     now = datetime.now(timezone.utc)
     outcomes, state = [], []
     for item in found:
+        if item.view.name in failed:
+            continue
         written, table_version, restated, seconds = done.get(item.view.name, (0, None, 0, 0.0))
         state.append((item.view.name, now, item.bronze_version, item.through, item.latest, item.new_rows,
                       item.late_events, item.days, item.pending, table_version, written, restated))
         outcomes.append(LateOutcome(item.view.name, item.new_rows, item.late_events, item.days, item.pending, written,
                                     table_version, restated, scan_seconds + seconds))
     # One commit for every view's progress: written only once all their recomputes are done.
-    spark.createDataFrame(state, STATE_SCHEMA).write.format("delta").mode("append").save(state_path)
+    if state:
+        spark.createDataFrame(state, STATE_SCHEMA).write.format("delta").mode("append").save(state_path)
+    if failed:
+        raise SourceError("; ".join(f"{view}: {reason}" for view, reason in failed.items()))
     return outcomes

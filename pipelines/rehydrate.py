@@ -49,14 +49,17 @@ class RehydrateOutcome:
 def rehydrate(spark: SparkSession, settings: Settings, views: Sequence[FeatureView],
               now: datetime | None = None) -> list[RehydrateOutcome]:
     """Write each view's latest row per entity from its feature table to Redis (see module)."""
-    outcomes = []
+    outcomes, missing = [], []
     for view in views:
         if not view.online.enabled:
             log.info("%s: online store disabled for this view, skipped", view.name)
             continue
         path = settings.storage.feature_path(view.name)
         if not DeltaTable.isDeltaTable(spark, path):
-            raise SourceError(f"{view.name}: no feature table at {path}: run the features job or a backfill first")
+            # The other views are still restored; the run fails at the end, naming this one.
+            log.error("%s: no feature table at %s", view.name, path)
+            missing.append(view.name)
+            continue
         started = time.monotonic()
         version = DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
         table = spark.read.format("delta").option("versionAsOf", version).load(path)
@@ -78,4 +81,7 @@ def rehydrate(spark: SparkSession, settings: Settings, views: Sequence[FeatureVi
                  "%d expired (TTL %s passed since written) in %.1fs", view.name, entities, version, result.written,
                  outcome.unchanged, expired, view.online.ttl, outcome.seconds)
         outcomes.append(outcome)
+    if missing:
+        raise SourceError(f"no feature table for {', '.join(missing)} (run the features job or a backfill first); "
+                          f"{len(outcomes)} other views restored")
     return outcomes

@@ -7,10 +7,11 @@ import hashlib
 from collections import Counter
 from datetime import datetime, time, timedelta, timezone
 
+import pytest
 from pyspark.sql import functions as F
 
 from pipelines.backfill import DayRange, backfill
-from pipelines.batch_sources import BronzeSnapshot, KafkaReplay
+from pipelines.batch_sources import BronzeSnapshot, KafkaReplay, SourceError
 from pipelines.features import run_features
 from pipelines.generator import GeneratorSpec, generate, produce
 from pipelines.ingest import run_ingest
@@ -39,6 +40,10 @@ def table_rows(spark, path, version=None) -> Counter:
     columns = sorted(rows.columns)
     return Counter(tuple(float(f"{r[c]:.9g}") if isinstance(r[c], float) else r[c] for c in columns)
                    for r in rows.select(*columns).collect())
+
+
+def latest_version(spark, path) -> int:
+    return spark.sql(f"DESCRIBE HISTORY delta.`{path}` LIMIT 1").collect()[0]["version"]
 
 
 def content_hash(spark, path, where: str = "true") -> str:
@@ -104,6 +109,13 @@ def test_the_same_bronze_backfill_twice_leaves_identical_tables_and_a_narrower_o
         sorted(untouched)
     assert content_hash(spark, velocity, f"event_date = '{second_day}'") == rewritten
     assert len(untouched) > 0
+
+    # Bronze as it was before the ingest (empty): replacing the days would only delete rows.
+    before = latest_version(spark, velocity)
+    with pytest.raises(SourceError, match=r"account_velocity: \d+ rows of the table .* replacing those days would "
+                                          "delete them"):
+        backfill(spark, settings, views[:1], [days], BronzeSnapshot(version=0))
+    assert latest_version(spark, velocity) == before
 
 
 def test_a_kafka_replay_dead_letters_each_invalid_record_once_however_often_it_runs(spark, isolated):
