@@ -127,7 +127,7 @@ def days_predicate(ranges: Sequence[DayRange], column: str = "event_date") -> st
 def history(view: FeatureView, session_history: timedelta = DEFAULT_SESSION_HISTORY) -> timedelta:
     """How far before a day's start a view's rows on that day can reach."""
     if view.kind == "trailing":
-        return max(w for _, _, _, w in view.outputs() if w is not None) + view.delay
+        return view.max_lookback
     if view.kind == "sliding":
         assert view.window is not None
         return view.window
