@@ -44,7 +44,7 @@ from pipelines.bronze import dead_letter_rows, drop_duplicate_events, table_sche
 from pipelines.config import Settings
 from pipelines.contracts import Contract
 from pipelines.kafka_admin import offsets_for_times, topic_offsets
-from pipelines.sinks import ensure_delta_table
+from pipelines.sinks import current_version, ensure_delta_table
 
 log = logging.getLogger(__name__)
 
@@ -305,7 +305,7 @@ def read_bronze(spark: SparkSession, settings: Settings, topic: str,
         raise SourceError(f"bronze table of {topic} not found at {path}: run the ingest first")
     version = snapshot.version
     if version is None and snapshot.timestamp is None:
-        version = DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
+        version = current_version(spark, path)
     reader = spark.read.format("delta")
     if version is not None:
         reader = reader.option("versionAsOf", version)

@@ -27,6 +27,7 @@ from pyspark.sql import functions as F
 from pipelines.batch_sources import SourceError
 from pipelines.config import Settings
 from pipelines.features import latest_per_entity, write_online
+from pipelines.sinks import current_version
 from pipelines.views import FeatureView
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ def rehydrate(spark: SparkSession, settings: Settings, views: Sequence[FeatureVi
             missing.append(view.name)
             continue
         started = time.monotonic()
-        version = DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
+        version = current_version(spark, path)
         table = spark.read.format("delta").option("versionAsOf", version).load(path)
         moment = now or datetime.now(timezone.utc)
         ttl_ms = int(view.online.ttl.total_seconds() * 1000)

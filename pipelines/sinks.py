@@ -50,6 +50,11 @@ def write_delta_idempotent(
     writer.save(path)
 
 
+def current_version(spark: SparkSession, path: str) -> int:
+    """The latest committed version of the Delta table at ``path``."""
+    return DeltaTable.forPath(spark, path).history(1).collect()[0]["version"]
+
+
 def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, partition_by: Sequence[str] = ()) -> None:
     """Create the Delta table at ``path`` if it does not exist.
 
