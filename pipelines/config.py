@@ -164,6 +164,10 @@ class StorageSettings:
     def checkpoint_path(self, job: str, name: str) -> str:
         return f"{self.root}/_checkpoints/{job}/{name}"
 
+    def training_path(self, name: str) -> str:
+        """Where the training table ``name`` lives (one Delta table per training set)."""
+        return f"{self.root}/training/{name}"
+
 
 @dataclass(frozen=True)
 class IngestSettings:
@@ -207,6 +211,17 @@ class RedisSettings:
 
 
 @dataclass(frozen=True)
+class MlflowSettings:
+    """Where training-set builds are tracked. ``tracking_uri`` unset: the ``MLFLOW_TRACKING_URI``
+    environment variable, else MLflow's own default; ``--tracking-uri`` overrides both."""
+
+    tracking_uri: str | None = None
+    experiment: str = "feature-platform-training-sets"
+    #: Where a newly created experiment keeps its artifacts (unset: the tracking server's default).
+    artifact_location: str | None = None
+
+
+@dataclass(frozen=True)
 class LocalPlatformSettings:
     """The embedded local platform: a real Kafka broker (KRaft) and Redis on loopback."""
 
@@ -228,6 +243,7 @@ class Settings:
     ingest: IngestSettings
     features: FeatureSettings = field(default_factory=FeatureSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     local: LocalPlatformSettings | None = None
     #: Contract name -> :class:`pipelines.contracts.Contract`, loaded from ``conf/contracts/``.
     contracts: Mapping[str, Any] = field(default_factory=dict, metadata={"yaml": False})
@@ -394,7 +410,13 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
     spark = dataclasses.replace(settings.spark, jars_dir=resolve(settings.spark.jars_dir))
     storage = dataclasses.replace(settings.storage, root=resolve(settings.storage.root))
     local = settings.local and dataclasses.replace(settings.local, root=resolve(settings.local.root))
-    return dataclasses.replace(settings, spark=spark, storage=storage, local=local)
+    tracking_uri = settings.mlflow.tracking_uri
+    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        # sqlite:///relative/path.db: relative to the project root, like the other local paths.
+        tracking_uri = f"sqlite:///{resolve(tracking_uri[len('sqlite:///'):])}"
+    mlflow = dataclasses.replace(settings.mlflow, tracking_uri=tracking_uri,
+                                 artifact_location=resolve(settings.mlflow.artifact_location))
+    return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow)
 
 
 def _check_references(settings: Settings, source: Path) -> None:

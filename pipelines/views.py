@@ -115,6 +115,14 @@ class FeatureView:
     gap: timedelta | None = None
     count_by: tuple[CountBy, ...] = ()
     online: OnlineSpec = field(default_factory=OnlineSpec)
+    #: Training sets: the oldest feature row a spine row at time T may take (event time >=
+    #: T - max_age); unset: ``online.ttl``, so training sees a value exactly as long as the online
+    #: store would still serve it. Overridable per training-set request.
+    max_age: timedelta | None = None
+
+    @property
+    def training_max_age(self) -> timedelta:
+        return self.max_age if self.max_age is not None else self.online.ttl
 
     def outputs(self) -> list[tuple[str, str, str, timedelta | None]]:
         """``(output name, function, column, window)`` for every feature, in declaration order."""
@@ -218,6 +226,8 @@ def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str)
     column(view.entity, "entity")
     if view.max_events_per_entity <= 0:
         raise ConfigError(f"{where}.max_events_per_entity: must be positive")
+    if view.max_age is not None and view.max_age <= timedelta(0):
+        raise ConfigError(f"{where}.max_age: must be positive")
     if not isinstance(column(view.event_time, "event_time"), TimestampType):
         raise ConfigError(f"{where}.event_time: {view.event_time!r} is not a timestamp")
     if view.kind == "trailing":
