@@ -34,6 +34,7 @@ setup(
             "ipykernel>=6.29",
             "matplotlib>=3.9",
             "databricks-bundles==1.22.1",  # typed bundle models: validates databricks.yml in tests
+            "duckdb==2.0.0",  # the ASOF JOIN baseline of bench/training_set.py
         ],
     },
     entry_points={
@@ -46,6 +47,7 @@ setup(
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",
             "fp-recompute-late=jobs.recompute_late:main",
+            "fp-build-training-set=jobs.build_training_set:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

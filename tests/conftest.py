@@ -51,6 +51,9 @@ def base_overrides(test_root: Path) -> dict[str, Any]:
                   "kafka_controller_port": controller_port, "redis_port": redis_port,
                   "kafka_heap": "768m"},
         "redis": {"port": redis_port},
+        # Training-set builds are tracked in the test's own MLflow store, never the project's.
+        "mlflow": {"tracking_uri": f"sqlite:///{test_root}/mlflow/mlflow.db",
+                   "artifact_location": str(test_root / "mlflow" / "artifacts")},
     }
 
 
