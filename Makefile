@@ -34,7 +34,8 @@ reset: $(VENV)/.installed
 
 # The main jobs end to end on the embedded local default, from a clean slate: platform up,
 # generate events, ingest them into bronze / dead letter, compute the feature views into
-# their tables and Redis, reconcile against what was sent, read a few online values.
+# their tables and Redis, reconcile against what was sent, read a few online values, and
+# build a point-in-time training set (an MLflow run in .local/mlflow).
 demo: setup
 	$(PY) -m pipelines.local reset
 	rm -rf .local/lake $(RUN)
@@ -45,6 +46,7 @@ demo: setup
 	$(PY) jobs/features.py --env local --available-now
 	$(PY) jobs/reconcile.py --env local --expect $(RUN)/sent.json
 	$(PY) jobs/online.py get --env local --view account_velocity --entity acct-000001,acct-000002,acct-unknown
+	$(PY) jobs/build_training_set.py --env local --output fraud_demo --label-cutoff now
 
 lint: $(VENV)/.installed
 	$(PY) -m pyflakes pipelines jobs tests bench

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from datetime import datetime, timezone
 
 from pipelines.cli import add_settings_arguments, configure_logging, run_batch_job, settings_from_args, views_from_args
 from pipelines.config import ConfigError, parse_duration
@@ -43,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spine-version", type=int, help="delta spine: read this version (default: current)")
     parser.add_argument("--timestamp-column", default="event_time",
                         help="the spine's timestamp column (default: event_time)")
-    parser.add_argument("--label-cutoff", help="ISO time: labels known after it are not used (required for "
-                                               "labeled-transactions)")
+    parser.add_argument("--label-cutoff", help="ISO time, or 'now': labels known after it are not used (required "
+                                               "for labeled-transactions; 'now' is resolved once and logged)")
     parser.add_argument("--label-time-column", help="delta / files spine: when each row's label became known")
     parser.add_argument("--spine-from", help="labeled-transactions: first transaction day (YYYY-MM-DD, included)")
     parser.add_argument("--spine-to", help="labeled-transactions: day after the last one (excluded)")
@@ -89,9 +90,12 @@ def request_from_args(args: argparse.Namespace, settings) -> TrainingSetRequest:
             features.setdefault(view, []).append(feature)
     ages = {v: parse_duration(d, f"--max-age {v}") for v, d in _assignments(args.max_age, "--max-age", names).items()}
     keys = _assignments(args.join_key, "--join-key", names)
+    cutoff = args.label_cutoff
+    if cutoff == "now":  # pinned here: a rebuild must use this instant, not its own "now"
+        cutoff = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     spine = SpineSpec(source=args.spine, path=args.spine_path, format=args.spine_format, version=args.spine_version,
                       timestamp_column=args.timestamp_column, label_time_column=args.label_time_column,
-                      label_cutoff=args.label_cutoff, from_day=args.spine_from, to_day=args.spine_to)
+                      label_cutoff=cutoff, from_day=args.spine_from, to_day=args.spine_to)
     request = TrainingSetRequest(
         name=args.output or args.output_path.rstrip("/").rsplit("/", 1)[-1],
         spine=spine,

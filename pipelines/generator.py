@@ -10,7 +10,9 @@ records in the same order. Besides clean events it injects, each at its own rate
 
 Labels (fraud outcomes) follow a sample of the valid transactions, ``label_delay`` later, and
 are sent when the stream's clock passes their label time; labels not yet due at ``end`` are
-not sent (the outcome is not known yet). Every record sent is counted by kind in a
+not sent (the outcome is not known yet). Fraud is not uniform, so that a model has something to
+learn: a transaction above 150 USD (about 9 % of them) is 8x as likely to be fraud as the
+average, one below 0.3x, so that the rate averages about ``fraud_rate``. Every record sent is counted by kind in a
 :class:`GeneratorSummary`, so an ingest run can be reconciled against it exactly.
 """
 
@@ -38,6 +40,12 @@ VALID_KINDS = ("valid", "late", "out_of_order")
 DUPLICATE = "duplicate"
 _MCC = ("5411", "5812", "5541", "5999", "4111", "5732", "7011", "5912", "4829", "6011")
 _RENAMES = {TRANSACTIONS: ("balance_usd", "account_balance"), LABELS: ("is_fraud", "fraud")}
+
+
+def fraud_risk(amount: float) -> float:
+    """How much likelier than average a transaction is to be fraud (mean about 1 over the
+    generated amounts)."""
+    return 8.0 if amount > 150 else 0.3
 
 
 @dataclass(frozen=True)
@@ -275,7 +283,7 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
                 label = {
                     "transaction_id": event["transaction_id"],
                     "account_id": account,
-                    "is_fraud": rng.random() < spec.fraud_rate,
+                    "is_fraud": rng.random() < spec.fraud_rate * fraud_risk(amount),
                     "label_time": _iso(label_time),
                 }
                 heapq.heappush(pending_labels, (label_time, sequence, account, label))

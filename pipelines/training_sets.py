@@ -369,15 +369,14 @@ def plain(value: Any) -> Any:
 
 
 def _plot(hists: Mapping[str, tuple[list[float], list[int]]], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    # A bare Figure, not pyplot: no backend is chosen, so a notebook's own plotting is untouched.
+    from matplotlib.figure import Figure
 
     columns = list(hists)
     per_row = 4
     rows = max(1, (len(columns) + per_row - 1) // per_row)
-    figure, axes = plt.subplots(rows, per_row, figsize=(4 * per_row, 2.6 * rows), squeeze=False)
+    figure = Figure(figsize=(4 * per_row, 2.6 * rows))
+    axes = figure.subplots(rows, per_row, squeeze=False)
     for ax in axes.flat[len(columns):]:
         ax.axis("off")
     for ax, column in zip(axes.flat, columns):
@@ -388,7 +387,6 @@ def _plot(hists: Mapping[str, tuple[list[float], list[int]]], title: str, path: 
     figure.suptitle(title)
     figure.tight_layout()
     figure.savefig(path, dpi=90)
-    plt.close(figure)
 
 
 # --------------------------------------------------------------------------- the build

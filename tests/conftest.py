@@ -86,13 +86,12 @@ def spark(settings: Settings, platform: LocalPlatform):
     session.stop()
 
 
-@pytest.fixture
-def isolated(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform, tmp_path: Path):
-    """Build settings with fresh topics and a fresh lake for one test.
+def _isolation(base_overrides: dict[str, Any], folder: Path):
+    """Build settings with fresh topics and a fresh lake under ``folder``.
 
-    ``isolated(partitions=2, **overrides)`` returns settings whose ``transactions`` and
-    ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), whose
-    storage root is the test's own folder and whose Redis namespace is the test's own.
+    ``make(partitions=2, **overrides)`` returns settings whose ``transactions`` and ``labels``
+    topics are new, uniquely named topics (created, with their DLQ topics), whose storage root is
+    ``folder/lake`` and whose Redis namespace is their own.
     """
 
     overrides_by_root: dict[str, dict[str, Any]] = {}
@@ -108,7 +107,7 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
                                      lb: {"contract": "labels", "partitions": partitions,
                                           "replication_factor": 1}}},
                 "ingest": {"topics": [tx, lb]},
-                "storage": {"root": str(tmp_path / "lake")},
+                "storage": {"root": str(folder / "lake")},
                 # Tests share one Redis: each its own keys, so newer-wins never spans two tests.
                 "redis": {"namespace": f"test-{suffix}"},
             },
@@ -131,6 +130,19 @@ def isolated(settings: Settings, base_overrides: dict[str, Any], platform: Local
 
     make.conf_dir = conf_dir
     return make
+
+
+@pytest.fixture
+def isolated(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform, tmp_path: Path):
+    """Isolated settings for one test (see :func:`_isolation`), under the test's ``tmp_path``."""
+    return _isolation(base_overrides, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def isolated_module(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform,
+                    tmp_path_factory: pytest.TempPathFactory):
+    """The same for data that several tests of one module share (built once per module)."""
+    return _isolation(base_overrides, tmp_path_factory.mktemp("module"))
 
 
 def topic_names(settings: Settings) -> dict[str, str]:
