@@ -355,7 +355,9 @@ def histograms(df: DataFrame, columns: Sequence[str], bins: int = 20) -> dict[st
     buckets = []
     for c, (low, high) in drawn.items():
         width = (high - low) / bins if high > low else 1.0
-        index = F.least(F.floor((values[c] - F.lit(low)) / F.lit(width)), F.lit(bins - 1)).cast("int")
+        # least() skips nulls (least(null, 19) = 19): null values must stay out explicitly.
+        index = F.when(values[c].isNotNull(),
+                       F.least(F.floor((values[c] - F.lit(low)) / F.lit(width)), F.lit(bins - 1)).cast("int"))
         buckets.append(F.struct(F.lit(c).alias("column"), index.alias("bin")))
     counted = (
         df.select(F.explode(F.array(*buckets)).alias("b")).where(F.col("b.bin").isNotNull())

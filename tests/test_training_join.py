@@ -13,6 +13,7 @@ from pipelines.training import (
     LeakageError,
     check_leakage,
     content_hash,
+    histograms,
     output_column,
     point_in_time_join,
     training_report,
@@ -218,3 +219,13 @@ def test_content_hash_ignores_row_order_and_sees_values_nulls_and_duplicates(spa
 
 def test_output_columns_are_prefixed_with_the_view():
     assert output_column("merchant_hourly", "count") == "merchant_hourly__count"
+
+
+def test_histograms_count_non_null_values_per_bin(spark):
+    frame = spark.createDataFrame([(0.0, 5, None), (1.0, 5, None), (2.5, 5, None), (4.0, None, None), (None, 5, None)],
+                                  "x double, constant long, empty double")
+    got = histograms(frame, ["x", "constant", "empty"], bins=4)
+    # x: edges 0, 1, 2, 3, 4; the maximum falls in the last bin; the null is in no bin.
+    assert got["x"] == ([0.0, 1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1])
+    assert got["constant"][1] == [4, 0, 0, 0]
+    assert "empty" not in got
