@@ -8,7 +8,7 @@ import re
 import yaml
 from databricks.bundles.jobs import Job
 
-from pipelines.config import PROJECT_ROOT
+from pipelines.config import PROJECT_ROOT, load_settings
 
 BUNDLE = yaml.safe_load((PROJECT_ROOT / "databricks.yml").read_text())
 SETUP = (PROJECT_ROOT / "setup.py").read_text()
@@ -20,7 +20,8 @@ def console_scripts() -> set[str]:
 
 def test_every_job_is_a_valid_databricks_job():
     jobs = BUNDLE["resources"]["jobs"]
-    assert set(jobs) == {"ingest", "features", "reconcile", "backfill", "recompute_late", "rehydrate"}
+    assert set(jobs) == {"ingest", "features", "reconcile", "backfill", "recompute_late", "rehydrate",
+                         "build_training_set"}
     for name, spec in jobs.items():
         assert Job.from_dict(spec).tasks, name
 
@@ -50,7 +51,7 @@ def test_job_parameters_reach_the_batch_jobs_arguments():
     from jobs import backfill
 
     jobs = BUNDLE["resources"]["jobs"]
-    for name in ("backfill", "rehydrate"):
+    for name in ("backfill", "rehydrate", "build_training_set"):
         declared = {p["name"] for p in jobs[name]["parameters"]}
         used = set(re.findall(r"\{\{job\.parameters\.(\w+)\}\}", str(jobs[name]["tasks"])))
         assert used == declared, name
@@ -63,3 +64,17 @@ def test_job_parameters_reach_the_batch_jobs_arguments():
     args = backfill.parse_args(argv)
     assert (args.start, args.end, args.source, args.views) == ("2026-11-01", "2026-11-02", "bronze", "")
     assert backfill.source_from_args(args).version is None
+
+
+def test_the_training_set_job_parameters_make_a_valid_request():
+    from jobs import build_training_set
+
+    job = BUNDLE["resources"]["jobs"]["build_training_set"]
+    defaults = {p["name"]: p["default"] for p in job["parameters"]}
+    argv = [re.sub(r"\{\{job\.parameters\.(\w+)\}\}", lambda m: defaults[m.group(1)], a)
+            for a in job["tasks"][0]["python_wheel_task"]["parameters"]]
+    args = build_training_set.parse_args([a.replace("${var.env}", "prod") for a in argv][4:])
+    request = build_training_set.request_from_args(args, load_settings("prod", PROJECT_ROOT / "conf"))
+    assert (request.name, request.mode, request.spine.source) == ("fraud", "as_corrected", "labeled-transactions")
+    assert request.spine.cutoff is not None and not args.from_run  # "now" pinned to an instant; no rebuild
+    assert [v.name for v in request.views] == list(load_settings("prod", PROJECT_ROOT / "conf").views)
