@@ -55,6 +55,7 @@ from pipelines.training import (
 log = logging.getLogger(__name__)
 
 REQUEST_ARTIFACT = "request.json"
+INPUTS_ARTIFACT = "inputs.json"
 HASH_TAG = "content_hash"
 
 
@@ -403,13 +404,16 @@ def pin_versions(spark: SparkSession, settings: Settings, request: TrainingSetRe
 
 def build_training_set(spark: SparkSession, settings: Settings, request: TrainingSetRequest,
                        tracking: str | None = None, expected_hash: str | None = None,
-                       rebuilt_from: str | None = None) -> BuildResult:
+                       rebuilt_from: str | None = None, expected_files: Mapping[str, str] | None = None
+                       ) -> BuildResult:
     """Build, check, write and record one training set; returns where it went and its hash.
 
     Fails before writing anything when an input cannot be read (:class:`SourceError`, before the
     run starts), the leakage guard finds a violation (:class:`LeakageError`) or, for a rebuild,
     the content differs from ``expected_hash`` (:class:`NotReproducible`); the run is then
-    marked FAILED with what it had logged.
+    marked FAILED with what it had logged. ``expected_files`` (``role:name`` -> digest) are the
+    file inputs (no Delta version to travel to) a rebuild must find unchanged, or it fails
+    before the run starts.
     """
     request.check()
     started = time.monotonic()
@@ -422,6 +426,11 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
         InputTable("feature_table", name, settings.storage.feature_path(name), version,
                    files_digest(spark, frame)) for name, (frame, version) in tables.items()
     ]
+    for table in inputs:
+        expected = (expected_files or {}).get(f"{table.role}:{table.name}")
+        if expected is not None and expected != table.digest:
+            raise NotReproducible(f"rebuild of run {rebuilt_from}: the {table.role} files at {table.path} changed since "
+                                  f"the run (digest {table.digest[:16]} != {expected[:16]}); nothing written")
     run = TrackedRun(settings, tracking_uri(settings, tracking), f"{request.name}-{request.mode}")
     log.info("training set %s: MLflow run %s at %s", request.name, run.run_id, run.uri)
     failed = True
@@ -487,7 +496,7 @@ def _log_request(run: TrackedRun, request: TrainingSetRequest, settings: Setting
     run.inputs(inputs)
     run.json(request.to_dict(), REQUEST_ARTIFACT)
     run.json(plain(settings), "resolved_config.json")
-    run.json({"inputs": [plain(t) for t in inputs], "kafka_offsets": spine.offsets}, "inputs.json")
+    run.json({"inputs": [plain(t) for t in inputs], "kafka_offsets": spine.offsets}, INPUTS_ARTIFACT)
 
 
 def rebuild_from_run(spark: SparkSession, settings: Settings, run_id: str, tracking: str | None = None,
@@ -509,10 +518,12 @@ def rebuild_from_run(spark: SparkSession, settings: Settings, run_id: str, track
     if not expected:
         raise SourceError(f"--from-run: run {run_id} has no {HASH_TAG} tag (it did not finish a build)")
     with tempfile.TemporaryDirectory() as scratch:
-        local = client.download_artifacts(run_id, REQUEST_ARTIFACT, scratch)
-        data = json.loads(Path(local).read_text())
+        data = json.loads(Path(client.download_artifacts(run_id, REQUEST_ARTIFACT, scratch)).read_text())
+        logged = json.loads(Path(client.download_artifacts(run_id, INPUTS_ARTIFACT, scratch)).read_text())
     request = TrainingSetRequest.from_dict(data, settings)
     if output_path:
         request = dataclasses.replace(request, output_path=output_path)
-    return build_training_set(spark, settings, request, tracking, expected_hash=expected, rebuilt_from=run_id)
+    files = {f"{i['role']}:{i['name']}": i["digest"] for i in logged["inputs"] if i["version"] is None}
+    return build_training_set(spark, settings, request, tracking, expected_hash=expected, rebuilt_from=run_id,
+                              expected_files=files)
 

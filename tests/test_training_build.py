@@ -184,6 +184,34 @@ def test_a_rebuild_from_the_run_id_reproduces_the_content_after_new_feature_rows
     assert run.data.tags["content_hash"] == first.content_hash
 
 
+def test_a_file_spine_keeps_rows_labeled_by_the_cutoff_and_its_rebuild_fails_once_the_files_changed(
+        spark, lake, isolated, tmp_path, capsys):
+    spine_path = str(tmp_path / "spine")
+    spine_schema = "account_id string, ts timestamp, churned boolean, known_at timestamp"
+    spark.createDataFrame([("a", t("10:15"), True, t("2026-11-21 00:00")), ("b", t("11:30"), False, t("2026-11-21 00:00")),
+                           ("c", t("11:30"), True, t("2026-11-23 00:00"))], spine_schema).write.parquet(spine_path)
+    conf_dir = isolated.conf_dir(lake, tmp_path / "conf")
+    job = ["--env", "local", "--conf-dir", str(conf_dir)]
+    assert build_job([*job, "--output", "churn", "--spine", "files", "--spine-path", spine_path, "--timestamp-column", "ts",
+                      "--label-time-column", "known_at", "--label-cutoff", CUTOFF, "--views", "account_velocity",
+                      "--features", "account_velocity.count_1h"]) == 0
+    built = spark.read.format("delta").load(lake.storage.training_path("churn"))
+    # c's label was known only after the cutoff; a at 10:15 sees its 10:00 row (count 1), b its 11:00 row.
+    expected = spark.createDataFrame([("a", t("10:15"), True, t("2026-11-21 00:00"), 1),
+                                      ("b", t("11:30"), False, t("2026-11-21 00:00"), 1)],
+                                     f"{spine_schema}, account_velocity__count_1h long")
+    assert_df_equality(built.drop("account_velocity__event_time", "account_velocity__computed_at"), expected,
+                       ignore_row_order=True, ignore_nullable=True)
+    client = mlflow.MlflowClient(lake.mlflow.tracking_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(lake.mlflow.experiment).experiment_id])
+    capsys.readouterr()
+
+    spark.createDataFrame([("a", t("10:20"), True, t("2026-11-21 00:00"))], spine_schema).write.mode("overwrite").parquet(spine_path)
+    assert build_job([*job, "--from-run", run.info.run_id, "--output-path", str(tmp_path / "again")]) == 1
+    assert f"the spine files at {spine_path} changed since the run" in capsys.readouterr().err.splitlines()[-1]
+    assert not (tmp_path / "again").exists()
+
+
 @pytest.mark.parametrize("arguments, code, message", [
     (["--output", "x"], 2, "--label-cutoff: required for the labeled-transactions spine"),
     (["--output", "x", "--label-cutoff", "yesterday"], 2, "--label-cutoff: 'yesterday' is not an ISO-8601 time"),
