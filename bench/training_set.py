@@ -18,8 +18,8 @@ its inputs to the joined result written as Parquet:
   report, content hash, histograms, Delta write, MLflow run), for what a user waits for.
 
 Every method's rows (by spine id: feature event time and the four features) must equal the
-``spark`` method's, or the run fails. Peak memory: the method process's max RSS, plus the Spark
-JVM's (``VmHWM``) for Spark methods.
+``spark`` method's, or the run fails. Peak memory: the method process's peak RSS (``VmHWM``),
+plus the Spark JVM's for Spark methods.
 
 Results: ``bench/results/training-<time>.json`` and a table on stdout.
 
@@ -33,7 +33,6 @@ import argparse
 import json
 import os
 import platform as host
-import resource
 import shutil
 import subprocess
 import sys
@@ -157,9 +156,11 @@ def run_method(method: str, env: str, folder: Path) -> dict:
         started = time.perf_counter()
         duckdb_join(folder, out)
         seconds = time.perf_counter() - started
-    peak = {"process_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    # VmHWM, not ru_maxrss: ru_maxrss survives exec, so it would report the parent's peak
+    # (the generator's arrays) for every method.
+    peak = {"process_mb": round(_vm_hwm_mb(os.getpid()))}
     if jvm_pid:
-        peak["jvm_mb"] = _vm_hwm_mb(jvm_pid)
+        peak["jvm_mb"] = round(_vm_hwm_mb(jvm_pid))
     return {"method": method, "seconds": round(seconds, 2), "peak": peak}
 
 

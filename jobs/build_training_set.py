@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from datetime import datetime, timezone
 
@@ -37,13 +38,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_settings_arguments(parser)
     parser.add_argument("--output", help="training table name: <storage.root>/training/<name>")
     parser.add_argument("--output-path", help="write the training table here instead (any Delta path)")
-    parser.add_argument("--spine", choices=SOURCES, default="labeled-transactions",
-                        help="where the examples come from (default: labeled-transactions)")
+    parser.add_argument("--spine", choices=SOURCES, help="where the examples come from (default: labeled-transactions)")
     parser.add_argument("--spine-path", help="delta / files spine: its path")
-    parser.add_argument("--spine-format", choices=FILE_FORMATS, default="parquet", help="files spine: format")
+    parser.add_argument("--spine-format", choices=FILE_FORMATS, help="files spine: format (default: parquet)")
     parser.add_argument("--spine-version", type=int, help="delta spine: read this version (default: current)")
-    parser.add_argument("--timestamp-column", default="event_time",
-                        help="the spine's timestamp column (default: event_time)")
+    parser.add_argument("--timestamp-column", help="the spine's timestamp column (default: event_time)")
     parser.add_argument("--label-cutoff", help="ISO time, or 'now': labels known after it are not used (required "
                                                "for labeled-transactions; 'now' is resolved once and logged)")
     parser.add_argument("--label-time-column", help="delta / files spine: when each row's label became known")
@@ -51,16 +50,28 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--spine-to", help="labeled-transactions: day after the last one (excluded)")
     parser.add_argument("--views", help="comma-separated views from conf/features (default: all)")
     parser.add_argument("--features", help="comma-separated view.feature; a view not named here gets all its features")
-    parser.add_argument("--max-age", action="append", default=[], metavar="VIEW=DURATION",
+    parser.add_argument("--max-age", action="append", metavar="VIEW=DURATION",
                         help="override a view's max_age, e.g. account_velocity=1d (repeatable)")
-    parser.add_argument("--join-key", action="append", default=[], metavar="VIEW=COLUMN",
+    parser.add_argument("--join-key", action="append", metavar="VIEW=COLUMN",
                         help="the spine column holding a view's entity when it is named differently (repeatable)")
-    parser.add_argument("--mode", choices=MODES, default=DEFAULT_MODE,
+    parser.add_argument("--mode", choices=MODES,
                         help=f"as_corrected: every value Delta holds now; as_served: only values computed by "
                              f"each example's time (default: {DEFAULT_MODE})")
     parser.add_argument("--tracking-uri", help="MLflow tracking URI (default: MLFLOW_TRACKING_URI, then mlflow.tracking_uri)")
-    parser.add_argument("--from-run", metavar="RUN_ID", help="rebuild what this MLflow run built")
+    parser.add_argument("--from-run", metavar="RUN_ID",
+                        help="rebuild what this MLflow run built (beside its table, or at --output/--output-path)")
     return parser.parse_args(argv)
+
+
+#: What a build is made of: a rebuild takes all of it from its run, so none may be given with it.
+BUILD_FLAGS = ("spine", "spine_path", "spine_format", "spine_version", "timestamp_column", "label_cutoff",
+               "label_time_column", "spine_from", "spine_to", "views", "features", "max_age", "join_key", "mode")
+
+
+def check_rebuild_args(args: argparse.Namespace) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in BUILD_FLAGS if getattr(args, name) not in (None, "", [])]
+    if given:
+        raise ConfigError(f"--from-run: rebuilds exactly what the run built; do not also give {', '.join(given)}")
 
 
 def _assignments(values: list[str], flag: str, views: list[str]) -> dict[str, str]:
@@ -88,19 +99,21 @@ def request_from_args(args: argparse.Namespace, settings) -> TrainingSetRequest:
             if not sep or view not in names:
                 raise ConfigError(f"--features: {item.strip()!r} is not view.feature of a requested view ({', '.join(names)})")
             features.setdefault(view, []).append(feature)
-    ages = {v: parse_duration(d, f"--max-age {v}") for v, d in _assignments(args.max_age, "--max-age", names).items()}
-    keys = _assignments(args.join_key, "--join-key", names)
+    ages = {v: parse_duration(d, f"--max-age {v}")
+            for v, d in _assignments(args.max_age or [], "--max-age", names).items()}
+    keys = _assignments(args.join_key or [], "--join-key", names)
     cutoff = args.label_cutoff
     if cutoff == "now":  # pinned here: a rebuild must use this instant, not its own "now"
         cutoff = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-    spine = SpineSpec(source=args.spine, path=args.spine_path, format=args.spine_format, version=args.spine_version,
-                      timestamp_column=args.timestamp_column, label_time_column=args.label_time_column,
+    spine = SpineSpec(source=args.spine or "labeled-transactions", path=args.spine_path,
+                      format=args.spine_format or "parquet", version=args.spine_version,
+                      timestamp_column=args.timestamp_column or "event_time", label_time_column=args.label_time_column,
                       label_cutoff=cutoff, from_day=args.spine_from, to_day=args.spine_to)
     request = TrainingSetRequest(
-        name=args.output or args.output_path.rstrip("/").rsplit("/", 1)[-1],
+        name=args.output or re.sub(r"[^A-Za-z0-9_-]", "_", args.output_path.rstrip("/").rsplit("/", 1)[-1]),
         spine=spine,
         views=tuple(view_request(v, features.get(v.name), ages.get(v.name), keys.get(v.name)) for v in views),
-        mode=args.mode, output_path=args.output_path,
+        mode=args.mode or DEFAULT_MODE, output_path=args.output_path,
     )
     request.check()
     return request
@@ -112,7 +125,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         settings = settings_from_args(args)
-        if args.from_run:
+        if args.from_run is not None:
+            check_rebuild_args(args)
+            if not args.from_run.strip():
+                raise ConfigError("--from-run: give the MLflow run id of the build to rebuild")
             result = rebuild_from_run(build_session(settings.spark), settings, args.from_run, args.tracking_uri,
                                       args.output_path or (args.output and settings.storage.training_path(args.output)))
         else:

@@ -86,7 +86,7 @@ class DayRange:
     @classmethod
     def parse(cls, start: str, end: str) -> DayRange:
         """``--from``/``--to`` as dates (``2026-11-20``) or UTC midnights; ``--to`` exclusive."""
-        first, last = _day(start, "--from"), _day(end, "--to")
+        first, last = parse_day(start, "--from"), parse_day(end, "--to")
         if last <= first:
             raise BadSourceArguments(f"--to {last} must be after --from {first} (--to is exclusive)")
         return cls(first, last)
@@ -106,7 +106,9 @@ class DayRange:
         return f"{self.start}..{self.end - timedelta(days=1)}"
 
 
-def _day(text: str, flag: str) -> date:
+def parse_day(text: str, flag: str) -> date:
+    """A UTC day given as ``YYYY-MM-DD`` (or a midnight with an offset); BadSourceArguments naming
+    ``flag`` otherwise."""
     try:
         parsed = datetime.fromisoformat(text)
     except ValueError as exc:

@@ -303,15 +303,31 @@ def read_bronze(spark: SparkSession, settings: Settings, topic: str,
     path = settings.storage.bronze_path(topic)
     if not DeltaTable.isDeltaTable(spark, path):
         raise SourceError(f"bronze table of {topic} not found at {path}: run the ingest first")
-    version = snapshot.version
-    if version is None and snapshot.timestamp is None:
-        version = current_version(spark, path)
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    else:
-        reader = reader.option("timestampAsOf", snapshot.timestamp)
-    return reader.load(path), version
+    if snapshot.timestamp is not None and snapshot.version is None:
+        return spark.read.format("delta").option("timestampAsOf", snapshot.timestamp).load(path), None
+    return read_delta_version(spark, path, snapshot.version, f"bronze table of {topic}")
+
+
+def read_delta_version(spark: SparkSession, path: str, version: int | None, what: str) -> tuple[DataFrame, int]:
+    """The Delta table at ``path`` as of ``version`` (None: the current one, pinned, so every
+    read of one run sees the same rows), and that version. A SourceError naming ``what`` when
+    there is no table, the version's log is gone, or (for an older version) one of its data
+    files was vacuumed: found now, not halfway through a job."""
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise SourceError(f"{what}: no Delta table at {path}")
+    latest = current_version(spark, path)
+    pinned = latest if version is None else version
+    try:
+        frame = spark.read.format("delta").option("versionAsOf", pinned).load(path)
+        files = frame.inputFiles()  # reads the version's log now, so a missing version fails here
+    except Exception as exc:  # noqa: BLE001 - Delta's time-travel errors, named as the source
+        raise SourceError(f"{what}: cannot read version {pinned} of {path}: {str(exc).strip().splitlines()[0]}") from exc
+    if pinned != latest:  # only time travel can meet files VACUUM removed
+        missing = [f for f in files if not path_exists(spark, f)]
+        if missing:
+            raise SourceError(f"{what}: version {pinned} of {path} lost {len(missing)} data files to VACUUM "
+                              f"(e.g. {missing[0]}); it cannot be read any more")
+    return frame, pinned
 
 
 # --------------------------------------------------------------------------- files

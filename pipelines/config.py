@@ -212,8 +212,9 @@ class RedisSettings:
 
 @dataclass(frozen=True)
 class MlflowSettings:
-    """Where training-set builds are tracked. ``tracking_uri`` unset: the ``MLFLOW_TRACKING_URI``
-    environment variable, else MLflow's own default; ``--tracking-uri`` overrides both."""
+    """Where training-set builds are tracked. The tracking URI used is ``--tracking-uri``, else the
+    ``MLFLOW_TRACKING_URI`` environment variable, else ``tracking_uri`` here, else MLflow's own
+    default."""
 
     tracking_uri: str | None = None
     experiment: str = "feature-platform-training-sets"

@@ -18,17 +18,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from datetime import date, datetime, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
+from pipelines.backfill import parse_day
+from pipelines.batch_sources import FILE_FORMATS
 from pipelines.config import ConfigError
 from pipelines.contracts import Contract
 
 SOURCES = ("labeled-transactions", "delta", "files")
-FILE_FORMATS = ("parquet", "csv", "json")
 
 
 @dataclass(frozen=True)
@@ -74,13 +75,9 @@ class SpineSpec:
             if not self.label_cutoff:
                 raise ConfigError("--label-cutoff: required for the labeled-transactions spine "
                                   "(labels arrive late; say which were known)")
-            for flag, day in (("--spine-from", self.from_day), ("--spine-to", self.to_day)):
-                if day:
-                    try:
-                        date.fromisoformat(day)
-                    except ValueError:
-                        raise ConfigError(f"{flag}: {day!r} is not a date (YYYY-MM-DD)") from None
-            if self.from_day and self.to_day and self.from_day >= self.to_day:
+            first = parse_day(self.from_day, "--spine-from") if self.from_day else None
+            last = parse_day(self.to_day, "--spine-to") if self.to_day else None
+            if first and last and first >= last:
                 raise ConfigError(f"--spine-to: {self.to_day} must be after --spine-from {self.from_day}")
             return
         if not self.path:
@@ -93,15 +90,20 @@ class SpineSpec:
 
 
 def parse_instant(text: str, flag: str) -> datetime:
-    """An ISO-8601 instant; without an offset it is UTC. Returned naive UTC (Spark's session
-    time zone is UTC, and Spark compares naive datetimes as such)."""
+    """An ISO-8601 instant; without an offset it is UTC. Returned timezone-aware (UTC)."""
     try:
         moment = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
         raise ConfigError(f"{flag}: {text!r} is not an ISO-8601 time (e.g. 2026-11-20T00:00:00Z)") from None
-    if moment.tzinfo is not None:
-        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return moment
+    return utc(moment)
+
+
+def utc(moment: datetime) -> datetime:
+    """``moment`` as an aware UTC datetime; a naive one is taken to be UTC. Spark literals need
+    this: pyspark converts a naive datetime with the *host's* time zone, an aware one exactly."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
 
 
 def labeled_transactions(transactions: DataFrame, labels: DataFrame, transactions_contract: Contract,
@@ -125,7 +127,7 @@ def labeled_transactions(transactions: DataFrame, labels: DataFrame, transaction
     )
     latest = Window.partitionBy(key).orderBy(F.col(label_time).desc(), *[F.col(f).desc_nulls_last() for f in own])
     known = (
-        labels.where(F.col(label_time) <= F.lit(cutoff))
+        labels.where(F.col(label_time) <= F.lit(utc(cutoff)))
         .select(key, *own)
         .withColumn("_n", F.row_number().over(latest)).where("_n = 1").drop("_n")
     )
@@ -137,4 +139,4 @@ def labels_known_by(spine: DataFrame, label_time_column: str, cutoff: datetime) 
     if label_time_column not in spine.columns:
         raise ConfigError(f"--label-time-column: the spine has no column {label_time_column!r} "
                           f"({', '.join(spine.columns)})")
-    return spine.where(F.col(label_time_column) <= F.lit(cutoff))
+    return spine.where(F.col(label_time_column) <= F.lit(utc(cutoff)))

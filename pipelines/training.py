@@ -12,7 +12,7 @@ trailing views, the window end for sliding views, the session end for session vi
 event time: the latest ``computed_at``, then the greatest feature values (compared in column
 order, nulls lowest), so the same data always gives the same row. A left join: every spine row
 appears exactly once, duplicates included; no row in range, a null entity key or a null
-timestamp give nulls.
+timestamp give nulls (the join's rule; a build's leakage guard then rejects null timestamps).
 
 Modes:
 
@@ -45,6 +45,7 @@ from pyspark.sql.types import BooleanType, NumericType, TimestampType
 
 from pipelines.config import ConfigError, format_duration
 from pipelines.features import event_time_column, feature_names
+from pipelines.spines import utc
 from pipelines.views import FeatureView
 
 MODES = ("as_corrected", "as_served")
@@ -240,7 +241,7 @@ class TrainingReport:
         """One readable line per broken rule; empty when the training set is sound."""
         found = []
         if self.null_timestamps:
-            found.append(f"{self.null_timestamps} spine rows have a null timestamp")
+            found.append(f"{self.null_timestamps} spine rows have a null (or unparseable) timestamp")
         if self.labels_after_cutoff:
             found.append(f"{self.labels_after_cutoff} spine rows have a label known only after the label cutoff")
         for view in self.views:
@@ -275,7 +276,7 @@ def training_report(training: DataFrame, requests: Sequence[ViewRequest], timest
     expressions: list[Column] = [F.count(F.lit(1)).alias("rows"),
                                  F.count_if(F.col(_quoted(timestamp)).isNull()).alias("null_timestamps")]
     if label_time is not None and label_cutoff is not None:
-        expressions.append(F.count_if(F.col(_quoted(label_time)) > F.lit(label_cutoff)).alias("labels_after_cutoff"))
+        expressions.append(F.count_if(F.col(_quoted(label_time)) > F.lit(utc(label_cutoff))).alias("labels_after_cutoff"))
     for i, request in enumerate(requests):
         event = F.unix_micros(F.col(_quoted(request.event_time_output)))
         age_seconds = (ts - event) / 1_000_000

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -32,8 +33,9 @@ from delta.tables import DeltaTable
 from pyspark import StorageLevel
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
+from pyspark.sql.types import StringType
 
-from pipelines.batch_sources import SourceError
+from pipelines.batch_sources import SourceError, path_exists, read_delta_version
 from pipelines.config import PROJECT_ROOT, ConfigError, Settings, format_duration, parse_duration
 from pipelines.features import event_time_column
 from pipelines.sinks import current_version
@@ -80,6 +82,8 @@ class TrainingSetRequest:
             raise ConfigError(f"--mode: {self.mode!r} is not one of {', '.join(MODES)}")
         if not self.views:
             raise ConfigError("--views: a training set needs at least one view")
+        if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_-]*$", self.name):
+            raise ConfigError(f"--output: {self.name!r} is not a table name (letters, digits, _ and -)")
         names = [v.name for v in self.views]
         if len(set(names)) != len(names):
             raise ConfigError(f"--views: a view is named twice ({', '.join(names)})")
@@ -137,31 +141,21 @@ class BuildResult:
 # --------------------------------------------------------------------------- reading pinned inputs
 
 
-def read_delta(spark: SparkSession, path: str, version: int | None, what: str) -> tuple[DataFrame, int]:
-    """The Delta table at ``path`` as of ``version`` (None: the current one, pinned), or a
-    SourceError naming ``what`` when the table or the version cannot be read (vacuumed files,
-    a version older than the log's retention)."""
-    if not DeltaTable.isDeltaTable(spark, path):
-        raise SourceError(f"{what}: no Delta table at {path}")
-    pinned = current_version(spark, path) if version is None else version
-    try:
-        frame = spark.read.format("delta").option("versionAsOf", pinned).load(path)
-        frame.inputFiles()  # reads the version's log now, so a missing version fails here
-    except Exception as exc:  # noqa: BLE001 - Delta's time-travel errors, named as the source
-        raise SourceError(f"{what}: cannot read version {pinned} of {path}: {str(exc).strip().splitlines()[0]}") from exc
-    return frame, pinned
-
-
-def files_digest(spark: SparkSession, frame: DataFrame) -> str:
-    """A digest of the files behind ``frame``: their names, sizes and modification times (Delta
-    data files are immutable, so for a Delta version the names alone would do)."""
-    jvm = spark.sparkContext._jvm
-    conf = spark.sparkContext._jsc.hadoopConfiguration()
-    entries = []
-    for name in sorted(frame.inputFiles()):
-        path = jvm.org.apache.hadoop.fs.Path(name)
-        status = path.getFileSystem(conf).getFileStatus(path)
-        entries.append(f"{name}|{status.getLen()}|{status.getModificationTime()}")
+def files_digest(spark: SparkSession, frame: DataFrame, delta: bool) -> str:
+    """A digest of exactly the files behind ``frame``. A Delta version's data files are immutable
+    and uniquely named, so their names are enough (no file-system calls); plain files are
+    digested with their sizes and modification times, so a rewrite in place shows."""
+    names = sorted(frame.inputFiles())
+    if delta:
+        entries = names
+    else:
+        jvm = spark.sparkContext._jvm
+        conf = spark.sparkContext._jsc.hadoopConfiguration()
+        entries = []
+        for name in names:
+            path = jvm.org.apache.hadoop.fs.Path(name)
+            status = path.getFileSystem(conf).getFileStatus(path)
+            entries.append(f"{name}|{status.getLen()}|{status.getModificationTime()}")
     return hashlib.sha256("\n".join(entries).encode()).hexdigest()[:32]
 
 
@@ -191,9 +185,9 @@ def load_spine(spark: SparkSession, settings: Settings, spec: SpineSpec) -> Load
     if spec.source == "labeled-transactions":
         return _labeled_transactions_spine(spark, settings, spec)
     if spec.source == "delta":
-        frame, version = read_delta(spark, spec.path, spec.version, "spine")
+        frame, version = read_delta_version(spark, spec.path, spec.version, "spine")
         pinned = dataclasses.replace(spec, version=version)
-        inputs = [InputTable("spine", "spine", spec.path, version, files_digest(spark, frame))]
+        inputs = [InputTable("spine", "spine", spec.path, version, files_digest(spark, frame, delta=True))]
     else:
         reader = spark.read.format(spec.format)
         if spec.format == "csv":
@@ -203,7 +197,12 @@ def load_spine(spark: SparkSession, settings: Settings, spec: SpineSpec) -> Load
         except Exception as exc:  # noqa: BLE001 - Spark's path errors, as the source's reason
             raise SourceError(f"spine files {spec.path}: {str(exc).strip().splitlines()[0]}") from exc
         pinned = spec
-        inputs = [InputTable("spine", "spine", spec.path, None, files_digest(spark, frame))]
+        inputs = [InputTable("spine", "spine", spec.path, None, files_digest(spark, frame, delta=False))]
+        # Text formats carry times as strings: parsed here; an unparseable one becomes null,
+        # which the leakage guard rejects (null timestamp) rather than the join skipping it.
+        for column in (spec.timestamp_column, spec.label_time_column):
+            if column and column in frame.columns and isinstance(frame.schema[column].dataType, StringType):
+                frame = frame.withColumn(column, F.expr(f"try_cast(`{column}` AS timestamp)"))
     if spec.label_time_column:
         frame = labels_known_by(frame, spec.label_time_column, spec.cutoff)
     return LoadedSpine(frame, pinned, inputs, {}, spec.label_time_column)
@@ -223,15 +222,15 @@ def _topic_with_contract(settings: Settings, contract: str, given: str | None) -
 def _labeled_transactions_spine(spark: SparkSession, settings: Settings, spec: SpineSpec) -> LoadedSpine:
     tx_topic = _topic_with_contract(settings, "transactions", spec.transactions_topic)
     label_topic = _topic_with_contract(settings, "labels", spec.labels_topic)
-    transactions, tx_version = read_delta(spark, settings.storage.bronze_path(tx_topic), spec.transactions_version,
-                                          f"bronze table of {tx_topic}")
-    labels, label_version = read_delta(spark, settings.storage.bronze_path(label_topic), spec.labels_version,
-                                       f"bronze table of {label_topic}")
+    transactions, tx_version = read_delta_version(spark, settings.storage.bronze_path(tx_topic),
+                                                  spec.transactions_version, f"bronze table of {tx_topic}")
+    labels, label_version = read_delta_version(spark, settings.storage.bronze_path(label_topic), spec.labels_version,
+                                               f"bronze table of {label_topic}")
     inputs = [
         InputTable("bronze", tx_topic, settings.storage.bronze_path(tx_topic), tx_version,
-                   files_digest(spark, transactions)),
+                   files_digest(spark, transactions, delta=True)),
         InputTable("bronze", label_topic, settings.storage.bronze_path(label_topic), label_version,
-                   files_digest(spark, labels)),
+                   files_digest(spark, labels, delta=True)),
     ]
     if spec.from_day:
         transactions = transactions.where(F.col("event_date") >= F.lit(date.fromisoformat(spec.from_day)))
@@ -302,69 +301,83 @@ class TrackedRun:
         self.client.log_artifact(self.run_id, str(path))
 
     def inputs(self, tables: Sequence[InputTable]) -> None:
-        from mlflow.data.delta_dataset_source import DeltaDatasetSource
-        from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.spark_dataset_source import SparkDatasetSource
         from mlflow.entities import DatasetInput, InputTag
         from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-        class PinnedDeltaSource(DeltaDatasetSource):
-            # MLflow's to_dict drops a falsy version, and version 0 is a real one (a table's first).
-            def to_dict(self) -> dict[str, Any]:
-                return {**super().to_dict(), "delta_table_version": self._delta_table_version}
-
-        logged = []
-        for table in tables:
-            if table.version is not None:
-                source = PinnedDeltaSource(path=table.path, delta_table_version=table.version)
-            else:
-                source = SparkDatasetSource(path=table.path)
-            # MetaDataset: no profile, so logging never scans the table.
-            dataset = MetaDataset(source=source, name=table.name, digest=table.digest[:16])
-            logged.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, table.role)]))
+        logged = [DatasetInput(mlflow_dataset(t.path, t.version, t.digest, t.name)._to_mlflow_entity(),
+                               tags=[InputTag(MLFLOW_DATASET_CONTEXT, t.role)]) for t in tables]
         self.client.log_inputs(self.run_id, datasets=logged)
 
     def end(self, failed: bool) -> None:
         self.client.set_terminated(self.run_id, "FAILED" if failed else "FINISHED")
 
 
+def mlflow_dataset(path: str, version: int | None, digest: str, name: str):
+    """An MLflow dataset for a table read at ``version`` (None: plain files), for
+    ``mlflow.log_input``: no profile, so logging it never scans the table. A model's run logs its
+    training table with this (``digest``: the training set's content hash)."""
+    from mlflow.data.delta_dataset_source import DeltaDatasetSource
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.spark_dataset_source import SparkDatasetSource
+
+    class PinnedDeltaSource(DeltaDatasetSource):
+        # MLflow's to_dict drops a falsy version, and version 0 is a real one (a table's first).
+        def to_dict(self) -> dict[str, Any]:
+            return {**super().to_dict(), "delta_table_version": self._delta_table_version}
+
+    source = (PinnedDeltaSource(path=path, delta_table_version=version) if version is not None
+              else SparkDatasetSource(path=path))
+    return MetaDataset(source=source, name=name, digest=digest[:16])
+
+
 def code_version() -> dict[str, str]:
-    """The git commit of the project checkout (``+dirty`` with uncommitted changes) and the
-    installed package version; ``unknown`` where not available (a wheel on a cluster)."""
+    """The git commit of the project checkout, whether tracked files had uncommitted changes,
+    and the installed package version; ``unknown`` where not available (a wheel on a cluster)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         package = version("feature-platform")
     except PackageNotFoundError:
         package = "unknown"
-    commit = "unknown"
+    commit, dirty = "unknown", "unknown"
     if (PROJECT_ROOT / ".git").exists():
         try:
             head = subprocess.run(["git", "-C", str(PROJECT_ROOT), "rev-parse", "HEAD"], capture_output=True,
                                   text=True, check=True, timeout=10).stdout.strip()
-            dirty = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, check=True, timeout=10).stdout.strip()
-            commit = head + ("+dirty" if dirty else "")
+            changes = subprocess.run(["git", "-C", str(PROJECT_ROOT), "status", "--porcelain", "--untracked-files=no"],
+                                     capture_output=True, text=True, check=True, timeout=10).stdout.strip()
+            commit, dirty = head, str(bool(changes)).lower()
         except (OSError, subprocess.SubprocessError):
             pass
-    return {"git_commit": commit, "package_version": package}
+    return {"git_commit": commit, "git_dirty": dirty, "package_version": package}
 
 
-def plain(value: Any) -> Any:
-    """Settings and requests as JSON-ready values (dataclasses, mappings, durations, dates)."""
+_SECRET_KEY = re.compile(r"(password|passwd|secret|token|credential|api[_.-]?key|sasl\.jaas)", re.IGNORECASE)
+_URI_USER_INFO = re.compile(r"(?<=://)[^/@\s]+@")
+
+
+def plain(value: Any, key: str = "") -> Any:
+    """Settings and requests as JSON-ready values (dataclasses, mappings, durations, dates), with
+    anything that may be a secret masked: values under keys that name one (except ``*_env``,
+    which hold only a variable's name) and the user-info part of URIs (``https://user:pw@...``).
+    The project keeps secrets out of its settings; this guards against a ``--set`` or a URI."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: plain(getattr(value, f.name), f.name) for f in dataclasses.fields(value)}
     if isinstance(value, (Mapping, types.MappingProxyType)):
-        return {str(k): plain(v) for k, v in value.items()}
+        return {str(k): plain(v, str(k)) for k, v in value.items()}
+    if isinstance(value, str):
+        if _SECRET_KEY.search(key) and not key.endswith("_env") and key != "secret_env":
+            return "***"
+        return _URI_USER_INFO.sub("***@", value)
     if isinstance(value, (list, tuple)):
-        return [plain(v) for v in value]
+        return [plain(v, key) for v in value]
     if isinstance(value, timedelta):
         return format_duration(value)
     if isinstance(value, (datetime, date)):
         return value.isoformat()
     if isinstance(value, Enum):
         return value.value
-    if isinstance(value, (str, int, float, bool)) or value is None:
+    if isinstance(value, (int, float, bool)) or value is None:
         return value
     return str(value)
 
@@ -397,8 +410,8 @@ def pin_versions(spark: SparkSession, settings: Settings, request: TrainingSetRe
     """Each view's feature table at the request's version (or the current one), read once."""
     tables = {}
     for view in request.views:
-        tables[view.name] = read_delta(spark, settings.storage.feature_path(view.name), request.versions.get(view.name),
-                                       f"feature table of {view.name}")
+        tables[view.name] = read_delta_version(spark, settings.storage.feature_path(view.name),
+                                               request.versions.get(view.name), f"feature table of {view.name}")
     return tables
 
 
@@ -424,13 +437,14 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
                                   versions={name: version for name, (_, version) in tables.items()})
     inputs = spine.inputs + [
         InputTable("feature_table", name, settings.storage.feature_path(name), version,
-                   files_digest(spark, frame)) for name, (frame, version) in tables.items()
+                   files_digest(spark, frame, delta=True)) for name, (frame, version) in tables.items()
     ]
     for table in inputs:
         expected = (expected_files or {}).get(f"{table.role}:{table.name}")
         if expected is not None and expected != table.digest:
             raise NotReproducible(f"rebuild of run {rebuilt_from}: the {table.role} files at {table.path} changed since "
                                   f"the run (digest {table.digest[:16]} != {expected[:16]}); nothing written")
+    check_output(spark, output_path)
     run = TrackedRun(settings, tracking_uri(settings, tracking), f"{request.name}-{request.mode}")
     log.info("training set %s: MLflow run %s at %s", request.name, run.run_id, run.uri)
     failed = True
@@ -446,7 +460,6 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
             run.json(plain(report), "report.json")
             check_leakage(report)
             digest = content_hash(training)
-            run.tags({HASH_TAG: digest})
             if expected_hash is not None and digest != expected_hash:
                 raise NotReproducible(f"rebuild of run {rebuilt_from}: content hash {digest} != {expected_hash} "
                                       "(an input changed in place or the code changed); nothing written")
@@ -462,7 +475,8 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
             training.unpersist()
         version = current_version(spark, output_path)
         seconds = time.monotonic() - started
-        run.tags({"output_path": output_path, "output_version": str(version)})
+        # The hash tag marks a finished build: a rebuild only trusts runs that carry it.
+        run.tags({HASH_TAG: digest, "output_path": output_path, "output_version": str(version)})
         run.metrics({"build_seconds": seconds})
         failed = False
     finally:
@@ -470,6 +484,18 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
     log.info("training set %s: %d rows -> %s (version %d) in %.1f s, content hash %s", request.name,
              report.rows, output_path, version, seconds, digest)
     return BuildResult(run.run_id, output_path, version, report.rows, digest, report, seconds)
+
+
+def check_output(spark: SparkSession, path: str) -> None:
+    """Refuse to overwrite anything but a training table: a path that exists must be a Delta
+    table whose last commit a build wrote (its ``userMetadata`` names an MLflow run)."""
+    if not path_exists(spark, path):
+        return
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise ConfigError(f"--output: {path} exists and is not a Delta table; refusing to overwrite it")
+    metadata = DeltaTable.forPath(spark, path).history(1).collect()[0]["userMetadata"] or ""
+    if "mlflow_run_id" not in metadata:
+        raise ConfigError(f"--output: {path} is a Delta table no training-set build wrote; refusing to overwrite it")
 
 
 def _log_request(run: TrackedRun, request: TrainingSetRequest, settings: Settings, spine: LoadedSpine,
@@ -503,7 +529,8 @@ def rebuild_from_run(spark: SparkSession, settings: Settings, run_id: str, track
                      output_path: str | None = None) -> BuildResult:
     """Build again what run ``run_id`` built, from the versions it logged (Delta time travel),
     and fail unless the content hash equals the run's. Logged as a new run tagged
-    ``rebuilt_from``; writes to the run's output table unless ``output_path`` says otherwise."""
+    ``rebuilt_from``; writes beside the run's table (``<its path>_rebuilt_<run id[:8]>``), never
+    over it, unless ``output_path`` says where. Only a finished build can be rebuilt."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -515,14 +542,14 @@ def rebuild_from_run(spark: SparkSession, settings: Settings, run_id: str, track
         raise SourceError(f"--from-run: no run {run_id} at {client.tracking_uri}: "
                           f"{str(exc).splitlines()[0]}") from exc
     expected = run.data.tags.get(HASH_TAG)
-    if not expected:
-        raise SourceError(f"--from-run: run {run_id} has no {HASH_TAG} tag (it did not finish a build)")
+    if run.info.status != "FINISHED" or not expected:
+        raise SourceError(f"--from-run: run {run_id} is not a finished training-set build (status {run.info.status}"
+                          f"{'' if expected else f', no {HASH_TAG} tag'})")
     with tempfile.TemporaryDirectory() as scratch:
         data = json.loads(Path(client.download_artifacts(run_id, REQUEST_ARTIFACT, scratch)).read_text())
         logged = json.loads(Path(client.download_artifacts(run_id, INPUTS_ARTIFACT, scratch)).read_text())
     request = TrainingSetRequest.from_dict(data, settings)
-    if output_path:
-        request = dataclasses.replace(request, output_path=output_path)
+    request = dataclasses.replace(request, output_path=output_path or f"{data['output_path'].rstrip('/')}_rebuilt_{run_id[:8]}")
     files = {f"{i['role']}:{i['name']}": i["digest"] for i in logged["inputs"] if i["version"] is None}
     return build_training_set(spark, settings, request, tracking, expected_hash=expected, rebuilt_from=run_id,
                               expected_files=files)

@@ -21,7 +21,7 @@ def console_scripts() -> set[str]:
 def test_every_job_is_a_valid_databricks_job():
     jobs = BUNDLE["resources"]["jobs"]
     assert set(jobs) == {"ingest", "features", "reconcile", "backfill", "recompute_late", "rehydrate",
-                         "build_training_set"}
+                         "build_training_set", "rebuild_training_set"}
     for name, spec in jobs.items():
         assert Job.from_dict(spec).tasks, name
 
@@ -51,7 +51,7 @@ def test_job_parameters_reach_the_batch_jobs_arguments():
     from jobs import backfill
 
     jobs = BUNDLE["resources"]["jobs"]
-    for name in ("backfill", "rehydrate", "build_training_set"):
+    for name in ("backfill", "rehydrate", "build_training_set", "rebuild_training_set"):
         declared = {p["name"] for p in jobs[name]["parameters"]}
         used = set(re.findall(r"\{\{job\.parameters\.(\w+)\}\}", str(jobs[name]["tasks"])))
         assert used == declared, name
@@ -77,4 +77,7 @@ def test_the_training_set_job_parameters_make_a_valid_request():
     request = build_training_set.request_from_args(args, load_settings("prod", PROJECT_ROOT / "conf"))
     assert (request.name, request.mode, request.spine.source) == ("fraud", "as_corrected", "labeled-transactions")
     assert request.spine.cutoff is not None and not args.from_run  # "now" pinned to an instant; no rebuild
+    rebuild = BUNDLE["resources"]["jobs"]["rebuild_training_set"]["tasks"][0]["python_wheel_task"]["parameters"]
+    args = build_training_set.parse_args([re.sub(r"\{\{job\.parameters\.\w+\}\}", "", a) for a in rebuild][4:])
+    build_training_set.check_rebuild_args(args)  # the rebuild job passes no build flag
     assert [v.name for v in request.views] == list(load_settings("prod", PROJECT_ROOT / "conf").views)

@@ -8,6 +8,7 @@ ingest -> feature streams), built once for the module:
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,6 +91,8 @@ def test_training_notebook_logs_a_model_linked_to_the_run_that_built_its_data(sp
     table = spark.read.format("delta").option("versionAsOf", int(model_run.data.tags["training_set.version"])).load(
         training_run.data.tags["output_path"])
     assert content_hash(table) == training_run.data.tags["content_hash"] == model_run.data.tags["training_set.content_hash"]
+    (source,) = [json.loads(i.dataset.source) for i in model_run.inputs.dataset_inputs]
+    assert source["delta_table_version"] == int(model_run.data.tags["training_set.version"])
     assert table.count() == training_run.data.metrics["rows"] > 500
     (model,) = client.search_logged_models([model_run.info.experiment_id],
                                            filter_string=f"source_run_id = '{model_run_id}'")

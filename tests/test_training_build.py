@@ -5,6 +5,7 @@ and a rebuild from the run id reproducing the content after the feature tables c
 from __future__ import annotations
 
 import json
+import time
 from datetime import datetime
 from pathlib import Path
 
@@ -15,10 +16,12 @@ from chispa import assert_df_equality
 from jobs.build_training_set import main as build_job
 from pipelines.backfill import DayRange, backfill
 from pipelines.batch_sources import FileSource
-from pipelines.spines import SpineSpec, labeled_transactions
+from pipelines.spines import SpineSpec, labeled_transactions, parse_instant
 from pipelines.training import LeakageError, content_hash, view_request
 from pipelines.training_reader import read_training_set
-from pipelines.training_sets import TrainingSetRequest, build_training_set
+from pipelines.batch_sources import SourceError
+from pipelines.config import ConfigError
+from pipelines.training_sets import TrainingSetRequest, build_training_set, plain, rebuild_from_run
 
 TRANSACTIONS = ("transaction_id string, account_id string, merchant_id string, amount_usd double, "
                 "merchant_category_code string, balance_usd double, device_fingerprint string, event_time timestamp")
@@ -85,6 +88,21 @@ EXPECTED_SCHEMA = ("transaction_id string, account_id string, merchant_id string
                    "account_velocity__sum_amount_usd_1h double, merchant_hourly__event_time timestamp, "
                    "merchant_hourly__count long")
 COLUMNS = [f.split()[0] for f in EXPECTED_SCHEMA.split(", ")]
+
+
+def test_the_label_cutoff_is_utc_whatever_the_hosts_time_zone(spark, settings, monkeypatch):
+    # pyspark turns a naive datetime into a timestamp with the host's zone: in Tokyo a naive
+    # 09:00 cutoff would be 00:00 UTC and drop tx1's label, known at 09:00 UTC.
+    transactions, labels = spark.createDataFrame(TX_ROWS, TRANSACTIONS), spark.createDataFrame(LABEL_ROWS, LABELS)
+    monkeypatch.setenv("TZ", "Asia/Tokyo")  # after the rows above were made (naive = UTC here)
+    time.tzset()
+    try:
+        got = labeled_transactions(transactions, labels, settings.contracts["transactions"],
+                                   settings.contracts["labels"], parse_instant("2026-11-21T09:00:00Z", "--label-cutoff"))
+        assert [r.transaction_id for r in got.collect()] == ["tx1"]
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 def test_labeled_transactions_keep_labels_known_at_the_cutoff_once_per_transaction(spark, settings):
@@ -156,7 +174,16 @@ def test_the_leakage_guard_fails_the_build_before_anything_is_written(spark, lak
     assert not Path(lake.storage.training_path("fraud")).exists()
     client = mlflow.MlflowClient(lake.mlflow.tracking_uri)
     (run,) = client.search_runs([client.get_experiment_by_name(lake.mlflow.experiment).experiment_id])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "FAILED" and "content_hash" not in run.data.tags
+    with pytest.raises(SourceError, match=f"run {run.info.run_id} is not a finished training-set build"):
+        rebuild_from_run(spark, lake, run.info.run_id)
+
+
+def test_a_build_refuses_to_overwrite_a_table_it_did_not_write(spark, lake):
+    feature_table = lake.storage.feature_path("account_velocity")
+    with pytest.raises(ConfigError, match=f"{feature_table} is a Delta table no training-set build wrote"):
+        build_training_set(spark, lake, request(lake, output_path=feature_table))
+    assert spark.sql(f"DESCRIBE HISTORY delta.`{feature_table}`").count() == 1
 
 
 def test_a_rebuild_from_the_run_id_reproduces_the_content_after_new_feature_rows(spark, lake, isolated, tmp_path):
@@ -172,10 +199,11 @@ def test_a_rebuild_from_the_run_id_reproduces_the_content_after_new_feature_rows
     assert fresh.content_hash != first.content_hash
 
     conf_dir = isolated.conf_dir(lake, tmp_path / "conf")
-    code = build_job(["--env", "local", "--conf-dir", str(conf_dir), "--from-run", first.run_id,
-                      "--output-path", str(tmp_path / "rebuilt")])
+    code = build_job(["--env", "local", "--conf-dir", str(conf_dir), "--from-run", first.run_id])
     assert code == 0
-    rebuilt = spark.read.format("delta").load(str(tmp_path / "rebuilt"))
+    # Written beside the original, which keeps its one version.
+    rebuilt = spark.read.format("delta").load(f"{first.path}_rebuilt_{first.run_id[:8]}")
+    assert spark.sql(f"DESCRIBE HISTORY delta.`{first.path}`").count() == 1
     assert content_hash(rebuilt) == first.content_hash
     assert rebuilt.where("transaction_id = 'tx1'").first()["account_velocity__count_1h"] == 1
     client = mlflow.MlflowClient(lake.mlflow.tracking_uri)
@@ -220,6 +248,8 @@ def test_a_file_spine_keeps_rows_labeled_by_the_cutoff_and_its_rebuild_fails_onc
     (["--output", "x", "--label-cutoff", CUTOFF, "--views", "merchant_hourly", "--max-age", "account_velocity=1d"], 2,
      "--max-age: 'account_velocity' is not one of the requested views"),
     (["--from-run", "0123456789abcdef0123456789abcdef"], 3, "--from-run: no run 0123456789abcdef0123456789abcdef"),
+    (["--from-run", "0123456789abcdef0123456789abcdef", "--views", "merchant_hourly", "--mode", "as_served"], 2,
+     "--from-run: rebuilds exactly what the run built; do not also give --views, --mode"),
 ])
 def test_the_job_fails_naming_the_flag(spark, tracked, isolated, tmp_path, capsys, arguments, code, message):
     conf_dir = isolated.conf_dir(tracked, tmp_path / "conf")
@@ -234,3 +264,14 @@ def test_a_build_without_its_feature_table_fails_naming_it(spark, tracked, isola
     assert code == 3
     assert "feature table of account_sessions: no Delta table at" in capsys.readouterr().err.splitlines()[-1]
 
+
+
+def test_secrets_are_masked_in_the_logged_configuration():
+    logged = plain({"mlflow": {"tracking_uri": "https://user:s3cret@mlflow.example.com"},
+                    "kafka": {"client": {"sasl.password": "hunter2", "sasl.username": "svc"},
+                              "secret_env": {"sasl.password": "KAFKA_SASL_PASSWORD"}},
+                    "redis": {"password_env": "REDIS_PASSWORD"}})
+    assert logged["mlflow"]["tracking_uri"] == "https://***@mlflow.example.com"
+    assert logged["kafka"]["client"] == {"sasl.password": "***", "sasl.username": "svc"}
+    assert logged["redis"]["password_env"] == "REDIS_PASSWORD"
+    assert "hunter2" not in json.dumps(logged) and "s3cret" not in json.dumps(logged)
