@@ -55,13 +55,14 @@ lint: $(VENV)/.installed
 test: setup lint
 	$(PY) -m pytest tests -q -ra --durations=10
 
-# Every benchmark of BENCHMARKS.md, one after the other (about 30 minutes here).
+# Every benchmark of BENCHMARKS.md, one after the other (about 40 minutes here).
 bench: up
 	$(PY) bench/ingest_throughput.py --env local
 	$(PY) bench/feature_throughput.py --env local
 	$(PY) bench/feature_latency.py --env local
 	$(PY) bench/online_store.py --env local
 	$(PY) bench/backfill.py --env local
+	$(PY) bench/training_set.py --env local
 
 clean: down
 	rm -rf .local $(VENV)
