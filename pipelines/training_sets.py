@@ -446,7 +446,8 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
                                   f"the run (digest {table.digest[:16]} != {expected[:16]}); nothing written")
     check_output(spark, output_path)
     run = TrackedRun(settings, tracking_uri(settings, tracking), f"{request.name}-{request.mode}")
-    log.info("training set %s: MLflow run %s at %s", request.name, run.run_id, run.uri)
+    log.info("training set %s: MLflow run %s at %s; inputs %s", request.name, run.run_id, run.uri,
+             ", ".join(f"{t.name}@{t.version if t.version is not None else 'files'}" for t in inputs))
     failed = True
     try:
         _log_request(run, request, settings, spine, inputs, rebuilt_from)
@@ -458,6 +459,10 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
                                      spine.label_time, request.spine.cutoff)
             run.metrics(report.metrics())
             run.json(plain(report), "report.json")
+            log.info("training set %s: joined %d rows (%s) in %.0f s; leakage guard: %s", request.name, report.rows,
+                     ", ".join(f"{v.name} {v.matched / report.rows:.0%} matched" if report.rows else v.name
+                               for v in report.views),
+                     time.monotonic() - started, "; ".join(report.violations()) or "OK")
             check_leakage(report)
             digest = content_hash(training)
             if expected_hash is not None and digest != expected_hash:
@@ -468,6 +473,8 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
                 picture = Path(scratch) / "feature_distributions.png"
                 _plot(histograms(training, features), f"{request.name} ({request.mode}, {report.rows} rows)", picture)
                 run.file(picture)
+            log.info("training set %s: content hash %s, histograms logged (%.0f s); writing %s", request.name,
+                     digest[:16], time.monotonic() - started, output_path)
             (training.write.format("delta").mode("overwrite").option("overwriteSchema", "true")
              .option("userMetadata", json.dumps({"mlflow_run_id": run.run_id, HASH_TAG: digest}))
              .save(output_path))
