@@ -24,12 +24,13 @@ from pyspark.sql import functions as F
 from pipelines.views import FeatureView
 
 
-def _micros(delta: timedelta) -> int:
-    return int(delta.total_seconds() * 1_000_000)
+def micros(delta: timedelta) -> int:
+    """``delta`` in whole microseconds, exactly (integer arithmetic, no float rounding)."""
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
 def _interval(delta: timedelta) -> str:
-    return f"{_micros(delta)} microseconds"
+    return f"{micros(delta)} microseconds"
 
 
 def _aggregate(function: str, column: str, event_time: str) -> Column:
@@ -73,17 +74,17 @@ def trailing_features(events: DataFrame, view: FeatureView) -> DataFrame:
     not features of anything and are left out (bronze never has them: the contract requires
     both).
     """
-    micros = "_event_micros"
+    event_micros = "_event_micros"
     rows = events.filter(F.col(view.entity).isNotNull() & F.col(view.event_time).isNotNull())
-    rows = rows.withColumn(micros, F.unix_micros(F.col(view.event_time)))
-    ordered = Window.partitionBy(view.entity).orderBy(micros)
-    delay = _micros(view.delay)
+    rows = rows.withColumn(event_micros, F.unix_micros(F.col(view.event_time)))
+    ordered = Window.partitionBy(view.entity).orderBy(event_micros)
+    delay = micros(view.delay)
     features = []
     for name, function, column, window in view.outputs():
         assert window is not None
         # RANGE frames include every row with an ordering value in [current + lo, current + hi]:
         # lo = -(delay + w) + 1 microsecond makes the interval open at t - delay - w.
-        frame = ordered.rangeBetween(-(delay + _micros(window)) + 1, -delay)
+        frame = ordered.rangeBetween(-(delay + micros(window)) + 1, -delay)
         if function == "approx_count_distinct" and column != "*":
             # Exact for trailing views: the stream holds the interval's events and counts them
             # exactly, so the batch must too (HyperLogLog++ undercounts on hash collisions).
@@ -150,7 +151,7 @@ def session_features(events: DataFrame, view: FeatureView) -> DataFrame:
     return grouped.agg(*features).select(
         view.entity,
         F.col("_first").alias("session_start"),
-        (F.col("_last") + F.expr(f"INTERVAL {_micros(view.gap)} MICROSECONDS")).alias("session_end"),
+        (F.col("_last") + F.expr(f"INTERVAL {micros(view.gap)} MICROSECONDS")).alias("session_end"),
         "event_count",
         ((F.unix_micros("_last") - F.unix_micros("_first")) / 1_000_000).alias("duration_seconds"),
         *[name for name, *_ in view.outputs()],

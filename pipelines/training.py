@@ -43,6 +43,7 @@ from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql.types import BooleanType, NumericType, TimestampType
 
+from pipelines.aggregations import micros
 from pipelines.config import ConfigError, format_duration
 from pipelines.features import event_time_column, feature_names
 from pipelines.spines import utc
@@ -185,7 +186,7 @@ def _join_view(spine: DataFrame, table: DataFrame, request: ViewRequest, timesta
         .withColumn(_BEST, F.max(_ROW).over(rows_so_far))
         .where(F.col(_SIDE) == _SPINE_SIDE)
     )
-    oldest = F.unix_micros(F.col(_quoted(timestamp))) - _micros(request.max_age)
+    oldest = F.unix_micros(F.col(_quoted(timestamp))) - micros(request.max_age)
     in_range = F.col(f"{_BEST}.event_time").isNotNull() & (F.unix_micros(F.col(f"{_BEST}.event_time")) >= oldest)
     best = F.when(in_range, F.col(_BEST))
     added = [best.getField("event_time").alias(request.event_time_output),
@@ -196,10 +197,6 @@ def _join_view(spine: DataFrame, table: DataFrame, request: ViewRequest, timesta
 
 def _quoted(column: str) -> str:
     return f"`{column.replace('`', '``')}`"
-
-
-def _micros(age: timedelta) -> int:
-    return (age.days * 86_400 + age.seconds) * 1_000_000 + age.microseconds
 
 
 # --------------------------------------------------------------------------- the guard and report
@@ -283,7 +280,7 @@ def training_report(training: DataFrame, requests: Sequence[ViewRequest], timest
         expressions += [
             F.count(F.col(_quoted(request.event_time_output))).alias(f"v{i}_matched"),
             F.count_if(event > ts).alias(f"v{i}_after"),
-            F.count_if(event < ts - _micros(request.max_age)).alias(f"v{i}_older"),
+            F.count_if(event < ts - micros(request.max_age)).alias(f"v{i}_older"),
             F.count_if(F.unix_micros(F.col(_quoted(request.computed_at_output))) > ts).alias(f"v{i}_computed_after"),
             F.percentile_approx(age_seconds, [0.5, 0.95], 10_000).alias(f"v{i}_ages"),
             F.max(age_seconds).alias(f"v{i}_age_max"),
