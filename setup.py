@@ -14,7 +14,8 @@ setup(
         # 4.4.1's jar is not served by the Maven mirror this project builds against).
         "pyspark==4.2.0",
         "delta-spark==4.4.0",
-        "confluent-kafka[schemaregistry]==2.16.0",
+        "confluent-kafka[schemaregistry,avro]==2.16.0",
+        "fastavro==1.13.1",  # the Avro serializer of the generator and the benchmark baseline
         "redis==8.1.0",
         # C reply parser for redis-py: +24% sink keys/s, -44% read time for 100 entities (BENCHMARKS.md).
         "hiredis==3.5.0",
@@ -48,6 +49,7 @@ setup(
             "fp-rehydrate=jobs.rehydrate:main",
             "fp-recompute-late=jobs.recompute_late:main",
             "fp-build-training-set=jobs.build_training_set:main",
+            "fp-contracts=jobs.contracts:main",
             "fp-local=pipelines.local.__main__:main",
         ],
     },

@@ -96,6 +96,11 @@ class TopicSettings:
     #: Topic that receives this topic's invalid records (at least once; the Delta DLQ table is exact).
     dlq_topic: str | None = None
 
+    @staticmethod
+    def subject(topic: str) -> str:
+        """The registry subject of the topic's values (TopicNameStrategy)."""
+        return f"{topic}-value"
+
 
 @dataclass(frozen=True)
 class KafkaSettings:
@@ -222,15 +227,60 @@ class MlflowSettings:
     artifact_location: str | None = None
 
 
+#: Compatibility levels of the Confluent schema-registry API.
+COMPATIBILITY_LEVELS = (
+    "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
+)
+
+
+@dataclass(frozen=True)
+class SchemaRegistrySettings:
+    """A schema registry speaking the Confluent API: the local Apicurio (``/apis/ccompat/v7``),
+    Confluent Cloud, or any other. Needed by topics whose contract has ``format: avro``."""
+
+    url: str | None = None
+    #: Environment variable holding ``user:password`` for HTTP basic auth (a Confluent Cloud
+    #: API key and secret); unset: no authentication.
+    basic_auth_env: str | None = None
+    #: Compatibility level set on every subject the platform registers (``<topic>-value``).
+    compatibility: str = "FULL"
+    #: Subject -> compatibility level, for subjects that differ from ``compatibility``.
+    subject_compatibility: Mapping[str, str] = field(default_factory=dict)
+    #: Timeout of one request to the registry.
+    timeout: timedelta = timedelta(seconds=10)
+
+    def compatibility_for(self, subject: str) -> str:
+        return self.subject_compatibility.get(subject, self.compatibility)
+
+    def client_config(self) -> dict[str, Any]:
+        """Configuration for confluent-kafka's ``SchemaRegistryClient``, the secret read from the
+        environment. Raises ConfigError when no URL is configured."""
+        if not self.url:
+            raise ConfigError("schema_registry.url: not set (needed by topics whose contract is Avro)")
+        config: dict[str, Any] = {"url": self.url, "timeout": max(1, round(self.timeout.total_seconds()))}
+        if self.basic_auth_env:
+            config["basic.auth.user.info"] = secret_from_env(self.basic_auth_env, "schema_registry.basic_auth_env")
+        return config
+
+
 @dataclass(frozen=True)
 class LocalPlatformSettings:
-    """The embedded local platform: a real Kafka broker (KRaft) and Redis on loopback."""
+    """The embedded local platform: a real Kafka broker (KRaft), Redis and the Apicurio schema
+    registry on loopback."""
 
     root: str = ".local"
     kafka_port: int = 9092
     kafka_controller_port: int = 9093
     kafka_heap: str = "1g"
     redis_port: int = 6380
+    #: Start the schema registry with the others (it needs a Java 21+ JDK).
+    registry_enabled: bool = True
+    registry_port: int = 8081
+    #: The registry's management interface (health, metrics).
+    registry_management_port: int = 9000
+    registry_heap: str = "512m"
+    #: JDK (21+) to run the registry with; unset: the newest JDK 21+ found on the machine.
+    registry_java_home: str | None = None
 
 
 @dataclass(frozen=True)
@@ -245,6 +295,7 @@ class Settings:
     features: FeatureSettings = field(default_factory=FeatureSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)
     local: LocalPlatformSettings | None = None
     #: Contract name -> :class:`pipelines.contracts.Contract`, loaded from ``conf/contracts/``.
     contracts: Mapping[str, Any] = field(default_factory=dict, metadata={"yaml": False})
@@ -417,7 +468,17 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
         tracking_uri = f"sqlite:///{resolve(tracking_uri[len('sqlite:///'):])}"
     mlflow = dataclasses.replace(settings.mlflow, tracking_uri=tracking_uri,
                                  artifact_location=resolve(settings.mlflow.artifact_location))
-    return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow)
+    registry = settings.schema_registry
+    if registry.url is None and local is not None and local.registry_enabled:
+        # The embedded platform's registry, unless the environment names another one.
+        registry = dataclasses.replace(registry, url=local_registry_url(local.registry_port))
+    return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow,
+                               schema_registry=registry)
+
+
+def local_registry_url(port: int) -> str:
+    """The Confluent-compatible API of the local Apicurio registry on ``port``."""
+    return f"http://127.0.0.1:{port}/apis/ccompat/v7"
 
 
 def _check_references(settings: Settings, source: Path) -> None:
@@ -440,6 +501,13 @@ def _check_references(settings: Settings, source: Path) -> None:
         raise ConfigError(f"{source}: features.trigger_interval: must be positive")
     if settings.features.max_files_per_trigger <= 0:
         raise ConfigError(f"{source}: features.max_files_per_trigger: must be positive")
+    registry = settings.schema_registry
+    for key, level in [("compatibility", registry.compatibility),
+                       *((f"subject_compatibility.{s}", v) for s, v in registry.subject_compatibility.items())]:
+        if level not in COMPATIBILITY_LEVELS:
+            raise ConfigError(
+                f"{source}: schema_registry.{key}: {level!r} is not one of {', '.join(COMPATIBILITY_LEVELS)}"
+            )
     for name, topic in settings.kafka.topics.items():
         if topic.contract not in settings.contracts:
             raise ConfigError(
@@ -448,3 +516,8 @@ def _check_references(settings: Settings, source: Path) -> None:
             )
         if topic.partitions <= 0:
             raise ConfigError(f"{source}: kafka.topics.{name}.partitions: must be positive")
+        if settings.contracts[topic.contract].format == "avro" and not registry.url:
+            raise ConfigError(
+                f"{source}: schema_registry.url: not set, and topic {name!r} carries Avro "
+                f"(contract {topic.contract!r} has format: avro)"
+            )

@@ -1,6 +1,8 @@
 """Event contracts: declared once in ``conf/contracts/*.yaml``, turned into Spark schemas here.
 
-A contract names a topic's fields with their types and rules. ``required: true`` means the key
+A contract names a topic's fields with their types and rules, and the topic's ``format``:
+``json`` values are checked field by field at ingest; ``avro`` values are in the Confluent wire
+format, with the Avro schema derived from the contract (:mod:`pipelines.avro_contracts`). ``required: true`` means the key
 must be present and its value non-null; ``required: false`` means it may be absent or null.
 ``strict: true`` rejects keys the contract does not declare. Field types and what JSON they
 accept (nothing is coerced: a number in quotes is a string, not a number):
@@ -43,11 +45,14 @@ FIELD_TYPES: Mapping[str, DataType] = {
     "timestamp": TimestampType(),
 }
 
+FORMATS = ("json", "avro")
+
 #: Columns the bronze layer adds beside a contract's fields; no field may take these names
 #: (nor any name starting with ``kafka_``).
 RESERVED_COLUMNS = frozenset(
     {"validated_at", "error_class", "error_reason", "event_date", "ingested_at", "failed_at",
-     "failed_date", "contract_name", "contract_version", "_watermark_time", "_dedupe_key", "_verdict"}
+     "failed_date", "contract_name", "contract_version", "_watermark_time", "_dedupe_key", "_verdict",
+     "schema_id", "writer_schema_id", "writer_schema_version", "_wire"}
 )
 
 
@@ -80,6 +85,10 @@ class Contract:
     fields: tuple[ContractField, ...]
     strict: bool = True
     description: str = ""
+    #: How the topic's values are encoded: ``json`` (checked field by field at ingest) or
+    #: ``avro`` (Confluent wire format; the Avro schema is derived from this contract and
+    #: registered under ``<topic>-value``).
+    format: str = "json"
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -99,6 +108,8 @@ class Contract:
 def parse_contract(data: Mapping, source: str) -> Contract:
     """Build and check one contract; errors name ``source`` and the offending key."""
     contract = build(Contract, data, f"{source}:")
+    if contract.format not in FORMATS:
+        raise ConfigError(f"{source}: format: {contract.format!r} is not one of {', '.join(FORMATS)}")
     seen = set()
     for i, f in enumerate(contract.fields):
         if f.type not in FIELD_TYPES:

@@ -5,6 +5,8 @@ mirror settings) into a git-ignored folder.
   every artifact pyspark already ships in ``pyspark/jars`` (two copies of one library on the
   classpath is a bug waiting for a classloader). Passed to the session as ``spark.jars``.
 * ``kafka``: the Apache Kafka broker and a log4j2 binding, run by :mod:`pipelines.local`.
+* ``registry``: the Apicurio Registry distribution (a Quarkus app, ``tar.gz`` from Maven
+  Central), unpacked; run by :mod:`pipelines.local` on a Java 21+ JDK.
 
 Usage: ``python -m pipelines.jars fetch [--root .local/jars]``. Fetching is skipped when the
 folder was filled from the same descriptor (a stamp file holds the descriptor's hash).
@@ -19,6 +21,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -30,6 +33,8 @@ DESCRIPTORS = Path(__file__).resolve().parent / "jvm"
 BUNDLES = ("spark", "kafka")
 DEFAULT_ROOT = PROJECT_ROOT / ".local" / "jars"
 _STAMP = ".descriptor.sha256"
+#: The schema registry's distribution: groupId:artifactId:version:type:classifier.
+REGISTRY_ARTIFACT = "io.apicurio:apicurio-registry-app:3.3.3:tar.gz:all"
 _ARTIFACT = re.compile(r"^(?P<artifact>.+)-(?P<version>\d+(?:\.\d+)+(?:[-.][A-Za-z0-9]+)*)\.jar$")
 
 
@@ -88,6 +93,34 @@ def fetch(bundle: str, root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
     return target
 
 
+def fetch_registry(root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
+    """Download the Apicurio Registry distribution with Maven and unpack it into
+    ``root/registry``; returns that folder (it holds ``quarkus-run.jar``)."""
+    target = Path(root) / "registry"
+    if not force and (target / _STAMP).exists() and (target / _STAMP).read_text().strip() == REGISTRY_ARTIFACT:
+        return target
+    if shutil.which("mvn") is None:
+        raise MissingJarsError("Maven (mvn) is not on PATH: it downloads the schema registry")
+    with tempfile.TemporaryDirectory(prefix="registry-") as staging:
+        command = ["mvn", "-q", "-B", "dependency:copy", f"-Dartifact={REGISTRY_ARTIFACT}",
+                   f"-DoutputDirectory={staging}"]
+        log.info("downloading the schema registry: %s", " ".join(command))
+        result = subprocess.run(command, capture_output=True, text=True, cwd=staging)
+        if result.returncode != 0:
+            raise MissingJarsError(f"mvn failed for {REGISTRY_ARTIFACT}:\n{result.stdout}{result.stderr}")
+        (archive,) = Path(staging).glob("*.tar.gz")
+        if target.exists():
+            shutil.rmtree(target)
+        target.mkdir(parents=True)
+        with tarfile.open(archive) as tar:
+            tar.extractall(target, filter="data")
+    if not (target / "quarkus-run.jar").exists():
+        raise MissingJarsError(f"{REGISTRY_ARTIFACT} unpacked without quarkus-run.jar in {target}")
+    (target / _STAMP).write_text(REGISTRY_ARTIFACT)
+    log.info("schema registry unpacked in %s", target)
+    return target
+
+
 def jar_paths(folder: str | Path) -> list[str]:
     """The jars in a fetched folder; a clear error if it was never fetched."""
     jars = sorted(str(p) for p in Path(folder).glob("*.jar"))
@@ -106,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     for bundle in BUNDLES:
         folder = fetch(bundle, args.root, args.force)
         print(f"{bundle}: {len(list(folder.glob('*.jar')))} jars in {folder}")
+    print(f"registry: {fetch_registry(args.root, args.force)}")
     return 0
 
 

@@ -40,7 +40,7 @@ def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def base_overrides(test_root: Path) -> dict[str, Any]:
-    kafka_port, controller_port, redis_port = _free_ports(3)
+    kafka_port, controller_port, redis_port, registry_port, management_port = _free_ports(5)
     return {
         "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g",
                   "jars_dir": str(JARS_ROOT / "spark")},
@@ -49,7 +49,8 @@ def base_overrides(test_root: Path) -> dict[str, Any]:
         "ingest": {"trigger_interval": "1s"},
         "local": {"root": str(test_root / "services"), "kafka_port": kafka_port,
                   "kafka_controller_port": controller_port, "redis_port": redis_port,
-                  "kafka_heap": "768m"},
+                  "kafka_heap": "768m", "registry_port": registry_port,
+                  "registry_management_port": management_port},
         "redis": {"port": redis_port},
         # Training-set builds are tracked in the test's own MLflow store, never the project's.
         "mlflow": {"tracking_uri": f"sqlite:///{test_root}/mlflow/mlflow.db",
@@ -65,14 +66,23 @@ def settings(base_overrides: dict[str, Any]) -> Settings:
 
 @pytest.fixture(scope="session")
 def platform(settings: Settings) -> Iterator[LocalPlatform]:
-    """The real Kafka broker and Redis server, up for the whole test session."""
+    """The real Kafka broker and Redis server, up for the whole test session (the schema
+    registry is started by the ``registry`` fixture, for the tests that need it)."""
     fetch("kafka", JARS_ROOT)
-    local = LocalPlatform(settings.local, jars_root=JARS_ROOT)
+    local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False)
     local.up()
     try:
         yield local
     finally:
-        local.down()
+        local.down()  # the registry too, if a test started it
+
+
+@pytest.fixture(scope="session")
+def registry(platform: LocalPlatform) -> LocalPlatform:
+    """The real Apicurio schema registry on the test broker (``schema_registry.url`` of the
+    test settings points at it); started once, on first use."""
+    platform.start_registry()
+    return platform
 
 
 @pytest.fixture(scope="session")
@@ -89,14 +99,14 @@ def spark(settings: Settings, platform: LocalPlatform):
 def _isolation(base_overrides: dict[str, Any], folder: Path):
     """Build settings with fresh topics and a fresh lake under ``folder``.
 
-    ``make(partitions=2, **overrides)`` returns settings whose ``transactions`` and ``labels``
-    topics are new, uniquely named topics (created, with their DLQ topics), whose storage root is
+    ``make(partitions=2, conf=None, **overrides)`` returns settings (from the ``conf`` folder,
+    default the project's) whose ``transactions`` and ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), whose storage root is
     ``folder/lake`` and whose Redis namespace is their own.
     """
 
-    overrides_by_root: dict[str, dict[str, Any]] = {}
+    overrides_by_root: dict[str, tuple[Path, dict[str, Any]]] = {}
 
-    def make(partitions: int = 2, **overrides: Any) -> Settings:
+    def make(partitions: int = 2, conf: Path | None = None, **overrides: Any) -> Settings:
         suffix = uuid.uuid4().hex[:8]
         tx, lb = f"transactions_{suffix}", f"labels_{suffix}"
         tree = deep_merge(
@@ -113,8 +123,9 @@ def _isolation(base_overrides: dict[str, Any], folder: Path):
             },
         )
         tree = deep_merge(tree, overrides)
-        made = load_settings("local", PROJECT_ROOT / "conf", tree)
-        overrides_by_root[made.storage.root] = tree
+        conf = conf or PROJECT_ROOT / "conf"
+        made = load_settings("local", conf, tree)
+        overrides_by_root[made.storage.root] = (conf, tree)
         specs = []
         for name in (tx, lb):
             specs += [TopicSpec(name, partitions, 1), TopicSpec(made.kafka.dlq_topic_for(name), partitions, 1)]
@@ -123,8 +134,9 @@ def _isolation(base_overrides: dict[str, Any], folder: Path):
 
     def conf_dir(made: Settings, dest: Path) -> Path:
         """A conf folder whose ``local`` environment is ``made``: for jobs run as subprocesses."""
-        shutil.copytree(PROJECT_ROOT / "conf", dest)
-        local = deep_merge(read_yaml(dest / "local.yaml"), overrides_by_root[made.storage.root])
+        source, tree = overrides_by_root[made.storage.root]
+        shutil.copytree(source, dest)
+        local = deep_merge(read_yaml(dest / "local.yaml"), tree)
         (dest / "local.yaml").write_text(yaml.safe_dump(local))
         return dest
 

@@ -70,3 +70,31 @@ def run_stream_in_steps(spark, folder, schema: str, transform, steps) -> list:
         return spark.table(name).collect()
     finally:
         query.stop()
+
+
+def contract_conf(dest, transactions_format: str = "avro", renames: dict[str, str] | None = None,
+                  drop: tuple[str, ...] = (), add: tuple[str, ...] = (), with_views: bool = True):
+    """A copy of the project's conf folder at ``dest`` whose transactions contract has
+    ``transactions_format``, fields renamed (old -> new) or dropped, and YAML field lines
+    ``add``-ed at the end; without the feature views when ``with_views`` is false (a renamed
+    field breaks the views that read it)."""
+    import shutil
+    from pathlib import Path
+
+    import yaml
+
+    from pipelines.config import PROJECT_ROOT
+
+    shutil.copytree(PROJECT_ROOT / "conf", dest)
+    path = Path(dest) / "contracts" / "transactions.yaml"
+    contract = yaml.safe_load(path.read_text())
+    contract["format"] = transactions_format
+    fields = [f for f in contract["fields"] if f["name"] not in drop]
+    for f in fields:
+        f["name"] = (renames or {}).get(f["name"], f["name"])
+    contract["fields"] = fields + [yaml.safe_load(line) for line in add]
+    path.write_text(yaml.safe_dump(contract, sort_keys=False))
+    if not with_views:
+        for view in (Path(dest) / "features").glob("*.yaml"):
+            view.unlink()
+    return Path(dest)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
 from confluent_kafka.admin import AdminClient
 
+from pipelines.local.platform import PlatformError, find_jdk, java_version
 from pipelines.kafka_admin import TopicSpec, ensure_topics
 
 
@@ -13,11 +17,37 @@ def test_up_twice_keeps_the_same_processes(platform):
     assert [s.pid for s in platform.status()] == before
 
 
-def test_status_reports_both_services_healthy(platform, settings):
-    assert [(s.name, s.running, s.detail, s.address) for s in platform.status()] == [
+def test_status_reports_every_service_healthy(registry, settings):
+    assert [(s.name, s.running, s.detail, s.address) for s in registry.status()] == [
         ("kafka", True, "healthy", f"127.0.0.1:{settings.local.kafka_port}"),
         ("redis", True, "healthy", f"127.0.0.1:{settings.local.redis_port}"),
+        ("registry", True, "healthy", f"http://127.0.0.1:{settings.local.registry_port}/apis/ccompat/v7"),
     ]
+    assert settings.schema_registry.url == registry.registry.url
+
+
+def fake_java_home(folder: Path, version: str) -> Path:
+    (folder / "bin").mkdir(parents=True)
+    (folder / "bin" / "java").write_text("#!/bin/sh\n")
+    (folder / "release").write_text(f'JAVA_VERSION="{version}"\n')
+    return folder
+
+
+def test_java_versions_are_read_from_the_release_file(tmp_path):
+    assert java_version(fake_java_home(tmp_path / "jdk25", "25.0.3")) == 25
+    assert java_version(fake_java_home(tmp_path / "jdk8", "1.8.0_392")) == 8
+    assert java_version(tmp_path / "nothing") is None
+
+
+def test_a_configured_jdk_older_than_21_is_refused_by_name(tmp_path):
+    home = fake_java_home(tmp_path / "jdk17", "17.0.13")
+    with pytest.raises(PlatformError, match=f"local.registry_java_home: {home} is Java 17, need 21\\+"):
+        find_jdk(21, str(home))
+
+
+def test_the_newest_jdk_21_or_later_on_the_machine_is_found():
+    home = find_jdk(21)
+    assert java_version(home) >= 21
 
 
 def test_topics_are_created_with_their_partitions_and_not_twice(platform, settings):

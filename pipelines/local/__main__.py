@@ -1,4 +1,5 @@
-"""Start, check and stop the embedded local platform (Kafka in KRaft mode and Redis on loopback).
+"""Start, check and stop the embedded local platform (Kafka in KRaft mode, Redis and the schema
+registry on loopback).
 
 Usage: python -m pipelines.local up|down|status|reset [--env local] [--set local.kafka_port=19092]
 """
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.local", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "reset"],
                         help="up: start and create topics (idempotent); down: stop; status: what runs "
-                             "where; reset: stop and delete the broker and Redis data")
+                             "where; reset: stop and delete the broker's (and so the registry's) and Redis's data")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
             platform.down()
         elif args.command == "reset":
             platform.down()
-            for service in (platform.kafka, platform.redis):
+            for service in (platform.kafka, platform.redis, platform.registry):
                 shutil.rmtree(service.root, ignore_errors=True)
         for status in platform.status():
             print(status.line())

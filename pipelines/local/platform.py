@@ -1,9 +1,12 @@
-"""The embedded local platform: a real Apache Kafka broker (KRaft, single node) and Redis on loopback.
+"""The embedded local platform: a real Apache Kafka broker (KRaft, single node), Redis and the
+Apicurio schema registry on loopback.
 
-Both run as plain processes of their own, with their data, logs and pid files under one
+Each runs as a plain process of its own, with their data, logs and pid files under one
 folder (``local.root``, git-ignored). ``up`` is idempotent (what runs is left running, after a
 health check), ``down`` stops every process it started and waits for it to exit, ``status``
-says what runs where. Nothing here is a mock: the broker is ``kafka.Kafka`` from Maven Central.
+says what runs where. Nothing here is a mock: the broker is ``kafka.Kafka`` from Maven Central,
+the registry Apicurio's own distribution, keeping its schemas in the broker (``kafkasql``
+storage), so that they survive a restart of the registry as Confluent's ``_schemas`` topic does.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import base64
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -20,8 +24,8 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import LocalPlatformSettings
-from pipelines.jars import fetch
+from pipelines.config import LocalPlatformSettings, local_registry_url
+from pipelines.jars import fetch, fetch_registry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +44,7 @@ class ServiceStatus:
 
     def line(self) -> str:
         state = f"running (pid {self.pid})" if self.running else "stopped"
-        return f"{self.name:<6} {state:<22} {self.address}  {self.detail}".rstrip()
+        return f"{self.name:<8} {state:<22} {self.address}  {self.detail}".rstrip()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -71,6 +75,56 @@ def find_java() -> str:
     if not java or not Path(java).exists():
         raise PlatformError("no Java runtime found (set JAVA_HOME or put java on PATH)")
     return java
+
+
+def java_version(java_home: Path) -> int | None:
+    """The feature version (17, 21, 25, ...) of the JDK or JRE at ``java_home``; None if there is
+    no runnable ``bin/java`` there."""
+    java = java_home / "bin" / "java"
+    if not java.exists():
+        return None
+    release = java_home / "release"
+    text = release.read_text(errors="replace") if release.exists() else ""
+    match = re.search(r'^JAVA_VERSION="(\d+)(?:\.(\d+))?', text, re.MULTILINE)
+    if not match:
+        result = subprocess.run([str(java), "-XshowSettings:properties", "-version"],
+                                capture_output=True, text=True)
+        match = re.search(r"java\.specification\.version = (\d+)(?:\.(\d+))?", result.stderr)
+        if not match:
+            return None
+    major = int(match.group(1))
+    return int(match.group(2)) if major == 1 and match.group(2) else major  # 1.8 -> 8
+
+
+def find_jdk(minimum: int, configured: str | None = None) -> Path:
+    """A Java home of version ``minimum`` or newer: ``configured`` if given (it must qualify),
+    else the newest of ``$JAVA_HOME``, the ``java`` on PATH and the JDKs under ``/usr/lib/jvm``
+    and ``/opt/java``. PlatformError naming what was found when none qualifies."""
+    if configured:
+        version = java_version(Path(configured))
+        if version is None or version < minimum:
+            raise PlatformError(
+                f"local.registry_java_home: {configured} is Java {version or '(no bin/java)'}, need {minimum}+"
+            )
+        return Path(configured)
+    candidates: list[Path] = []
+    if os.environ.get("JAVA_HOME"):
+        candidates.append(Path(os.environ["JAVA_HOME"]))
+    on_path = shutil.which("java")
+    if on_path:
+        candidates.append(Path(on_path).resolve().parent.parent)
+    for folder in (Path("/usr/lib/jvm"), Path("/opt/java")):
+        if folder.is_dir():
+            candidates += sorted(p for p in folder.iterdir() if p.is_dir())
+    found = {home.resolve(): java_version(home) for home in candidates}
+    usable = sorted(((v, str(h)) for h, v in found.items() if v is not None and v >= minimum), reverse=True)
+    if not usable:
+        seen = ", ".join(f"Java {v} at {h}" for h, v in found.items() if v is not None) or "no JDK at all"
+        raise PlatformError(
+            f"the schema registry needs a Java {minimum}+ JDK; found {seen}. Install one (e.g. "
+            f"`apt-get install openjdk-{minimum}-jdk-headless`) or set local.registry_java_home"
+        )
+    return Path(usable[0][1])
 
 
 class _Service:
@@ -270,6 +324,68 @@ class RedisServer(_Service):
             return False
 
 
+class SchemaRegistry(_Service):
+    """Apicurio Registry 3 with ``kafkasql`` storage on the local broker; clients use its
+    Confluent-compatible API (:attr:`url`)."""
+
+    name = "registry"
+    #: Apicurio 3 is built for Java 21.
+    MINIMUM_JAVA = 21
+
+    def __init__(self, root: Path, port: int, management_port: int, heap: str, bootstrap: str,
+                 jars_root: Path, java_home: str | None = None):
+        super().__init__(root / "registry")
+        self.port = port
+        self.management_port = management_port
+        self.heap = heap
+        self.bootstrap = bootstrap
+        self.jars_root = jars_root
+        self.java_home = java_home
+
+    @property
+    def url(self) -> str:
+        """The Confluent-compatible API, as ``schema_registry.url`` names it."""
+        return local_registry_url(self.port)
+
+    def start(self) -> None:
+        if self.pid() is not None:
+            return
+        if _port_open(self.port):
+            raise PlatformError(f"port {self.port} is taken by another process: set local.registry_port")
+        if _port_open(self.management_port):
+            raise PlatformError(f"port {self.management_port} is taken by another process: "
+                                "set local.registry_management_port")
+        java = find_jdk(self.MINIMUM_JAVA, self.java_home) / "bin" / "java"
+        dist = fetch_registry(self.jars_root)
+        env = {
+            **os.environ,
+            "APICURIO_STORAGE_KIND": "kafkasql",
+            "APICURIO_KAFKASQL_BOOTSTRAP_SERVERS": self.bootstrap,
+            "QUARKUS_HTTP_HOST": "127.0.0.1",
+            "QUARKUS_HTTP_PORT": str(self.port),
+            # Quarkus's management interface (health, metrics) is built in; by default it takes
+            # port 9000 on every interface.
+            "QUARKUS_MANAGEMENT_HOST": "127.0.0.1",
+            "QUARKUS_MANAGEMENT_PORT": str(self.management_port),
+        }
+        pid = self._spawn([str(java), f"-Xmx{self.heap}", "-XX:+UseSerialGC", "-Djava.awt.headless=true",
+                           "-jar", str(dist / "quarkus-run.jar")], env=env)
+        log.info("schema registry starting (pid %d, %s) on %s", pid, java, self.url)
+
+    def healthy(self) -> bool:
+        """True once the Confluent API lists subjects (storage loaded from Kafka)."""
+        if self.pid() is None or not _port_open(self.port):
+            return False
+        import urllib.error
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/subjects", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+
 def ensure_redis_installed() -> str:
     """Path of ``redis-server``; installs Debian's package when missing (needs root)."""
     binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
@@ -294,42 +410,68 @@ def _megabytes(size: str) -> int:
     return int(float(size[:-1]) * units[size[-1].lower()]) if size[-1].lower() in units else int(size) // 2**20
 
 
-class LocalPlatform:
-    """Kafka and Redis for local runs and tests, driven by :class:`LocalPlatformSettings`."""
+def wait_healthy(service, timeout: float) -> None:
+    """Block until ``service`` answers; PlatformError (with its log's tail) if it exits or
+    ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not service.healthy():
+        if service.pid() is None:
+            raise PlatformError(f"{service.name} exited during start-up:\n{service.tail()}")
+        if time.monotonic() > deadline:
+            raise PlatformError(f"{service.name} not healthy after {timeout:.0f}s:\n{service.tail()}")
+        time.sleep(0.5)
+    log.info("%s is up", service.name)
 
-    def __init__(self, settings: LocalPlatformSettings, jars_root: Path | None = None):
+
+class LocalPlatform:
+    """Kafka, Redis and the schema registry for local runs and tests, driven by
+    :class:`LocalPlatformSettings`."""
+
+    def __init__(self, settings: LocalPlatformSettings, jars_root: Path | None = None,
+                 with_registry: bool | None = None):
         root = Path(settings.root)
         self.root = root
+        jars_root = jars_root or root / "jars"
         self.kafka = KafkaBroker(
-            root, settings.kafka_port, settings.kafka_controller_port, settings.kafka_heap,
-            jars_root or root / "jars",
+            root, settings.kafka_port, settings.kafka_controller_port, settings.kafka_heap, jars_root,
         )
         self.redis = RedisServer(root, settings.redis_port)
+        self.registry = SchemaRegistry(root, settings.registry_port, settings.registry_management_port,
+                                       settings.registry_heap,
+                                       self.kafka.bootstrap, jars_root, settings.registry_java_home)
+        self.with_registry = settings.registry_enabled if with_registry is None else with_registry
 
-    def up(self, timeout: float = 120.0) -> None:
-        """Start what is not running and wait until both answer; idempotent."""
+    @property
+    def services(self) -> list[_Service]:
+        return [self.kafka, self.redis, *([self.registry] if self.with_registry else [])]
+
+    def up(self, timeout: float = 180.0) -> None:
+        """Start what is not running and wait until each answers; idempotent. The registry
+        starts once the broker answers (it keeps its schemas there)."""
         for service in (self.kafka, self.redis):
             service.start()
-        deadline = time.monotonic() + timeout
         for service in (self.kafka, self.redis):
-            while not service.healthy():
-                if service.pid() is None:
-                    raise PlatformError(f"{service.name} exited during start-up:\n{service.tail()}")
-                if time.monotonic() > deadline:
-                    raise PlatformError(f"{service.name} not healthy after {timeout:.0f}s:\n{service.tail()}")
-                time.sleep(0.5)
-            log.info("%s is up", service.name)
+            wait_healthy(service, timeout)
+        if self.with_registry:
+            self.start_registry(timeout)
+
+    def start_registry(self, timeout: float = 180.0) -> None:
+        """Start the schema registry (the broker must be up) and wait until it answers."""
+        self.registry.start()
+        wait_healthy(self.registry, timeout)
 
     def down(self) -> None:
-        """Stop both services and wait for their processes to exit."""
-        for service in (self.redis, self.kafka):
+        """Stop every service (the registry first, the broker last) and wait for each to exit."""
+        for service in (self.registry, self.redis, self.kafka):
             service.stop()
 
     def status(self) -> list[ServiceStatus]:
-        kafka_pid, redis_pid = self.kafka.pid(), self.redis.pid()
-        return [
-            ServiceStatus("kafka", kafka_pid is not None, kafka_pid, self.kafka.bootstrap,
-                          "healthy" if kafka_pid and self.kafka.healthy() else ""),
-            ServiceStatus("redis", redis_pid is not None, redis_pid, self.redis.address,
-                          "healthy" if redis_pid and self.redis.healthy() else ""),
-        ]
+        statuses = []
+        for service, address in ((self.kafka, self.kafka.bootstrap), (self.redis, self.redis.address),
+                                 (self.registry, self.registry.url)):
+            pid = service.pid()
+            if service is self.registry and pid is None and not self.with_registry:
+                continue
+            statuses.append(ServiceStatus(service.name, pid is not None, pid, address,
+                                          "healthy" if pid and service.healthy() else ""))
+        return statuses
