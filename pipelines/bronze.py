@@ -10,6 +10,7 @@ never collide with a contract's field names; contracts may not declare names in
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 
 import pyarrow as pa
@@ -126,6 +127,22 @@ def validate_records(
     )
 
 
+def check_records(
+    records: DataFrame,
+    contract: Contract,
+    rules: ValidationRules,
+    writers: Sequence | None = None,
+    batch_time: Column | None = None,
+) -> DataFrame:
+    """Validate JSON records or decode Avro ones, as the contract's ``format`` says; ``writers``
+    (the :class:`pipelines.avro_bronze.WriterSchema` versions of the subject) for Avro."""
+    if contract.format == "avro":
+        from pipelines.avro_bronze import decode_avro_records
+
+        return decode_avro_records(records, contract, rules, writers or (), batch_time)
+    return validate_records(records, contract, rules, batch_time)
+
+
 def dedupe_delay(rules: ValidationRules) -> timedelta:
     """Watermark delay of the duplicate filter: longer than any valid event can lag the stream.
 
@@ -172,10 +189,13 @@ def drop_duplicate_events(validated: DataFrame, contract: Contract, rules: Valid
 
 
 def bronze_rows(validated: DataFrame, contract: Contract) -> DataFrame:
-    """Valid records as bronze rows: the contract fields, Kafka metadata, ``ingested_at`` and
-    ``event_date`` (the UTC date of the event time, the partition column)."""
+    """Valid records as bronze rows: the contract fields, ``writer_schema_id`` and
+    ``writer_schema_version`` (Avro topics), Kafka metadata, ``ingested_at`` and ``event_date``
+    (the UTC date of the event time, the partition column)."""
     return validated.filter(F.col("error_class").isNull()).select(
         *[F.col(f.name).cast(f.spark_type) for f in contract.fields],
+        # Which registered schema wrote each Avro record (a training set can tell).
+        *(("writer_schema_id", "writer_schema_version") if contract.format == "avro" else ()),
         *BRONZE_METADATA,
         F.col("validated_at").alias("ingested_at"),
         F.to_date(F.col(contract.event_time_field)).alias("event_date"),
@@ -184,7 +204,8 @@ def bronze_rows(validated: DataFrame, contract: Contract) -> DataFrame:
 
 def dead_letter_rows(validated: DataFrame, contract: Contract) -> DataFrame:
     """Invalid records as dead-letter rows: original key/value bytes and headers, Kafka
-    coordinates, ``error_class``, ``error_reason``, the contract, ``failed_at`` (batch time)
+    coordinates, ``error_class``, ``error_reason``, ``schema_id`` (the Avro writer schema id
+    in the record's header; null for JSON and headerless records), the contract, ``failed_at`` (batch time)
     and ``failed_date`` (its UTC date, the partition column)."""
     return validated.filter(F.col("error_class").isNotNull()).select(
         "kafka_topic",
@@ -196,6 +217,8 @@ def dead_letter_rows(validated: DataFrame, contract: Contract) -> DataFrame:
         "kafka_headers",
         "error_class",
         "error_reason",
+        (F.col("writer_schema_id") if "writer_schema_id" in validated.columns
+         else F.lit(None).cast(LongType())).alias("schema_id"),
         F.lit(contract.name).alias("contract_name"),
         F.lit(contract.version).alias("contract_version"),
         F.col("validated_at").alias("failed_at"),
@@ -228,5 +251,5 @@ def dead_letter_messages(dead_letters: DataFrame) -> DataFrame:
 
 def table_schemas(spark: SparkSession, contract: Contract, rules: ValidationRules) -> tuple[StructType, StructType]:
     """The (bronze, dead-letter) table schemas for ``contract``, as the transforms produce them."""
-    validated = validate_records(spark.createDataFrame([], KAFKA_RECORD_SCHEMA), contract, rules)
+    validated = check_records(spark.createDataFrame([], KAFKA_RECORD_SCHEMA), contract, rules)
     return bronze_rows(validated, contract).schema, dead_letter_rows(validated, contract).schema

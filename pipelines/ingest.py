@@ -7,23 +7,30 @@ those of :mod:`pipelines.bronze`, the same functions a batch replay uses.
 
 from __future__ import annotations
 
+import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
-from pipelines.bronze import drop_duplicate_events, table_schemas, validate_records
-from pipelines.config import Settings, format_duration
+from pipelines.avro_bronze import NEW_WRITER_SCHEMA_MARKER, WriterSchema
+from pipelines.bronze import check_records, drop_duplicate_events, table_schemas
+from pipelines.config import ConfigError, Settings, TopicSettings, format_duration
 from pipelines.contracts import Contract
 from pipelines.monitoring import METRICS_SCHEMA, IngestReporter, ProgressListener
 from pipelines.runner import run_queries, with_trigger
+from pipelines.schema_registry import SchemaRegistry, schema_text
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
 
 log = logging.getLogger(__name__)
+
+#: A query that keeps meeting writer schemas it cannot plan for (a registry answering
+#: inconsistently) fails after this many restarts instead of looping.
+MAX_SCHEMA_RESTARTS = 5
 
 
 def validation_rules(settings: Settings) -> ValidationRules:
@@ -34,18 +41,36 @@ def validation_rules(settings: Settings) -> ValidationRules:
     )
 
 
-def bronze_stream(records: DataFrame, contract: Contract, rules: ValidationRules) -> DataFrame:
-    """Kafka records -> validated records with repeated deliveries removed (valid and invalid
-    rows together; the batch handler splits them)."""
-    return drop_duplicate_events(validate_records(records, contract, rules), contract, rules)
+def bronze_stream(records: DataFrame, contract: Contract, rules: ValidationRules,
+                  writers: Sequence[WriterSchema] = ()) -> DataFrame:
+    """Kafka records -> validated (JSON) or decoded (Avro, with the subject's ``writers``)
+    records with repeated deliveries removed (valid and invalid rows together; the batch
+    handler splits them)."""
+    return drop_duplicate_events(check_records(records, contract, rules, writers), contract, rules)
+
+
+def writer_schemas(registry: SchemaRegistry, topic: str, contract: Contract) -> list[WriterSchema]:
+    """Every version of the topic's subject, to decode with. The contract's own schema must be
+    one of them: an ingest never reads with a schema that did not pass the registry's gate."""
+    subject = TopicSettings.subject(topic)
+    versions = registry.versions(subject)
+    mine = json.loads(schema_text(contract))
+    if not any(v.parsed == mine for v in versions):
+        raise ConfigError(
+            f"contract {contract.name!r} (format avro) is not registered under {subject} "
+            f"({len(versions)} version(s) there): run `fp-contracts register` before deploying it"
+        )
+    return [WriterSchema(v.schema_id, v.version, v.schema) for v in versions]
 
 
 @dataclass
 class IngestRun:
-    """The running queries of one ingest job and their progress listener."""
+    """The running queries of one ingest job and their progress listener; ``restart`` starts a
+    query again after it stopped for a new writer schema (None for any other failure)."""
 
     queries: list[StreamingQuery]
     listener: ProgressListener
+    restart: Callable[[StreamingQuery], StreamingQuery | None] = lambda query: None
 
 
 def create_tables(spark: SparkSession, settings: Settings, topics: Sequence[str]) -> None:
@@ -76,31 +101,55 @@ def start_ingest(
     unknown = [t for t in topics if t not in settings.kafka.topics]
     if unknown:
         raise ValueError(f"topics not declared under kafka.topics: {', '.join(unknown)}")
+    avro = [t for t in topics if settings.contract_for(t).format == "avro"]
+    registry = SchemaRegistry(settings.schema_registry) if avro else None
+    for topic in avro:  # fail before anything starts if a contract is not registered
+        writer_schemas(registry, topic, settings.contract_for(topic))
     create_tables(spark, settings, topics)
     listener = ProgressListener(spark)
     metrics_table = settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
     spark.streams.addListener(listener)
-    queries = []
-    for topic in topics:
+    topic_of: dict[str, str] = {}
+    restarts: dict[str, int] = {}
+
+    def start(topic: str) -> StreamingQuery:
         contract = settings.contract_for(topic)
+        writers = writer_schemas(registry, topic, contract) if topic in avro else []
         handler = IngestBatchWriter(
-            topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic
+            topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic,
+            registry=registry,
         )
         name = f"ingest_{topic}"
         listener.register(name, IngestReporter(topic, handler, metrics_table))
-        stream = bronze_stream(read_kafka_stream(spark, settings.kafka, topic, settings.ingest), contract, rules)
+        records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest)
         writer = (
-            stream.writeStream.queryName(name)
+            bronze_stream(records, contract, rules, writers).writeStream.queryName(name)
             .foreachBatch(handler)
             .option("checkpointLocation", settings.storage.checkpoint_path("ingest", topic))
         )
-        queries.append(with_trigger(writer, available_now, settings.ingest.trigger_interval).start())
+        query = with_trigger(writer, available_now, settings.ingest.trigger_interval).start()
+        topic_of[query.id] = topic
         log.info(
-            "ingesting %s -> %s (contract %s v%d, trigger %s)", topic, settings.storage.bronze_path(topic),
-            contract.name, contract.version,
+            "ingesting %s -> %s (contract %s v%d, %s%s, trigger %s)", topic, settings.storage.bronze_path(topic),
+            contract.name, contract.version, contract.format,
+            f" writer schema ids {[w.schema_id for w in writers]}" if writers else "",
             "availableNow" if available_now else format_duration(settings.ingest.trigger_interval),
         )
-    return IngestRun(queries, listener)
+        return query
+
+    def restart(query: StreamingQuery) -> StreamingQuery | None:
+        failure = query.exception()
+        if failure is None or NEW_WRITER_SCHEMA_MARKER not in str(failure) or query.id not in topic_of:
+            return None
+        topic = topic_of.pop(query.id)
+        restarts[topic] = restarts.get(topic, 0) + 1
+        if restarts[topic] > MAX_SCHEMA_RESTARTS:
+            log.error("%s: restarted %d times for new writer schemas; giving up", topic, MAX_SCHEMA_RESTARTS)
+            return None
+        log.info("%s: a new writer schema was registered; restarting its query to decode with it", topic)
+        return start(topic)
+
+    return IngestRun([start(topic) for topic in topics], listener, restart)
 
 
 def run_ingest(
@@ -114,7 +163,7 @@ def run_ingest(
     SIGTERM/SIGINT asks for a graceful stop (the current batch finishes). Returns 0."""
     run = start_ingest(spark, settings, topics, available_now)
     try:
-        run_queries(run.queries, timeout)
+        run_queries(run.queries, timeout, restart=run.restart)
         # Progress events reach the listener asynchronously: let it record the last batches.
         run.listener.drain(run.queries, timeout=30)
     finally:

@@ -6,7 +6,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
@@ -42,9 +42,13 @@ def raise_failures(queries: Sequence[StreamingQuery]) -> None:
             raise query.exception()
 
 
-def run_queries(queries: Sequence[StreamingQuery], timeout: float | None = None) -> None:
+def run_queries(queries: list[StreamingQuery], timeout: float | None = None,
+                restart: Callable[[StreamingQuery], StreamingQuery | None] | None = None) -> None:
     """Block until every query has ended (``availableNow``), ``timeout`` seconds pass, or a
-    SIGTERM/SIGINT arrives; then stop them gracefully and raise the first failure."""
+    SIGTERM/SIGINT arrives; then stop them gracefully and raise the first failure.
+
+    ``restart(query)``, called for a query that failed, may return its replacement (started
+    from the same checkpoint), which takes its place in ``queries``; None lets it fail."""
     stop_requested = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:
@@ -54,7 +58,14 @@ def run_queries(queries: Sequence[StreamingQuery], timeout: float | None = None)
     previous = {s: signal.signal(s, request_stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         deadline = None if timeout is None else time.monotonic() + timeout
-        while any(q.isActive for q in queries) and not stop_requested.is_set():
+        while not stop_requested.is_set():
+            for i, query in enumerate(queries):
+                if restart is not None and not query.isActive and query.exception() is not None:
+                    replacement = restart(query)
+                    if replacement is not None:
+                        queries[i] = replacement
+            if not any(q.isActive for q in queries):
+                break
             if deadline is not None and time.monotonic() >= deadline:
                 break
             for query in queries:

@@ -56,9 +56,8 @@ class IdLookup:
 
 
 class SchemaRegistry:
-    """A thin, cached client over confluent-kafka's ``SchemaRegistryClient``. Network failures
-    and server errors raise :class:`RegistryUnavailable`; answers are cached per instance
-    (schema ids are immutable; subject listings are not cached)."""
+    """A thin client over confluent-kafka's ``SchemaRegistryClient``. Network failures and
+    server errors raise :class:`RegistryUnavailable`."""
 
     def __init__(self, settings: SchemaRegistrySettings):
         from confluent_kafka.schema_registry import SchemaRegistryClient
@@ -66,7 +65,7 @@ class SchemaRegistry:
         self.settings = settings
         self.url = settings.url
         self.client = SchemaRegistryClient(settings.client_config())
-        self._ids: dict[int, IdLookup] = {}
+        self._schemas: dict[int, str] = {}
         self._lock = threading.Lock()
 
     def _call(self, what: str, fn, *args, not_found: Any = ..., **kwargs):
@@ -94,21 +93,21 @@ class SchemaRegistry:
         return found
 
     def lookup_id(self, schema_id: int) -> IdLookup:
-        """The schema and subjects of ``schema_id`` (cached; an unknown id gives an empty lookup,
-        cached too: ids are never reused)."""
+        """The schema and the subjects of ``schema_id`` (an unknown id gives an empty lookup).
+        The schema text of an id never changes and is cached; its subjects can grow (the same
+        schema registered under another subject shares the id) and are asked every time."""
         with self._lock:
-            if schema_id in self._ids:
-                return self._ids[schema_id]
-        schema = self._call(f"schema id {schema_id}", self.client.get_schema, schema_id, not_found=None)
-        versions: tuple[tuple[str, int], ...] = ()
-        if schema is not None:
-            listed = self._call(f"subjects of schema id {schema_id}", self.client.get_schema_versions,
-                                schema_id, not_found=[])
-            versions = tuple((v.subject, v.version) for v in listed)
-        lookup = IdLookup(schema_id, schema.schema_str if schema is not None else None, versions)
-        with self._lock:
-            self._ids[schema_id] = lookup
-        return lookup
+            schema = self._schemas.get(schema_id)
+        if schema is None:
+            found = self._call(f"schema id {schema_id}", self.client.get_schema, schema_id, not_found=None)
+            if found is None:
+                return IdLookup(schema_id, None)
+            schema = found.schema_str
+            with self._lock:
+                self._schemas[schema_id] = schema
+        listed = self._call(f"subjects of schema id {schema_id}", self.client.get_schema_versions,
+                            schema_id, not_found=[])
+        return IdLookup(schema_id, schema, tuple((v.subject, v.version) for v in listed))
 
     def compatibility(self, subject: str) -> str | None:
         """The level the registry applies to ``subject`` (its own or the global one)."""

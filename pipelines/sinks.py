@@ -56,15 +56,39 @@ def current_version(spark: SparkSession, path: str) -> int:
 
 
 def ensure_delta_table(spark: SparkSession, path: str, schema: StructType, partition_by: Sequence[str] = ()) -> None:
-    """Create the Delta table at ``path`` if it does not exist.
+    """Create the Delta table at ``path`` if it does not exist; an existing one gains the
+    columns of ``schema`` it lacks (:func:`add_missing_columns`).
 
     Tables are created before the queries start: two queries creating the same table (the
     shared dead-letter and metrics tables) in their first batches would conflict.
     """
+    if DeltaTable.isDeltaTable(spark, path):
+        add_missing_columns(spark, path, schema)
+        return
     builder = DeltaTable.createIfNotExists(spark).location(path).addColumns(schema)
     if partition_by:
         builder = builder.partitionedBy(*partition_by)
     builder.execute()
+
+
+def add_missing_columns(spark: SparkSession, path: str, schema: StructType) -> list[str]:
+    """Add to the Delta table at ``path`` the columns of ``schema`` it lacks (nullable: rows
+    written before read null), as when a contract gains an optional field; returns their names.
+    Columns the table has and ``schema`` does not are kept (later rows hold null there). A
+    column whose type differs fails with the table, the column and both types named."""
+    # Types compared without nullability (simpleString leaves it out).
+    existing = {f.name: f.dataType.simpleString() for f in spark.read.format("delta").load(path).schema.fields}
+    clashes = [f"{f.name}: table has {existing[f.name]}, now {f.dataType.simpleString()}"
+               for f in schema.fields if f.name in existing and existing[f.name] != f.dataType.simpleString()]
+    if clashes:
+        raise ValueError(f"Delta table {path}: column types changed ({'; '.join(clashes)}); "
+                         "a type change needs a new table or a rewrite, not an append")
+    missing = [f for f in schema.fields if f.name not in existing]
+    if missing:
+        columns = ", ".join(f"`{f.name}` {f.dataType.simpleString()}" for f in missing)
+        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS ({columns})")
+        log.info("added column(s) %s to %s", ", ".join(f.name for f in missing), path)
+    return [f.name for f in missing]
 
 
 def publish_to_kafka(messages: DataFrame, kafka: KafkaSettings, topic: str) -> None:
@@ -101,8 +125,11 @@ class IngestBatchWriter:
     """
 
     def __init__(self, topic: str, contract: Contract, kafka: KafkaSettings, storage: StorageSettings,
-                 publish_dead_letters: bool = True):
+                 publish_dead_letters: bool = True, registry=None):
         self.topic = topic
+        #: For Avro topics: the :class:`pipelines.schema_registry.SchemaRegistry` that resolves
+        #: schema ids the query did not know when it started.
+        self.registry = registry
         self.contract = contract
         self.kafka = kafka
         self.storage = storage
@@ -127,8 +154,11 @@ class IngestBatchWriter:
         look-up in the dead-letter table, made only when the batch id could be a replay.
         """
         started = time.monotonic()
-        batch = batch.persist(StorageLevel.MEMORY_AND_DISK)
+        cached = batch.persist(StorageLevel.MEMORY_AND_DISK)
+        batch = cached
         try:
+            if self.contract.format == "avro":
+                batch = self._resolve_schema_ids(batch)
             counts = {
                 row["valid"]: row["n"]
                 for row in batch.groupBy(F.col("error_class").isNull().alias("valid"))
@@ -158,7 +188,7 @@ class IngestBatchWriter:
                 finally:
                     dead_letters.unpersist()
         finally:
-            batch.unpersist()
+            cached.unpersist()
         log.debug("%s batch %d: read+validate+dedupe %.1fs, bronze %.1fs, dead letters %.1fs", self.topic, batch_id,
                   counted - started, bronze_written - counted, time.monotonic() - bronze_written)
         self._last_batch_id = batch_id if self._last_batch_id is None else max(self._last_batch_id, batch_id)
@@ -166,6 +196,21 @@ class IngestBatchWriter:
         with self._lock:
             self.results[batch_id] = result
         return result
+
+    def _resolve_schema_ids(self, batch: DataFrame) -> DataFrame:
+        """Ask the registry about the ids the query could not decode (raises if it cannot be
+        reached, or if an id is a new version of this topic's subject: see
+        :mod:`pipelines.avro_bronze`)."""
+        from pipelines.avro_bronze import resolve_unknown_ids, unresolved_ids
+        from pipelines.config import TopicSettings
+
+        ids = unresolved_ids(batch)
+        if not ids:
+            return batch
+        if self.registry is None:
+            raise RuntimeError(f"{self.topic}: records with unknown schema ids and no registry to ask")
+        lookups = {schema_id: self.registry.lookup_id(schema_id) for schema_id in ids}
+        return resolve_unknown_ids(batch, lookups, TopicSettings.subject(self.topic))
 
     def _already_dead_lettered(self, dead_letters: DataFrame, expected: int) -> bool:
         """True if every row of this batch is already in the dead-letter table (a replay)."""
