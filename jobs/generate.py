@@ -1,5 +1,7 @@
 """Produce realistic transactions and fraud labels to Kafka, with late, out-of-order, duplicate
 and bad records injected at configurable rates; prints (and optionally writes) what it sent.
+Topics whose contract has ``format: avro`` get Confluent-framed Avro (the contract's schema must
+be registered: ``fp-contracts register``), the others JSON.
 
 Usage: python jobs/generate.py --env local --count 10000 [--seed 7] [--summary-file sent.json]
        (console script: fp-generate)
@@ -16,8 +18,7 @@ from pathlib import Path
 
 from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.config import ConfigError, parse_duration
-from pipelines.generator import GeneratorSpec, generate, produce
-from pipelines.validation import ERROR_CLASSES
+from pipelines.generator import ALL_ERROR_CLASSES, AvroEncoder, GeneratorSpec, generate, produce
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -36,8 +37,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--out-of-order-rate", type=float, default=0.05)
     parser.add_argument("--duplicate-rate", type=float, default=0.01)
     parser.add_argument("--bad-rate", type=float, default=0.02, help="split evenly over --bad-classes")
-    parser.add_argument("--bad-classes", default=",".join(ERROR_CLASSES),
-                        help="comma-separated error classes to inject (default: all)")
+    parser.add_argument("--bad-classes", default=",".join(ALL_ERROR_CLASSES),
+                        help="comma-separated error classes to inject (default: every class the "
+                             "topic's format can have)")
     parser.add_argument("--label-rate", type=float, default=0.2)
     parser.add_argument("--transactions-topic", default="transactions", help="topic for transactions")
     parser.add_argument("--labels-topic", default="labels", help="topic for labels")
@@ -57,6 +59,12 @@ def main(argv: list[str] | None = None) -> int:
             count = int(args.rate * parse_duration(args.duration, "--duration").total_seconds())
         if args.end is not None and args.end.tzinfo is None:
             raise ValueError("--end: give a UTC offset, e.g. 2026-11-23T10:00:00+00:00")
+        topic_names = {"transactions": args.transactions_topic, "labels": args.labels_topic}
+        # Each logical topic's contract: its physical topic's if declared, else its own.
+        contracts = {logical: settings.contract_for(physical if physical in settings.kafka.topics else logical)
+                     for logical, physical in topic_names.items()}
+        avro = {t: c for t, c in contracts.items() if c.format == "avro"}
+        encoder = AvroEncoder(settings.schema_registry, avro, topic_names) if avro else None
         spec = GeneratorSpec(
             count=count, accounts=args.accounts, merchants=args.merchants, seed=args.seed,
             end=args.end, span=parse_duration(args.span, "--span"), rate=args.rate,
@@ -64,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             duplicate_rate=args.duplicate_rate, bad_rate=args.bad_rate,
             bad_classes=tuple(c for c in args.bad_classes.split(",") if c),
             label_rate=args.label_rate,
+            avro_topics=frozenset(t for t, contract in contracts.items() if contract.format == "avro"),
             max_event_age=settings.ingest.max_event_age,
             future_tolerance=settings.ingest.future_tolerance,
             max_value_bytes=settings.ingest.max_value_bytes,
@@ -71,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    summary = produce(
-        generate(spec), settings.kafka.client_properties(), rate=args.rate,
-        topic_names={"transactions": args.transactions_topic, "labels": args.labels_topic},
-    )
+    summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate,
+                      topic_names=topic_names, encoder=encoder)
     print(summary.table())
     if args.summary_file:
         args.summary_file.parent.mkdir(parents=True, exist_ok=True)

@@ -46,19 +46,18 @@ from pyspark.sql import functions as F
 from pyspark.sql.avro.functions import from_avro
 from pyspark.sql.types import IntegerType, LongType, TimestampType
 
-from pipelines.avro_contracts import TRUNCATED_HEADER, WRONG_MAGIC_BYTE, avro_schema, wire_header
+from pipelines.avro_contracts import (
+    CORRUPT_PAYLOAD,
+    SUBJECT_MISMATCH,
+    UNKNOWN_SCHEMA_ID,
+    avro_schema,
+    wire_header,
+)
 from pipelines.contracts import Contract
 from pipelines.validation import ValidationRules, _human
 
-UNKNOWN_SCHEMA_ID = "avro_unknown_schema_id"
-SUBJECT_MISMATCH = "avro_subject_mismatch"
-CORRUPT_PAYLOAD = "avro_corrupt_payload"
 #: Provisional class of an id not known when the query started; never written.
 UNRESOLVED = "avro_unresolved_schema_id"
-#: Dead-letter classes of Avro topics that JSON topics do not have.
-AVRO_ERROR_CLASSES = (TRUNCATED_HEADER, WRONG_MAGIC_BYTE, UNKNOWN_SCHEMA_ID, SUBJECT_MISMATCH, CORRUPT_PAYLOAD)
-#: Record-level classes that apply to decoded Avro records too.
-AVRO_RECORD_CLASSES = ("null_field", "wrong_type", "negative_value", "future_event_time", "stale_event_time")
 #: A marker in the exception text, found again in the StreamingQueryException that wraps it.
 NEW_WRITER_SCHEMA_MARKER = "NEW_WRITER_SCHEMA"
 

@@ -6,7 +6,15 @@ records in the same order. Besides clean events it injects, each at its own rate
 * late events: event time well behind the stream (still inside ``max_event_age``: valid);
 * out-of-order events: event time a little behind the previous ones (valid);
 * duplicate deliveries: the exact bytes of an earlier valid record sent again a little later;
-* bad records of every class in :data:`pipelines.validation.ERROR_CLASSES`, spread evenly.
+* bad records of every class in :data:`pipelines.validation.ERROR_CLASSES`, spread evenly;
+  for topics produced as Avro (``avro_topics``), the Avro classes of
+  :data:`pipelines.avro_contracts.AVRO_ERROR_CLASSES` and the record-level classes a decoded
+  record can still have (:data:`~pipelines.avro_contracts.AVRO_RECORD_CLASSES`).
+
+Avro records leave :func:`generate` as events (``value`` None); :class:`AvroEncoder` turns them
+into the Confluent wire format at :func:`produce` time, with confluent-kafka's serializer and the
+schema registered for the contract (it never registers one itself), and builds the Avro bad
+classes from a correctly framed record.
 
 Labels (fraud outcomes) follow a sample of the valid transactions, ``label_delay`` later, and
 are sent when the stream's clock passes their label time; labels not yet due at ``end`` are
@@ -18,6 +26,7 @@ average, one below 0.3x, so that the rate averages about ``fraud_rate``. Every r
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import json
 import logging
@@ -29,7 +38,20 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
+from pipelines.avro_contracts import (
+    AVRO_ERROR_CLASSES,
+    AVRO_RECORD_CLASSES,
+    CORRUPT_PAYLOAD,
+    SUBJECT_MISMATCH,
+    TRUNCATED_HEADER,
+    UNKNOWN_SCHEMA_ID,
+    WRONG_MAGIC_BYTE,
+    encode_wire,
+)
 from pipelines.validation import ERROR_CLASSES
+
+#: Every class the generator can inject.
+ALL_ERROR_CLASSES = ERROR_CLASSES + AVRO_ERROR_CLASSES
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +90,9 @@ class GeneratorSpec:
     out_of_order_by: timedelta = timedelta(minutes=2)
     duplicate_rate: float = 0.01
     bad_rate: float = 0.02
-    bad_classes: tuple[str, ...] = ERROR_CLASSES
+    bad_classes: tuple[str, ...] = ALL_ERROR_CLASSES
+    #: Logical topics (transactions, labels) produced as Avro; the others as JSON.
+    avro_topics: frozenset[str] = frozenset()
     label_rate: float = 0.2
     fraud_rate: float = 0.03
     label_delay: tuple[timedelta, timedelta] = (timedelta(hours=1), timedelta(days=2))
@@ -78,7 +102,7 @@ class GeneratorSpec:
     max_value_bytes: int = 65_536
 
     def __post_init__(self) -> None:
-        unknown = set(self.bad_classes) - set(ERROR_CLASSES)
+        unknown = set(self.bad_classes) - set(ALL_ERROR_CLASSES)
         if unknown:
             raise ValueError(f"bad_classes: unknown error classes {sorted(unknown)}")
         for name in ("late_rate", "out_of_order_rate", "duplicate_rate", "bad_rate", "label_rate", "fraud_rate"):
@@ -94,11 +118,14 @@ class GeneratorSpec:
 class Record:
     topic: str
     key: bytes
-    value: bytes
+    #: The bytes to send; None for an Avro record, encoded by :class:`AvroEncoder` from ``event``.
+    value: bytes | None
     #: valid, late, out_of_order, duplicate, or an error class.
     kind: str
     #: The event id of valid kinds and duplicates (None for bad records).
     event_id: str | None = None
+    #: The event as sent (Avro records; for a bad record, the event it was made from).
+    event: Mapping | None = None
 
 
 @dataclass
@@ -117,7 +144,7 @@ class GeneratorSummary:
         return sum(self.counts[topic][k] for k in VALID_KINDS)
 
     def expected_dead_letters(self, topic: str) -> dict[str, int]:
-        return {k: n for k, n in self.counts[topic].items() if k in ERROR_CLASSES and n}
+        return {k: n for k, n in self.counts[topic].items() if k in ALL_ERROR_CLASSES and n}
 
     def duplicates(self, topic: str) -> int:
         return self.counts[topic][DUPLICATE]
@@ -165,11 +192,38 @@ class _Corruptor:
         self.spec, self.end, self.rng = spec, end, rng
 
     def supports(self, topic: str, error_class: str) -> bool:
-        return not (error_class == "negative_value" and topic != TRANSACTIONS)
+        if error_class == "negative_value" and topic != TRANSACTIONS:
+            return False
+        if topic in self.spec.avro_topics:
+            # null_field and wrong_type cannot be written by a serializer that checks types.
+            return error_class in AVRO_ERROR_CLASSES or error_class in AVRO_RECORD_CLASSES[2:]
+        return error_class in ERROR_CLASSES
+
+    def bad_record(self, topic: str, key: bytes, event: dict, error_class: str) -> Record:
+        """A bad record of ``error_class`` made from a valid ``event``."""
+        if topic not in self.spec.avro_topics:
+            return Record(topic, key, self.corrupt(topic, event, error_class), error_class)
+        if error_class in AVRO_RECORD_CLASSES:
+            event = self.corrupt_event(topic, event, error_class)
+        # Avro classes: the encoder frames the valid event, then breaks the frame.
+        return Record(topic, key, None, error_class, event=event)
+
+    def corrupt_event(self, topic: str, event: dict, error_class: str) -> dict:
+        """The event with the field-level fault of ``error_class`` (record-level classes)."""
+        event = dict(event)
+        time_field = "event_time" if topic == TRANSACTIONS else "label_time"
+        if error_class == "negative_value":
+            event["amount_usd"] = -round(event["amount_usd"] + 0.01, 2)
+        elif error_class == "future_event_time":
+            event[time_field] = _iso(self.end + self.spec.max_event_age + timedelta(days=30))
+        elif error_class == "stale_event_time":
+            event[time_field] = _iso(self.end - self.spec.max_event_age - timedelta(days=1))
+        else:
+            raise ValueError(f"{error_class} is not a field-level fault")
+        return event
 
     def corrupt(self, topic: str, event: dict, error_class: str) -> bytes:
         event = dict(event)
-        time_field = "event_time" if topic == TRANSACTIONS else "label_time"
         if error_class == "oversize":
             padding = " " * (self.spec.max_value_bytes + 64)
             return _dumps(event)[:-1] + padding.encode() + b"}"
@@ -195,12 +249,8 @@ class _Corruptor:
                 event["amount_usd"] = f"{event['amount_usd']:.2f}"  # a quoted number is a string
             else:
                 event["is_fraud"] = "false"
-        elif error_class == "negative_value":
-            event["amount_usd"] = -round(event["amount_usd"] + 0.01, 2)
-        elif error_class == "future_event_time":
-            event[time_field] = _iso(self.end + self.spec.max_event_age + timedelta(days=30))
-        elif error_class == "stale_event_time":
-            event[time_field] = _iso(self.end - self.spec.max_event_age - timedelta(days=1))
+        elif error_class in ("negative_value", "future_event_time", "stale_event_time"):
+            event = self.corrupt_event(topic, event, error_class)
         return _dumps(event)
 
 
@@ -218,6 +268,11 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
     pending_labels: list[tuple[datetime, int, str, dict]] = []  # (label time, tiebreak, key, event)
     sequence = 0
 
+    def valid_record(topic: str, key: bytes, event: dict, kind: str, event_id: str) -> Record:
+        if topic in spec.avro_topics:
+            return Record(topic, key, None, kind, event_id, event)
+        return Record(topic, key, _dumps(event), kind, event_id)
+
     def bad_class_for(topic: str) -> str | None:
         classes = [c for c in spec.bad_classes if corruptor.supports(topic, c)]
         if not classes:
@@ -230,9 +285,9 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
         while pending_labels and pending_labels[0][0] <= now:
             _, _, key, label = heapq.heappop(pending_labels)
             if spec.bad_rate and rng.random() < spec.bad_rate and (error_class := bad_class_for(LABELS)):
-                yield Record(LABELS, key.encode(), corruptor.corrupt(LABELS, label, error_class), error_class)
+                yield corruptor.bad_record(LABELS, key.encode(), label, error_class)
             else:
-                yield Record(LABELS, key.encode(), _dumps(label), "valid", label["transaction_id"])
+                yield valid_record(LABELS, key.encode(), label, "valid", label["transaction_id"])
 
     for i in range(spec.count):
         stream_time = start + spec.span * (i / max(spec.count - 1, 1))
@@ -267,13 +322,14 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
         key = account.encode()
 
         if spec.bad_rate and rng.random() < spec.bad_rate and (error_class := bad_class_for(TRANSACTIONS)):
-            yield Record(TRANSACTIONS, key, corruptor.corrupt(TRANSACTIONS, event, error_class), error_class)
+            yield corruptor.bad_record(TRANSACTIONS, key, event, error_class)
             continue
-        record = Record(TRANSACTIONS, key, _dumps(event), kind, event["transaction_id"])
+        record = valid_record(TRANSACTIONS, key, event, kind, event["transaction_id"])
         yield record
         if rng.random() < spec.duplicate_rate:
             sequence += 1
-            duplicate = Record(TRANSACTIONS, key, record.value, DUPLICATE, record.event_id)
+            # The same bytes again (an Avro event encodes to the same bytes).
+            duplicate = dataclasses.replace(record, kind=DUPLICATE)
             heapq.heappush(pending_duplicates, (i + rng.randint(1, 500), sequence, duplicate))
         if rng.random() < spec.label_rate:
             delay = rng.uniform(spec.label_delay[0].total_seconds(), spec.label_delay[1].total_seconds())
@@ -293,13 +349,93 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
         yield heapq.heappop(pending_duplicates)[2]
 
 
+#: A schema id no registry hands out soon (ids count up from 1): the unknown-id fault.
+UNKNOWN_ID = 2**31 - 7
+
+
+class AvroEncoder:
+    """Encodes the Avro records of :func:`generate` in the Confluent wire format with
+    confluent-kafka's ``AvroSerializer``, using the schema registered for each topic's contract
+    (``auto.register.schemas`` off: a producer cannot ship a schema that did not pass the gate),
+    and breaks the frame of the Avro fault classes.
+
+    ``contracts``: logical topic -> contract; ``topic_names``: logical -> physical topic.
+    """
+
+    def __init__(self, registry_settings, contracts: Mapping[str, object], topic_names: Mapping[str, str]):
+        from confluent_kafka.schema_registry.avro import AvroSerializer
+
+        from pipelines.schema_registry import SchemaRegistry, schema_text
+
+        self.registry = SchemaRegistry(registry_settings)
+        self.contracts = dict(contracts)
+        self.topic_names = dict(topic_names)
+        self.serializers = {
+            logical: AvroSerializer(self.registry.client, schema_text(contract),
+                                    conf={"auto.register.schemas": False, "normalize.schemas": False})
+            for logical, contract in self.contracts.items()
+        }
+        self._foreign_ids: dict[str, int] = {}
+
+    def _values(self, contract, event: Mapping) -> dict:
+        """The event as the contract's Avro record: its fields only, timestamps as datetimes."""
+        values = {}
+        for spec in contract.fields:
+            value = event.get(spec.name)
+            if spec.type == "timestamp" and isinstance(value, str):
+                value = datetime.fromisoformat(value.replace("Z", "+00:00"))
+            values[spec.name] = value
+        return values
+
+    def foreign_id(self, logical: str) -> int:
+        """The id of a schema registered under a subject other than ``logical``'s (the
+        subject-mismatch fault): another Avro topic's, else any other subject's."""
+        if logical not in self._foreign_ids:
+            from pipelines.config import TopicSettings
+
+            mine = TopicSettings.subject(self.topic_names.get(logical, logical))
+            own_ids = {v.schema_id for v in self.registry.versions(mine)}
+            others = [TopicSettings.subject(self.topic_names.get(t, t)) for t in self.contracts if t != logical]
+            others += sorted(s for s in self.registry.client.get_subjects() if s != mine and s not in others)
+            for subject in others:
+                ids = [v.schema_id for v in self.registry.versions(subject) if v.schema_id not in own_ids]
+                if ids:
+                    self._foreign_ids[logical] = ids[-1]
+                    break
+            else:
+                raise ValueError(f"{SUBJECT_MISMATCH} needs a schema registered under a subject other than {mine}")
+        return self._foreign_ids[logical]
+
+    def encode(self, record: Record) -> bytes:
+        from confluent_kafka.serialization import MessageField, SerializationContext
+
+        topic = self.topic_names.get(record.topic, record.topic)
+        contract = self.contracts[record.topic]
+        framed = self.serializers[record.topic](self._values(contract, record.event),
+                                                SerializationContext(topic, MessageField.VALUE))
+        body = framed[5:]
+        if record.kind == WRONG_MAGIC_BYTE:
+            return b"\x01" + framed[1:]
+        if record.kind == TRUNCATED_HEADER:
+            return framed[:3]
+        if record.kind == UNKNOWN_SCHEMA_ID:
+            return encode_wire(UNKNOWN_ID, body)
+        if record.kind == CORRUPT_PAYLOAD:
+            return framed[: 5 + len(body) // 2]  # the body cut in half: decoding runs out of bytes
+        if record.kind == SUBJECT_MISMATCH:
+            return encode_wire(self.foreign_id(record.topic), body)
+        return framed
+
+
 def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate: float = 0.0,
-            topic_names: Mapping[str, str] | None = None, progress_every: int = 100_000) -> GeneratorSummary:
+            topic_names: Mapping[str, str] | None = None, progress_every: int = 100_000,
+            encoder: AvroEncoder | None = None) -> GeneratorSummary:
     """Send ``records`` with an idempotent producer (no retry duplicates); every delivery is
     confirmed before returning, and any failed delivery raises.
 
     ``topic_names`` maps the generator's logical topics (transactions, labels) to the topics
-    to write; the summary counts by the topics written.
+    to write; the summary counts by the topics written. Avro records (``value`` None) are
+    encoded by ``encoder``.
     """
     topic_names = topic_names or {}
     from confluent_kafka import Producer
@@ -325,9 +461,14 @@ def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate:
     started = time.monotonic()
     for n, record in enumerate(records, 1):
         topic = topic_names.get(record.topic, record.topic)
+        value = record.value
+        if value is None:
+            if encoder is None:
+                raise ValueError(f"{record.topic}: an Avro record and no AvroEncoder to encode it")
+            value = encoder.encode(record)
         while True:
             try:
-                producer.produce(topic, value=record.value, key=record.key, on_delivery=on_delivery)
+                producer.produce(topic, value=value, key=record.key, on_delivery=on_delivery)
                 break
             except BufferError:
                 producer.poll(0.1)

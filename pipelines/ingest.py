@@ -3,6 +3,12 @@
 Each query has its own checkpoint (``<storage.root>/_checkpoints/ingest/<topic>``) and its own
 ``foreachBatch`` handler (:class:`pipelines.sinks.IngestBatchWriter`). The transforms are
 those of :mod:`pipelines.bronze`, the same functions a batch replay uses.
+
+Avro topics (contract ``format: avro``) are decoded with every version of their subject as
+writer schemas, fetched when the query starts (the contract's own schema must be one of them).
+A record framed with a version registered later stops the query with a marked failure; the
+ingest restarts it from its checkpoint with the new version, so the batch is decoded, exactly
+once, by the restarted query (:mod:`pipelines.avro_bronze`).
 """
 
 from __future__ import annotations

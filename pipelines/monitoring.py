@@ -312,7 +312,12 @@ class ProgressListener(StreamingQueryListener):
         pass
 
     def onQueryTerminated(self, event: Any) -> None:
-        if event.exception:
+        from pipelines.avro_bronze import NEW_WRITER_SCHEMA_MARKER
+
+        if event.exception and NEW_WRITER_SCHEMA_MARKER in event.exception:
+            # Not a failure: the ingest restarts the query to decode a newly registered schema.
+            log.info("query %s stopped for a new writer schema (it restarts)", event.id)
+        elif event.exception:
             log.error("query %s failed: %s", event.id, event.exception)
         else:
             log.info("query %s stopped", event.id)
