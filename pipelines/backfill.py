@@ -235,7 +235,7 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
         log.info("%s: replaying %d records (%s)", topic, total,
                  ", ".join(f"p{r.partition} {r.start}..{r.end}" for r in ranges))
         validated = replay_validated(read_kafka_range(spark, settings, topic, ranges, source.allow_gap),
-                                     contract, settings).persist(StorageLevel.MEMORY_AND_DISK)
+                                     contract, settings, topic).persist(StorageLevel.MEMORY_AND_DISK)
         checkpoint = settings.storage.checkpoint_path("ingest", topic)
         if path_exists(spark, checkpoint):
             # The ingest's verdict stands for every record it consumed or will consume: adding

@@ -40,8 +40,8 @@ from pyspark.sql.types import (
     TimestampType,
 )
 
-from pipelines.bronze import dead_letter_rows, drop_duplicate_events, table_schemas, validate_records
-from pipelines.config import Settings
+from pipelines.bronze import check_records, dead_letter_rows, drop_duplicate_events, table_schemas, validate_records
+from pipelines.config import Settings, TopicSettings
 from pipelines.contracts import Contract
 from pipelines.kafka_admin import offsets_for_times, topic_offsets
 from pipelines.sinks import current_version, ensure_delta_table
@@ -254,14 +254,35 @@ def read_kafka_range(spark: SparkSession, settings: Settings, topic: str, ranges
     return reader.load()
 
 
-def replay_validated(records: DataFrame, contract: Contract, settings: Settings) -> DataFrame:
-    """Kafka records -> validated, deduplicated rows (valid and invalid), validated at each
-    record's Kafka timestamp."""
+def replay_validated(records: DataFrame, contract: Contract, settings: Settings, topic: str) -> DataFrame:
+    """Kafka records -> validated (JSON) or decoded (Avro) and deduplicated rows (valid and
+    invalid), checked at each record's Kafka timestamp. Avro records are decoded with every
+    version of the topic's subject; ids not among them are asked of the registry (a version
+    registered during the replay is fetched and the records decoded again, once)."""
     from pipelines.ingest import validation_rules
 
     rules = validation_rules(settings)
-    validated = validate_records(records, contract, rules, batch_time=F.col("kafka_timestamp"))
-    return drop_duplicate_events(validated, contract, rules)
+    batch_time = F.col("kafka_timestamp")
+    if contract.format != "avro":
+        return drop_duplicate_events(validate_records(records, contract, rules, batch_time=batch_time), contract, rules)
+
+    from pipelines.avro_bronze import NewWriterSchema, resolve_unknown_ids, unresolved_ids
+    from pipelines.ingest import writer_schemas
+    from pipelines.schema_registry import SchemaRegistry
+
+    registry = SchemaRegistry(settings.schema_registry)
+    subject = TopicSettings.subject(topic)
+    for attempt in (1, 2):
+        checked = check_records(records, contract, rules, writer_schemas(registry, topic, contract), batch_time)
+        lookups = {schema_id: registry.lookup_id(schema_id) for schema_id in unresolved_ids(checked)}
+        try:
+            checked = resolve_unknown_ids(checked, lookups, subject)
+            break
+        except NewWriterSchema:
+            if attempt == 2:
+                raise
+            log.info("%s: a version registered during the replay: decoding again with it", topic)
+    return drop_duplicate_events(checked, contract, rules)
 
 
 def merge_dead_letters(spark: SparkSession, settings: Settings, validated: DataFrame, contract: Contract) -> int:

@@ -180,3 +180,28 @@ def test_schema_evolution_and_faults_through_one_running_stream(spark, registry,
     reasons = {r.error_class: r.error_reason for r in letters}
     assert reasons[UNKNOWN_SCHEMA_ID] == f"schema id {UNKNOWN_ID} is not in the schema registry"
     assert reasons[SUBJECT_MISMATCH].startswith(f"schema id {ids[SUBJECT_MISMATCH]} is registered under {lb}-value")
+
+
+def test_a_kafka_replay_decodes_avro_and_asks_the_registry_about_unknown_ids(spark, registry, isolated, tmp_path):
+    from pipelines.batch_sources import replay_validated
+
+    s = isolated(conf=avro_labels(contract_conf(tmp_path / "conf")))
+    tx, lb = s.ingest.topics
+    client = SchemaRegistry(s.schema_registry)
+    for topic in (tx, lb):
+        register_subject(client, s, topic)
+    sent = Sent(AvroEncoder(s.schema_registry, {"transactions": s.contract_for(tx), "labels": s.contract_for(lb)},
+                            topic_names(s)))
+    summary = produce(generate(GeneratorSpec(count=60, seed=5, bad_rate=0.3, bad_classes=AVRO_ERROR_CLASSES,
+                                             duplicate_rate=0.1, label_rate=0.0, avro_topics=BOTH)),
+                      s.kafka.client_properties(), topic_names=topic_names(s), encoder=sent)
+    reader = spark.read.format("kafka").option("subscribe", tx).option("includeHeaders", "true")
+    for key, value in s.kafka.spark_options().items():
+        reader = reader.option(key, value)
+    checked = replay_validated(reader.load(), s.contract_for(tx), s, tx)
+    by_class = Counter(r.error_class for r in checked.filter("error_class IS NOT NULL").collect())
+    assert by_class == Counter(summary.expected_dead_letters(tx))
+    assert set(by_class) == set(AVRO_ERROR_CLASSES)
+    valid = checked.filter("error_class IS NULL")
+    assert sorted(r.transaction_id for r in valid.collect()) == sorted(sent.events)
+    assert valid.filter("writer_schema_version = 1").count() == valid.count()
