@@ -41,6 +41,8 @@ def views_from_args(text: str | None, settings: Settings) -> list:
 def configure_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("py4j").setLevel(logging.WARNING)
+    # One line per schema-registry request otherwise.
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def run_batch_job(name: str, body) -> int:

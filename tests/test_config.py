@@ -124,3 +124,40 @@ def test_malformed_override_is_rejected():
 def test_bad_feature_settings_name_the_key(features, message):
     with pytest.raises(ConfigError, match=message):
         load_settings("local", CONF, {"features": features})
+
+
+def test_registry_credentials_come_from_the_environment(monkeypatch):
+    settings = load_settings("dev", CONF)
+    assert settings.schema_registry.url == "https://schema-registry-dev.internal/apis/ccompat/v7"
+    monkeypatch.delenv("SCHEMA_REGISTRY_BASIC_AUTH", raising=False)
+    with pytest.raises(ConfigError, match="schema_registry.basic_auth_env: environment variable "
+                                          "SCHEMA_REGISTRY_BASIC_AUTH is not set"):
+        settings.schema_registry.client_config()
+    monkeypatch.setenv("SCHEMA_REGISTRY_BASIC_AUTH", "key:secret")
+    assert settings.schema_registry.client_config()["basic.auth.user.info"] == "key:secret"
+
+
+def test_the_local_registry_url_follows_its_port():
+    settings = load_settings("local", CONF, {"local": {"registry_port": 18081}})
+    assert settings.schema_registry.url == "http://127.0.0.1:18081/apis/ccompat/v7"
+
+
+def test_an_unknown_compatibility_level_is_named():
+    with pytest.raises(ConfigError, match="schema_registry.subject_compatibility.transactions-value: 'FULLY' "
+                                          "is not one of BACKWARD"):
+        load_settings("local", CONF, {"schema_registry": {"subject_compatibility": {"transactions-value": "FULLY"}}})
+
+
+def test_an_avro_topic_needs_a_registry_url(tmp_path):
+    from tests.support import contract_conf
+
+    conf = contract_conf(tmp_path / "conf")
+    with pytest.raises(ConfigError, match="schema_registry.url: not set, and topic 'transactions' carries Avro"):
+        load_settings("local", conf, {"local": {"registry_enabled": False}})
+
+
+def test_a_contract_format_is_json_or_avro(tmp_path):
+    from tests.support import contract_conf
+
+    with pytest.raises(ConfigError, match="transactions.yaml: format: 'protobuf' is not one of json, avro"):
+        load_settings("local", contract_conf(tmp_path / "conf", transactions_format="protobuf"))

@@ -6,7 +6,9 @@ from datetime import timedelta
 
 from chispa import assert_df_equality
 from delta.tables import DeltaTable
+import pytest
 from pyspark.sql import functions as F
+from pyspark.sql.types import LongType, StringType, StructField, StructType
 
 from pipelines.bronze import drop_duplicate_events, validate_records
 from pipelines.kafka_admin import topic_offsets
@@ -70,3 +72,16 @@ def test_a_new_app_id_is_a_new_writer_not_a_replay(spark, isolated):
     writer.write_batch(batch, 0, "ingest:test:old-checkpoint")
     writer.write_batch(batch, 0, "ingest:test:new-checkpoint")
     assert spark.read.format("delta").load(settings.storage.bronze_path(topic)).count() == 4
+
+
+def test_an_existing_table_gains_new_columns_and_refuses_a_type_change(spark, tmp_path):
+    from pipelines.sinks import ensure_delta_table
+
+    path = str(tmp_path / "bronze")
+    ensure_delta_table(spark, path, StructType([StructField("id", StringType()), StructField("n", LongType())]))
+    spark.createDataFrame([("a", 1)], "id string, n long").write.format("delta").mode("append").save(path)
+    ensure_delta_table(spark, path, StructType([StructField("id", StringType()), StructField("n", LongType()),
+                                                StructField("channel", StringType())]))
+    assert [tuple(r) for r in spark.read.format("delta").load(path).collect()] == [("a", 1, None)]
+    with pytest.raises(ValueError, match=r"column types changed \(n: table has bigint, now string\)"):
+        ensure_delta_table(spark, path, StructType([StructField("n", StringType())]))
