@@ -63,6 +63,7 @@ bench: up
 	$(PY) bench/online_store.py --env local
 	$(PY) bench/backfill.py --env local
 	$(PY) bench/training_set.py --env local
+	$(PY) bench/avro_ingest.py --env local
 
 clean: down
 	rm -rf .local $(VENV)

@@ -7,7 +7,7 @@ import copy
 import dataclasses
 import io
 import json
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 import fastavro
 import pytest
@@ -142,3 +142,21 @@ def test_an_id_registered_under_the_subject_after_start_asks_for_a_restart(spark
     checked = decode(spark, [framed(13, event())])
     with pytest.raises(NewWriterSchema, match="schema id.s. 13 were registered under transactions-value"):
         resolve_unknown_ids(checked, {13: IdLookup(13, json.dumps(CURRENT), ((SUBJECT, 3),))}, SUBJECT)
+
+
+def test_an_unreachable_registry_fails_the_batch_and_writes_nothing(spark, tmp_path):
+    from pipelines.config import SchemaRegistrySettings, StorageSettings
+    from pipelines.schema_registry import RegistryUnavailable, SchemaRegistry
+    from pipelines.sinks import IngestBatchWriter
+
+    settings = load_settings("local", PROJECT_ROOT / "conf")
+    storage = StorageSettings(str(tmp_path / "lake"))
+    down = SchemaRegistry(SchemaRegistrySettings(url="http://127.0.0.1:9/apis/ccompat/v7",
+                                                 timeout=timedelta(seconds=2)))
+    writer = IngestBatchWriter("transactions", CONTRACT, settings.kafka, storage, publish_dead_letters=False,
+                               registry=down)
+    # A good record of a known version, and one whose id the query does not know.
+    batch = decode(spark, [framed(12, event()), framed(40, event(transaction_id="tx-2"))])
+    with pytest.raises(RegistryUnavailable, match="schema registry http://127.0.0.1:9/apis/ccompat/v7 unreachable"):
+        writer.write_batch(batch, 0, "ingest:test")
+    assert not (tmp_path / "lake").exists()

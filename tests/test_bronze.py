@@ -57,7 +57,7 @@ def test_every_bad_record_class_reaches_the_dead_letter_rows_with_reason_and_ori
     expected = spark.createDataFrame(
         [
             ("transactions", 1, offset, naive("2026-11-23 11:59:30"), b"acct-1", bytearray(value),
-             [("trace-id", bytearray(b"abc"))], error_class, reason, "transactions", 1,
+             [("trace-id", bytearray(b"abc"))], error_class, reason, None, "transactions", 1,
              naive("2026-11-23 12:00:00"), date(2026, 11, 23))
             for offset, value, error_class, reason in BAD_RECORDS
         ],

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+import pytest
 from chispa import assert_df_equality
 from delta.tables import DeltaTable
-import pytest
 from pyspark.sql import functions as F
 from pyspark.sql.types import LongType, StringType, StructField, StructType
 
