@@ -130,9 +130,8 @@ def decode_avro_records(
         decoder = from_avro(F.col("_wire.body"), writer.schema, {"mode": "PERMISSIVE", "avroSchema": reader})
         decoded = F.when(schema_id == writer.schema_id, decoder).otherwise(decoded)
         version = F.when(schema_id == writer.schema_id, F.lit(writer.version)).otherwise(version)
-    if not writers:
-        empty = from_avro(F.lit(None).cast("binary"), reader, {"mode": "PERMISSIVE"})
-        decoded = empty
+    if not writers:  # still the reader's struct type, so that the columns below resolve
+        decoded = from_avro(F.lit(None).cast("binary"), reader, {"mode": "PERMISSIVE"})
     framed = wire.withColumn("_decoded", decoded).withColumn("_version", version)
 
     field = {f.name: F.col(f"_decoded.{f.name}") for f in contract.fields}
@@ -220,3 +219,13 @@ def unresolved_ids(checked: DataFrame) -> list[int]:
     """The distinct schema ids of a (static) batch marked :data:`UNRESOLVED`."""
     rows = checked.filter(F.col("error_class") == UNRESOLVED).select("writer_schema_id").distinct().collect()
     return sorted(r[0] for r in rows)
+
+
+def resolve_with_registry(checked: DataFrame, registry, subject: str) -> DataFrame:
+    """:func:`resolve_unknown_ids` with the answers of ``registry`` (a
+    :class:`pipelines.schema_registry.SchemaRegistry`) for the batch's unresolved ids; the batch
+    itself when it has none. Raises ``RegistryUnavailable`` if the registry cannot be asked."""
+    ids = unresolved_ids(checked)
+    if not ids:
+        return checked
+    return resolve_unknown_ids(checked, {schema_id: registry.lookup_id(schema_id) for schema_id in ids}, subject)

@@ -266,7 +266,7 @@ def replay_validated(records: DataFrame, contract: Contract, settings: Settings,
     if contract.format != "avro":
         return drop_duplicate_events(validate_records(records, contract, rules, batch_time=batch_time), contract, rules)
 
-    from pipelines.avro_bronze import NewWriterSchema, resolve_unknown_ids, unresolved_ids
+    from pipelines.avro_bronze import NewWriterSchema, resolve_with_registry
     from pipelines.ingest import writer_schemas
     from pipelines.schema_registry import SchemaRegistry
 
@@ -274,9 +274,8 @@ def replay_validated(records: DataFrame, contract: Contract, settings: Settings,
     subject = TopicSettings.subject(topic)
     for attempt in (1, 2):
         checked = check_records(records, contract, rules, writer_schemas(registry, topic, contract), batch_time)
-        lookups = {schema_id: registry.lookup_id(schema_id) for schema_id in unresolved_ids(checked)}
         try:
-            checked = resolve_unknown_ids(checked, lookups, subject)
+            checked = resolve_with_registry(checked, registry, subject)
             break
         except NewWriterSchema:
             if attempt == 2:

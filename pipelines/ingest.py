@@ -109,8 +109,8 @@ def start_ingest(
         raise ValueError(f"topics not declared under kafka.topics: {', '.join(unknown)}")
     avro = [t for t in topics if settings.contract_for(t).format == "avro"]
     registry = SchemaRegistry(settings.schema_registry) if avro else None
-    for topic in avro:  # fail before anything starts if a contract is not registered
-        writer_schemas(registry, topic, settings.contract_for(topic))
+    # Fail before anything starts if a contract is not registered.
+    first_writers = {topic: writer_schemas(registry, topic, settings.contract_for(topic)) for topic in avro}
     create_tables(spark, settings, topics)
     listener = ProgressListener(spark)
     metrics_table = settings.storage.stream_metrics_path if settings.ingest.metrics_enabled else None
@@ -120,7 +120,9 @@ def start_ingest(
 
     def start(topic: str) -> StreamingQuery:
         contract = settings.contract_for(topic)
-        writers = writer_schemas(registry, topic, contract) if topic in avro else []
+        writers = first_writers.pop(topic, None)  # fetched above for the first start, anew on a restart
+        if writers is None:
+            writers = writer_schemas(registry, topic, contract) if topic in avro else []
         handler = IngestBatchWriter(
             topic, contract, settings.kafka, settings.storage, settings.ingest.publish_dlq_topic,
             registry=registry,

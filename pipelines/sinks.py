@@ -130,6 +130,8 @@ class IngestBatchWriter:
         #: For Avro topics: the :class:`pipelines.schema_registry.SchemaRegistry` that resolves
         #: schema ids the query did not know when it started.
         self.registry = registry
+        if contract.format == "avro" and registry is None:
+            raise ValueError(f"{topic}: an Avro topic's batch handler needs the schema registry")
         self.contract = contract
         self.kafka = kafka
         self.storage = storage
@@ -201,16 +203,10 @@ class IngestBatchWriter:
         """Ask the registry about the ids the query could not decode (raises if it cannot be
         reached, or if an id is a new version of this topic's subject: see
         :mod:`pipelines.avro_bronze`)."""
-        from pipelines.avro_bronze import resolve_unknown_ids, unresolved_ids
+        from pipelines.avro_bronze import resolve_with_registry
         from pipelines.config import TopicSettings
 
-        ids = unresolved_ids(batch)
-        if not ids:
-            return batch
-        if self.registry is None:
-            raise RuntimeError(f"{self.topic}: records with unknown schema ids and no registry to ask")
-        lookups = {schema_id: self.registry.lookup_id(schema_id) for schema_id in ids}
-        return resolve_unknown_ids(batch, lookups, TopicSettings.subject(self.topic))
+        return resolve_with_registry(batch, self.registry, TopicSettings.subject(self.topic))
 
     def _already_dead_lettered(self, dead_letters: DataFrame, expected: int) -> bool:
         """True if every row of this batch is already in the dead-letter table (a replay)."""
