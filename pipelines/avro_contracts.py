@@ -43,9 +43,6 @@ SUBJECT_MISMATCH = "avro_subject_mismatch"
 CORRUPT_PAYLOAD = "avro_corrupt_payload"
 #: The classes Avro topics have and JSON topics do not.
 AVRO_ERROR_CLASSES = (TRUNCATED_HEADER, WRONG_MAGIC_BYTE, UNKNOWN_SCHEMA_ID, SUBJECT_MISMATCH, CORRUPT_PAYLOAD)
-#: Record-level classes (:data:`pipelines.validation.ERROR_CLASSES`) that decoded Avro records
-#: can still have; the others are about JSON text and cannot occur.
-AVRO_RECORD_CLASSES = ("null_field", "wrong_type", "negative_value", "future_event_time", "stale_event_time")
 
 
 def avro_schema(contract: Contract) -> dict[str, Any]:

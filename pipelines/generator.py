@@ -8,8 +8,8 @@ records in the same order. Besides clean events it injects, each at its own rate
 * duplicate deliveries: the exact bytes of an earlier valid record sent again a little later;
 * bad records of every class in :data:`pipelines.validation.ERROR_CLASSES`, spread evenly;
   for topics produced as Avro (``avro_topics``), the Avro classes of
-  :data:`pipelines.avro_contracts.AVRO_ERROR_CLASSES` and the record-level classes a decoded
-  record can still have (:data:`~pipelines.avro_contracts.AVRO_RECORD_CLASSES`).
+  :data:`pipelines.avro_contracts.AVRO_ERROR_CLASSES` and the record-level classes a serializer
+  lets through (:data:`AVRO_FIELD_FAULTS`).
 
 Avro records leave :func:`generate` as events (``value`` None); :class:`AvroEncoder` turns them
 into the Confluent wire format at :func:`produce` time, with confluent-kafka's serializer and the
@@ -40,7 +40,6 @@ from datetime import datetime, timedelta, timezone
 
 from pipelines.avro_contracts import (
     AVRO_ERROR_CLASSES,
-    AVRO_RECORD_CLASSES,
     CORRUPT_PAYLOAD,
     SUBJECT_MISMATCH,
     TRUNCATED_HEADER,
@@ -52,6 +51,9 @@ from pipelines.validation import ERROR_CLASSES
 
 #: Every class the generator can inject.
 ALL_ERROR_CLASSES = ERROR_CLASSES + AVRO_ERROR_CLASSES
+#: The record-level classes an Avro record can be made to have: a serializer that checks types
+#: writes no null into a required field and no string into a number.
+AVRO_FIELD_FAULTS = ("negative_value", "future_event_time", "stale_event_time")
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +197,14 @@ class _Corruptor:
         if error_class == "negative_value" and topic != TRANSACTIONS:
             return False
         if topic in self.spec.avro_topics:
-            # null_field and wrong_type cannot be written by a serializer that checks types.
-            return error_class in AVRO_ERROR_CLASSES or error_class in AVRO_RECORD_CLASSES[2:]
+            return error_class in AVRO_ERROR_CLASSES or error_class in AVRO_FIELD_FAULTS
         return error_class in ERROR_CLASSES
 
     def bad_record(self, topic: str, key: bytes, event: dict, error_class: str) -> Record:
         """A bad record of ``error_class`` made from a valid ``event``."""
         if topic not in self.spec.avro_topics:
             return Record(topic, key, self.corrupt(topic, event, error_class), error_class)
-        if error_class in AVRO_RECORD_CLASSES:
+        if error_class in AVRO_FIELD_FAULTS:
             event = self.corrupt_event(topic, event, error_class)
         # Avro classes: the encoder frames the valid event, then breaks the frame.
         return Record(topic, key, None, error_class, event=event)
@@ -396,7 +397,7 @@ class AvroEncoder:
             mine = TopicSettings.subject(self.topic_names.get(logical, logical))
             own_ids = {v.schema_id for v in self.registry.versions(mine)}
             others = [TopicSettings.subject(self.topic_names.get(t, t)) for t in self.contracts if t != logical]
-            others += sorted(s for s in self.registry.client.get_subjects() if s != mine and s not in others)
+            others += sorted(s for s in self.registry.subjects() if s != mine and s not in others)
             for subject in others:
                 ids = [v.schema_id for v in self.registry.versions(subject) if v.schema_id not in own_ids]
                 if ids:

@@ -82,6 +82,9 @@ class SchemaRegistry:
         except Exception as exc:  # noqa: BLE001 - httpx transport errors and the like
             raise RegistryUnavailable(f"schema registry {self.url} unreachable ({what}): {exc!r}") from exc
 
+    def subjects(self) -> list[str]:
+        return self._call("listing subjects", self.client.get_subjects)
+
     def versions(self, subject: str) -> list[RegisteredSchema]:
         """Every version of ``subject``, oldest first (empty for an unknown subject)."""
         numbers = self._call(f"versions of {subject}", self.client.get_versions, subject, not_found=[])

@@ -441,10 +441,6 @@ class LocalPlatform:
                                        self.kafka.bootstrap, jars_root, settings.registry_java_home)
         self.with_registry = settings.registry_enabled if with_registry is None else with_registry
 
-    @property
-    def services(self) -> list[_Service]:
-        return [self.kafka, self.redis, *([self.registry] if self.with_registry else [])]
-
     def up(self, timeout: float = 180.0) -> None:
         """Start what is not running and wait until each answers; idempotent. The registry
         starts once the broker answers (it keeps its schemas there)."""
