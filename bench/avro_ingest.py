@@ -41,9 +41,12 @@ import yaml
 from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_overrides
 from pipelines.generator import AvroEncoder, GeneratorSpec, generate, produce
-from pipelines.ingest import run_ingest
 from pipelines.kafka_admin import TopicSpec, ensure_topics
 from pipelines.schema_registry import SchemaRegistry, register_subject
+
+# The same query timing and consumer as the JSON ingest benchmark (bench/ is on sys.path when
+# the script runs).
+from ingest_throughput import bench_consumer, spark_ingest
 
 log = logging.getLogger("bench")
 
@@ -58,34 +61,15 @@ def avro_conf(source: Path, dest: Path) -> Path:
     return dest
 
 
-def spark_ingest(spark, settings, topic: str, records: int, expected_bronze: int) -> dict:
-    started = time.monotonic()
-    run_ingest(spark, settings, topics=[topic], available_now=True)
-    elapsed = time.monotonic() - started
-    bronze = spark.read.format("delta").load(settings.storage.bronze_path(topic)).count()
-    assert bronze == expected_bronze, f"{topic}: bronze has {bronze} rows, expected {expected_bronze}"
-    full = [r for r in spark.read.format("delta").load(settings.storage.stream_metrics_path).collect()
-            if r.batch_id > 0 and r.input_rows >= 0.99 * settings.ingest.max_offsets_per_trigger]
-    steady = round(sum(r.input_rows for r in full) / (sum(r.batch_duration_ms for r in full) / 1000)) if full else None
-    return {"records": records, "seconds": round(elapsed, 2), "events_per_second": round(records / elapsed),
-            "steady_state_events_per_second": steady, "steady_state_batches": len(full), "bronze": bronze}
-
-
 def baseline(settings, topic: str, expected: int, out: Path) -> dict:
     """One process: consume, AvroDeserializer, drop duplicates, Parquet."""
-    from confluent_kafka import Consumer
     from confluent_kafka.schema_registry.avro import AvroDeserializer
     from confluent_kafka.serialization import MessageField, SerializationContext
 
     contract = settings.contract_for(topic)
     deserialize = AvroDeserializer(SchemaRegistry(settings.schema_registry).client)
     context = SerializationContext(topic, MessageField.VALUE)
-    consumer = Consumer({
-        **settings.kafka.client_properties(), "group.id": f"bench-{time.time_ns()}",
-        "auto.offset.reset": "earliest", "enable.auto.commit": False,
-        "fetch.max.bytes": 52428800, "max.partition.fetch.bytes": 10485760,
-    })
-    consumer.subscribe([topic])
+    consumer = bench_consumer(settings, topic)
     names = contract.field_names
     columns: dict[str, list] = {n: [] for n in names}
     seen: set[str] = set()
@@ -182,8 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     spark = build_session(settings["json"].spark)
     results["spark_session_start_seconds"] = round(time.monotonic() - started, 1)
     for kind in ("json", "avro"):
-        results[f"ingest_{kind}"] = spark_ingest(spark, settings[kind], topics[kind], records, expected)
+        results[f"ingest_{kind}"] = spark_ingest(spark, settings[kind], topics[kind], records)
         log.info("ingest %s: %s", kind, results[f"ingest_{kind}"])
+        assert results[f"ingest_{kind}"]["bronze"] == expected, f"{kind}: bronze rows differ from {expected}"
     results["baseline"] = baseline(settings["avro"], topics["avro"], records, root / "baseline")
     assert results["baseline"]["valid"] == expected
     log.info("baseline: %s", results["baseline"])

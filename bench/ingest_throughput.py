@@ -40,18 +40,25 @@ from pipelines.validation import RecordValidator
 log = logging.getLogger("bench")
 
 
-def baseline(settings, topic: str, expected: int, out: Path) -> dict:
-    """Single-process consumer doing the same parse + validation, Parquet instead of Delta."""
+def bench_consumer(settings, topic: str):
+    """A confluent-kafka consumer of ``topic`` from its start, in a group of its own, with large
+    fetches (the baselines' reader)."""
     from confluent_kafka import Consumer
 
-    contract = settings.contract_for(topic)
-    validator = RecordValidator(contract, validation_rules(settings))
     consumer = Consumer({
         **settings.kafka.client_properties(), "group.id": f"bench-{time.time_ns()}",
         "auto.offset.reset": "earliest", "enable.auto.commit": False,
         "fetch.max.bytes": 52428800, "max.partition.fetch.bytes": 10485760,
     })
     consumer.subscribe([topic])
+    return consumer
+
+
+def baseline(settings, topic: str, expected: int, out: Path) -> dict:
+    """Single-process consumer doing the same parse + validation, Parquet instead of Delta."""
+    contract = settings.contract_for(topic)
+    validator = RecordValidator(contract, validation_rules(settings))
+    consumer = bench_consumer(settings, topic)
     names = contract.field_names
     seen: set[str] = set()
     valid_cols: dict[str, list] = {n: [] for n in names}
