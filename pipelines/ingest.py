@@ -13,7 +13,6 @@ once, by the restarted query (:mod:`pipelines.avro_bronze`).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,12 +21,13 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.avro_bronze import NEW_WRITER_SCHEMA_MARKER, WriterSchema
+from pipelines.avro_contracts import avro_schema
 from pipelines.bronze import check_records, drop_duplicate_events, table_schemas
 from pipelines.config import ConfigError, Settings, TopicSettings, format_duration
 from pipelines.contracts import Contract
 from pipelines.monitoring import METRICS_SCHEMA, IngestReporter, ProgressListener
 from pipelines.runner import run_queries, with_trigger
-from pipelines.schema_registry import SchemaRegistry, schema_text
+from pipelines.schema_registry import SchemaRegistry, avro_topics
 from pipelines.sinks import IngestBatchWriter, ensure_delta_table
 from pipelines.sources import read_kafka_stream
 from pipelines.validation import ValidationRules
@@ -60,7 +60,7 @@ def writer_schemas(registry: SchemaRegistry, topic: str, contract: Contract) -> 
     one of them: an ingest never reads with a schema that did not pass the registry's gate."""
     subject = TopicSettings.subject(topic)
     versions = registry.versions(subject)
-    mine = json.loads(schema_text(contract))
+    mine = avro_schema(contract)
     if not any(v.parsed == mine for v in versions):
         raise ConfigError(
             f"contract {contract.name!r} (format avro) is not registered under {subject} "
@@ -107,7 +107,7 @@ def start_ingest(
     unknown = [t for t in topics if t not in settings.kafka.topics]
     if unknown:
         raise ValueError(f"topics not declared under kafka.topics: {', '.join(unknown)}")
-    avro = [t for t in topics if settings.contract_for(t).format == "avro"]
+    avro = avro_topics(settings, topics)
     registry = SchemaRegistry(settings.schema_registry) if avro else None
     # Fail before anything starts if a contract is not registered.
     first_writers = {topic: writer_schemas(registry, topic, settings.contract_for(topic)) for topic in avro}
