@@ -6,18 +6,18 @@ PY     := $(VENV)/bin/python
 RUN    := .local/runs
 COUNT  ?= 20000
 
-.PHONY: setup jars up down status reset demo lint test bench clean
+.PHONY: setup jars up down status reset demo lint test test-unit bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[local,dev]"
 	touch $@
 
 setup: $(VENV)/.installed jars
 
 jars: $(VENV)/.installed
-	$(PY) -m pipelines.jars fetch
+	$(PY) -m pipelines.local.jars fetch
 
 up: setup
 	$(PY) -m pipelines.local up
@@ -48,12 +48,20 @@ demo: setup
 	$(PY) jobs/online.py get --env local --view account_velocity --entity acct-000001,acct-000002,acct-unknown
 	$(PY) jobs/build_training_set.py --env local --output fraud_demo --label-cutoff now
 
+# ruff (ruff.toml): pyflakes' checks, import order, no import inside a function; lint-imports
+# (.importlinter): the stages of pipelines/ are layers, no import cycles, a Spark-free read path.
 lint: $(VENV)/.installed
-	$(PY) -m pyflakes pipelines jobs tests bench
+	$(VENV)/bin/ruff check pipelines jobs tests bench
+	$(VENV)/bin/lint-imports --no-cache
 
-# The tests start their own Kafka and Redis on free ports (and stop them).
+# Unit tests first (a Spark session, no services: minutes), then the integration tests, which
+# start their own Kafka, Redis and schema registry on free ports (and stop them).
 test: setup lint
-	$(PY) -m pytest tests -q -ra --durations=10
+	$(PY) -m pytest tests/unit tests/integration -q -ra --durations=10
+
+# The fast part alone: no broker, Redis or registry is started or needed.
+test-unit: setup lint
+	$(PY) -m pytest tests/unit -q -ra --durations=5
 
 # Every benchmark of BENCHMARKS.md, one after the other (about 40 minutes here).
 bench: up

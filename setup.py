@@ -6,34 +6,45 @@ setup(
     name="feature-platform",
     version="0.1.0",
     description=__doc__,
-    python_requires=">=3.11,<3.12",
+    # The wheel runs on Databricks Runtime 18 LTS (Python 3.12) as well as locally on 3.11.
+    python_requires=">=3.11",
     packages=find_packages(include=["pipelines", "pipelines.*", "jobs"]),
-    package_data={"pipelines": ["jvm/*/pom.xml"]},
+    package_data={"pipelines.local": ["jvm/*/pom.xml"]},
+    # What a Databricks runtime does not provide. Ranges where a runtime has the package (pandas,
+    # pyarrow, pyyaml), so that pip keeps the runtime's copy; exact pins where it does not.
     install_requires=[
-        # Pinned: the JVM side must match (delta-spark 4.4.0 <-> io.delta:delta-spark_4.2_2.13:4.4.0;
-        # 4.4.1's jar is not served by the Maven mirror this project builds against).
-        "pyspark==4.2.0",
-        "delta-spark==4.4.0",
         "confluent-kafka[schemaregistry,avro]==2.16.0",
         "fastavro==1.13.1",  # the Avro serializer of the generator and the benchmark baseline
         "redis==8.1.0",
         # C reply parser for redis-py: +24% sink keys/s, -44% read time for 100 entities (BENCHMARKS.md).
         "hiredis==3.5.0",
-        "pyarrow==25.0.1",
         "pandas>=2.2,<3",  # pyspark 4.2 does not fully support pandas 3
-        "mlflow==3.17.2",
-        "pyyaml==6.0.3",
-        "deltalake==1.6.6",  # reads the Delta tables without a JVM (reconciliation, notebooks)
+        "pyarrow>=15",
+        "pyyaml>=6.0",
+        "deltalake==1.6.6",  # reads the Delta tables without a JVM (training sets, notebooks)
     ],
     extras_require={
+        # What a cluster runtime provides and a laptop needs: `make setup` installs it. Never
+        # installed on Databricks, where pip would lay these over the runtime's own Spark, Delta
+        # and MLflow.
+        "local": [
+            # Pinned: the JVM side must match (delta-spark 4.4.0 <-> io.delta:delta-spark_4.2_2.13:4.4.0;
+            # 4.4.1's jar is not served by the Maven mirror this project builds against).
+            "pyspark==4.2.0",
+            "delta-spark==4.4.0",
+            "mlflow==3.17.2",
+            "pyarrow==25.0.1",
+            "pyyaml==6.0.3",
+            "matplotlib>=3.9",  # the training-set build's feature histograms
+        ],
         "dev": [
             "pytest==9.2.0",
-            "pyflakes==4.1.0",
+            "ruff==0.17.5",  # make lint: pyflakes' checks, import order, no imports inside functions
+            "import-linter==2.16",  # make lint: the stage layers and no import cycles (.importlinter)
             "chispa==0.12.0",
             "nbformat>=5.10",
             "nbclient>=0.10",
             "ipykernel>=6.29",
-            "matplotlib>=3.9",
             "databricks-bundles==1.22.1",  # typed bundle models: validates databricks.yml in tests
             "duckdb==2.0.0",  # the ASOF JOIN baseline of bench/training_set.py
         ],

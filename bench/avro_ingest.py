@@ -38,15 +38,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_overrides
-from pipelines.generator import AvroEncoder, GeneratorSpec, generate, produce
-from pipelines.kafka_admin import TopicSpec, ensure_topics
-from pipelines.schema_registry import SchemaRegistry, register_subject
-
 # The same query timing and consumer as the JSON ingest benchmark (bench/ is on sys.path when
 # the script runs).
 from ingest_throughput import bench_consumer, spark_ingest
+
+from pipelines.contracts.registry import SchemaRegistry, register_subject
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import deep_merge, parse_overrides
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.local.generator import AvroEncoder, GeneratorSpec, generate, produce
 
 log = logging.getLogger("bench")
 
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     expected = sent_json.expected_bronze(topics["json"])
     log.info("produced %d records: JSON in %.1fs, Avro in %.1fs", records, produced_json, produced_avro)
 
-    from pipelines.session import build_session
+    from pipelines.core.session import build_session
 
     results: dict = {"run": run_id, "count": args.count, "records": records, "partitions": args.partitions,
                      "max_offsets_per_trigger": args.max_offsets_per_trigger,

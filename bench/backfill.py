@@ -34,18 +34,20 @@ from datetime import date, datetime, timedelta, timezone
 from pyspark.sql import DataFrame
 from pyspark.sql import functions as F
 
-from pipelines.backfill import DayRange, backfill
-from pipelines.batch_sources import BronzeSnapshot, KafkaReplay
-from pipelines.bronze import table_schemas
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_overrides
-from pipelines.features import run_features
-from pipelines.generator import GeneratorSpec, generate, produce
-from pipelines.ingest import run_ingest, validation_rules
-from pipelines.kafka_admin import TopicSpec, ensure_topics
-from pipelines.late import recompute_late
-from pipelines.online import redis_client
-from pipelines.sinks import ensure_delta_table
+from pipelines.batch.backfill import DayRange, backfill
+from pipelines.batch.late import recompute_late
+from pipelines.batch.sources import BronzeSnapshot, KafkaReplay
+from pipelines.contracts.validation import ValidationRules
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import deep_merge, parse_overrides
+from pipelines.core.delta import ensure_delta_table
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.features.stream import run_features
+from pipelines.ingest.bronze import table_schemas
+from pipelines.ingest.stream import run_ingest
+from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.online.store import redis_client
 
 log = logging.getLogger("bench")
 VIEWS = ("account_velocity", "merchant_hourly", "account_sessions")
@@ -129,7 +131,7 @@ def bronze_days(spark, settings, topic: str, first: date, days: int, per_day: in
                 seed: int, accounts: int, merchants: int) -> DataFrame:
     """``per_day`` synthetic valid transactions a day as bronze rows of one ingest batch."""
     contract = settings.contract_for(topic)
-    bronze_schema, _ = table_schemas(spark, contract, validation_rules(settings))
+    bronze_schema, _ = table_schemas(spark, contract, ValidationRules.of(settings.ingest))
     start = datetime.combine(first, datetime.min.time(), timezone.utc)
     total, step = days * per_day, 86_400 / per_day
     rows = spark.range(total).select(
@@ -158,7 +160,7 @@ def late_recompute(spark, args, run_id: str) -> dict:
     today = datetime.now(timezone.utc).date()
     first = today - timedelta(days=31)
     month = DayRange(first, first + timedelta(days=30))
-    bronze_schema, _ = table_schemas(spark, settings.contract_for(tx), validation_rules(settings))
+    bronze_schema, _ = table_schemas(spark, settings.contract_for(tx), ValidationRules.of(settings.ingest))
     ensure_delta_table(spark, bronze_path, bronze_schema, ["event_date"])
     t0 = datetime.now(timezone.utc) - timedelta(hours=1)
     bronze_days(spark, settings, tx, first, 30, args.per_day, t0, 1, args.accounts, 500) \
@@ -205,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    from pipelines.session import build_session
+    from pipelines.core.session import build_session
 
     spark = build_session(settings_from_args(args).spark)
     results: dict = {"run": run_id, "machine": {"cpus": os.cpu_count(), "python": host.python_version(),

@@ -43,16 +43,21 @@ from datetime import datetime, timezone
 
 import redis
 
-from pipelines.bronze import bronze_rows, validate_records
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_duration, parse_overrides
-from pipelines.features import FeatureBatchWriter, start_features
-from pipelines.ingest import start_ingest, validation_rules
-from pipelines.kafka_admin import TopicSpec, ensure_topics
-from pipelines.online import EVENT_TIME_FIELD, redis_client
-from pipelines.runner import stop_gracefully
-from pipelines.sources import read_kafka_stream
-from pipelines.trailing_stream import trailing_features_stream
+from pipelines.contracts.validation import ValidationRules
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import deep_merge, parse_overrides
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.runner import stop_gracefully
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.core.times import parse_duration
+from pipelines.features.sinks import FeatureBatchWriter
+from pipelines.features.stream import start_features
+from pipelines.features.trailing_state import trailing_features_stream
+from pipelines.ingest.bronze import bronze_rows
+from pipelines.ingest.json_records import validate_records
+from pipelines.ingest.sources import read_kafka_stream
+from pipelines.ingest.stream import start_ingest
+from pipelines.online.store import EVENT_TIME_FIELD, redis_client
 
 log = logging.getLogger("bench")
 VIEW = "account_velocity"
@@ -147,7 +152,7 @@ def start_kafka_direct(spark, settings, view):
     topic = settings.ingest.topics[0]
     contract = settings.contract_for(topic)
     records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest)
-    events = bronze_rows(validate_records(records, contract, validation_rules(settings)), contract)
+    events = bronze_rows(validate_records(records, contract, ValidationRules.of(settings.ingest)), contract)
     handler = FeatureBatchWriter(view, settings)
     interval = int(settings.features.trigger_interval.total_seconds() * 1000)
     return (trailing_features_stream(events, view).writeStream.queryName(f"kafka_direct_{view.name}")
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     base = settings_from_args(args)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
-    from pipelines.session import build_session
+    from pipelines.core.session import build_session
 
     spark = build_session(base.spark)
     control = redis_client(base.redis)

@@ -30,13 +30,15 @@ from bisect import bisect_right
 from collections import defaultdict
 from datetime import datetime, timedelta, timezone
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_overrides
-from pipelines.features import feature_names, run_features
-from pipelines.generator import GeneratorSpec, generate, produce
-from pipelines.ingest import run_ingest
-from pipelines.kafka_admin import TopicSpec, ensure_topics
-from pipelines.online import OnlineStoreWriter, read_online, redis_client
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import deep_merge, parse_overrides
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.core.view_spec import feature_names
+from pipelines.features.stream import run_features
+from pipelines.ingest.stream import run_ingest
+from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
 
 log = logging.getLogger("bench")
 VIEWS = ("account_velocity", "account_fraud_history")
@@ -198,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     results["baseline"] = baseline(settings, {"transactions": tx, "labels": lb}, records, baseline_namespace)
     log.info("baseline: %s", results["baseline"])
 
-    from pipelines.session import build_session
+    from pipelines.core.session import build_session
 
     started = time.monotonic()
     spark = build_session(settings.spark)

@@ -30,12 +30,13 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, deep_merge, load_settings, parse_overrides
-from pipelines.generator import GeneratorSpec, generate, produce
-from pipelines.ingest import run_ingest, validation_rules
-from pipelines.kafka_admin import TopicSpec, ensure_topics
-from pipelines.validation import RecordValidator
+from pipelines.contracts.validation import RecordValidator, ValidationRules
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import deep_merge, parse_overrides
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.ingest.stream import run_ingest
+from pipelines.local.generator import GeneratorSpec, generate, produce
 
 log = logging.getLogger("bench")
 
@@ -57,7 +58,7 @@ def bench_consumer(settings, topic: str):
 def baseline(settings, topic: str, expected: int, out: Path) -> dict:
     """Single-process consumer doing the same parse + validation, Parquet instead of Delta."""
     contract = settings.contract_for(topic)
-    validator = RecordValidator(contract, validation_rules(settings))
+    validator = RecordValidator(contract, ValidationRules.of(settings.ingest))
     consumer = bench_consumer(settings, topic)
     names = contract.field_names
     seen: set[str] = set()
@@ -111,7 +112,7 @@ def baseline(settings, topic: str, expected: int, out: Path) -> dict:
 
 def spark_copy(spark, settings, topic: str, records: int, root: str) -> dict:
     """Kafka -> Delta, raw records, no parsing: the Spark + Delta ceiling."""
-    from pipelines.sources import read_kafka_stream
+    from pipelines.ingest.sources import read_kafka_stream
 
     stream = read_kafka_stream(spark, settings.kafka, topic, settings.ingest)
     started = time.monotonic()
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         results["baseline"] = baseline(settings, topic, records, root / "baseline")
         log.info("baseline: %s", results["baseline"])
     if only & {"copy", "ingest"}:
-        from pipelines.session import build_session
+        from pipelines.core.session import build_session
 
         started = time.monotonic()
         spark = build_session(settings.spark)

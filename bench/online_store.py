@@ -55,21 +55,22 @@ from typing import Any
 
 import redis
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import PROJECT_ROOT, ConfigError, Settings, secret_from_env
-from pipelines.features import event_time_column, feature_names
-from pipelines.online import (
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.config import secret_from_env
+from pipelines.core.errors import ConfigError
+from pipelines.core.settings import PROJECT_ROOT, Settings
+from pipelines.core.times import epoch_micros
+from pipelines.core.view_spec import FeatureView, event_time_column, feature_names
+from pipelines.online.store import (
     _NEWER_WINS,
     EVENT_TIME_FIELD,
     VERSION_FIELD,
     OnlineStoreWriter,
-    _micros,
     encode_value,
     entity_key,
     read_online,
     redis_client,
 )
-from pipelines.views import FeatureView
 
 log = logging.getLogger("bench")
 
@@ -235,7 +236,7 @@ def bare_write(client: redis.Redis, target: WriteTarget, rows: Sequence[Mapping[
     for start in range(0, len(rows), target.chunk_size):
         pipe = client.pipeline(transaction=False)
         for row in rows[start:start + target.chunk_size]:
-            mapping: dict[str, Any] = {EVENT_TIME_FIELD: _micros(row[target.time_column]), VERSION_FIELD: VERSION}
+            mapping: dict[str, Any] = {EVENT_TIME_FIELD: epoch_micros(row[target.time_column]), VERSION_FIELD: VERSION}
             for name in target.features:
                 if row[name] is not None:
                     mapping[name] = encode_value(row[name])
@@ -249,7 +250,7 @@ def encode_only(target: WriteTarget, rows: Sequence[Mapping[str, Any]]) -> int:
     """The sink's per-row argument building with no Redis at all: the Python floor of a write."""
     size = 0
     for row in rows:
-        args: list[Any] = [_micros(row[target.time_column]), VERSION, target.ttl_ms]
+        args: list[Any] = [epoch_micros(row[target.time_column]), VERSION, target.ttl_ms]
         for name in target.features:
             if row[name] is not None:
                 args += [name, encode_value(row[name])]
@@ -318,7 +319,7 @@ def write_round(client: redis.Redis, settings: Settings, target: WriteTarget, ro
     for name in target.features:
         pairs += [name, encode_value(sample_row[name])]
     key_template = target.key("acct-__rand_int__")
-    micros, version = str(_micros(sample_row[target.time_column])), str(VERSION)
+    micros, version = str(epoch_micros(sample_row[target.time_column])), str(VERSION)
     results: dict[str, dict[str, Any]] = {}
 
     delete_keys(client, target.key_pattern)

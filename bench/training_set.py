@@ -96,7 +96,7 @@ def make_data(folder: Path, spine_rows: int, feature_rows: int, entities: int, s
 
 
 def _settings(env: str, folder: Path):
-    from pipelines.config import load_settings
+    from pipelines.core.settings import load_settings
 
     return load_settings(env, None, {
         "storage": {"root": str(folder / "lake")},
@@ -106,8 +106,8 @@ def _settings(env: str, folder: Path):
 
 def _spark(env: str, folder: Path):
     """A session and the view request; the Delta copies of the inputs are made once (untimed)."""
-    from pipelines.session import build_session
-    from pipelines.training import view_request
+    from pipelines.core.session import build_session
+    from pipelines.training.join import view_request
 
     settings = _settings(env, folder)
     spark = build_session(settings.spark)
@@ -131,7 +131,7 @@ def run_method(method: str, env: str, folder: Path) -> dict:
         jvm_pid = spark.sparkContext._jvm.java.lang.ProcessHandle.current().pid()
         started = time.perf_counter()
         if method == "spark":
-            from pipelines.training import point_in_time_join
+            from pipelines.training.join import point_in_time_join
 
             spine, table = spark.read.format("delta").load(spine_path), spark.read.format("delta").load(table_path)
             point_in_time_join(spine, {"account_velocity": table}, [request], "ts").write.parquet(str(out))
@@ -139,8 +139,8 @@ def run_method(method: str, env: str, folder: Path) -> dict:
             spine, table = spark.read.format("delta").load(spine_path), spark.read.format("delta").load(table_path)
             range_join(spine, table).write.parquet(str(out))
         else:
-            from pipelines.spines import SpineSpec
-            from pipelines.training_sets import TrainingSetRequest, build_training_set
+            from pipelines.training.build import TrainingSetRequest, build_training_set
+            from pipelines.training.spines import SpineSpec
 
             result = build_training_set(spark, settings, TrainingSetRequest(
                 name="bench", spine=SpineSpec("delta", path=spine_path, timestamp_column="ts"), views=(request,)))

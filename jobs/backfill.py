@@ -21,11 +21,18 @@ import logging
 import sys
 from datetime import datetime
 
-from pipelines.backfill import DayRange, backfill
-from pipelines.batch_sources import BadSourceArguments, BronzeSnapshot, FileSource, KafkaReplay
-from pipelines.cli import add_settings_arguments, configure_logging, run_batch_job, settings_from_args, views_from_args
-from pipelines.config import parse_duration
-from pipelines.session import build_session
+from pipelines.batch.backfill import DayRange, backfill
+from pipelines.batch.sources import BronzeSnapshot, FileSource, KafkaReplay
+from pipelines.core.cli import (
+    add_settings_arguments,
+    configure_logging,
+    run_batch_job,
+    settings_from_args,
+    views_from_args,
+)
+from pipelines.core.errors import BadSourceArguments
+from pipelines.core.session import build_session
+from pipelines.core.times import parse_duration
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

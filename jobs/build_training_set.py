@@ -24,12 +24,20 @@ import re
 import sys
 from datetime import datetime, timezone
 
-from pipelines.cli import add_settings_arguments, configure_logging, run_batch_job, settings_from_args, views_from_args
-from pipelines.config import ConfigError, parse_duration
-from pipelines.session import build_session
-from pipelines.spines import FILE_FORMATS, SOURCES, SpineSpec
-from pipelines.training import DEFAULT_MODE, MODES, view_request
-from pipelines.training_sets import TrainingSetRequest, build_training_set, rebuild_from_run
+from pipelines.batch.sources import FILE_FORMATS
+from pipelines.core.cli import (
+    add_settings_arguments,
+    configure_logging,
+    run_batch_job,
+    settings_from_args,
+    views_from_args,
+)
+from pipelines.core.errors import ConfigError
+from pipelines.core.session import build_session
+from pipelines.core.times import parse_duration
+from pipelines.training.build import TrainingSetRequest, build_training_set, rebuild_from_run
+from pipelines.training.join import DEFAULT_MODE, MODES, view_request
+from pipelines.training.spines import SOURCES, SpineSpec
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -14,9 +14,15 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
-from pipelines.config import ConfigError
-from pipelines.schema_registry import RegistryUnavailable, SchemaRegistry, avro_topics, check_subject, register_subject
+from pipelines.contracts.registry import (
+    RegistryUnavailable,
+    SchemaRegistry,
+    avro_topics,
+    check_subject,
+    register_subject,
+)
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
+from pipelines.core.errors import ConfigError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, views_from_args
-from pipelines.config import ConfigError
-from pipelines.features import run_features
-from pipelines.session import build_session
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, views_from_args
+from pipelines.core.errors import ConfigError
+from pipelines.core.session import build_session
+from pipelines.features.stream import run_features
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

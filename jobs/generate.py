@@ -16,9 +16,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import ConfigError, parse_duration
-from pipelines.generator import ALL_ERROR_CLASSES, AvroEncoder, GeneratorSpec, generate, produce
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.errors import ConfigError
+from pipelines.core.times import parse_duration
+from pipelines.local.generator import ALL_ERROR_CLASSES, AvroEncoder, GeneratorSpec, generate, produce
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

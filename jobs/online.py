@@ -11,9 +11,9 @@ import argparse
 import json
 import sys
 
-from pipelines.cli import add_settings_arguments, settings_from_args
-from pipelines.config import ConfigError
-from pipelines.features import get_online_features
+from pipelines.core.cli import add_settings_arguments, settings_from_args
+from pipelines.core.errors import ConfigError
+from pipelines.online.serving import get_online_features
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -17,10 +17,16 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, run_batch_job, settings_from_args, views_from_args
-from pipelines.config import parse_duration
-from pipelines.late import recompute_late
-from pipelines.session import build_session
+from pipelines.batch.late import recompute_late
+from pipelines.core.cli import (
+    add_settings_arguments,
+    configure_logging,
+    run_batch_job,
+    settings_from_args,
+    views_from_args,
+)
+from pipelines.core.session import build_session
+from pipelines.core.times import parse_duration
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -13,11 +13,11 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
-from pipelines.config import ConfigError
-from pipelines.generator import GeneratorSummary
-from pipelines.reconcile import format_report, reconcile
-from pipelines.session import build_session
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
+from pipelines.core.errors import ConfigError
+from pipelines.core.session import build_session
+from pipelines.ingest.reconcile import format_report, reconcile
+from pipelines.local.generator import GeneratorSummary
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

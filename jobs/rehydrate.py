@@ -15,9 +15,15 @@ import argparse
 import logging
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, run_batch_job, settings_from_args, views_from_args
-from pipelines.rehydrate import rehydrate
-from pipelines.session import build_session
+from pipelines.batch.rehydrate import rehydrate
+from pipelines.core.cli import (
+    add_settings_arguments,
+    configure_logging,
+    run_batch_job,
+    settings_from_args,
+    views_from_args,
+)
+from pipelines.core.session import build_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

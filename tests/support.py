@@ -1,10 +1,23 @@
-"""Small builders for test data: Kafka-shaped rows and contract events, written out by hand."""
+"""What tests share: small builders for test data (Kafka-shaped rows and contract events, written
+out by hand), a stream fed step by step, conf folders with a changed contract, free ports, and
+the isolation of one test's topics, lake and Redis namespace."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import time
+import uuid
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
+
+import yaml
+
+from pipelines.core.config import deep_merge, read_yaml
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
 
 KAFKA_SCHEMA = (
     "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, "
@@ -57,11 +70,9 @@ def kafka_row(value: bytes | None, offset: int, partition: int = 0, key: bytes =
 def run_stream_in_steps(spark, folder, schema: str, transform, steps) -> list:
     """Feed each step's rows to a Parquet file stream as a new file, process it as its own
     micro-batch through ``transform`` into a memory table, and return every row emitted."""
-    import time as _time
-
     folder.mkdir()
     stream = spark.readStream.schema(schema).option("recursiveFileLookup", "true").parquet(str(folder))
-    name = f"stream_{_time.time_ns()}"
+    name = f"stream_{time.time_ns()}"
     query = transform(stream).writeStream.format("memory").queryName(name).outputMode("append").start()
     try:
         for i, rows in enumerate(steps):
@@ -78,13 +89,6 @@ def contract_conf(dest, transactions_format: str = "avro", renames: dict[str, st
     ``transactions_format``, fields renamed (old -> new) or dropped, and YAML field lines
     ``add``-ed at the end; without the feature views when ``with_views`` is false (a renamed
     field breaks the views that read it)."""
-    import shutil
-    from pathlib import Path
-
-    import yaml
-
-    from pipelines.config import PROJECT_ROOT
-
     shutil.copytree(PROJECT_ROOT / "conf", dest)
     path = Path(dest) / "contracts" / "transactions.yaml"
     contract = yaml.safe_load(path.read_text())
@@ -98,3 +102,69 @@ def contract_conf(dest, transactions_format: str = "avro", renames: dict[str, st
         for view in (Path(dest) / "features").glob("*.yaml"):
             view.unlink()
     return Path(dest)
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct free loopback ports (all held open together while they are chosen)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def isolation(base_overrides: dict[str, Any], folder: Path):
+    """Build settings with fresh topics and a fresh lake under ``folder``.
+
+    ``make(partitions=2, conf=None, **overrides)`` returns settings (from the ``conf`` folder,
+    default the project's) whose ``transactions`` and ``labels`` topics are new, uniquely named topics (created, with their DLQ topics), whose storage root is
+    ``folder/lake`` and whose Redis namespace is their own.
+    """
+
+    overrides_by_root: dict[str, tuple[Path, dict[str, Any]]] = {}
+
+    def make(partitions: int = 2, conf: Path | None = None, **overrides: Any) -> Settings:
+        suffix = uuid.uuid4().hex[:8]
+        tx, lb = f"transactions_{suffix}", f"labels_{suffix}"
+        tree = deep_merge(
+            base_overrides,
+            {
+                "kafka": {"topics": {tx: {"contract": "transactions", "partitions": partitions,
+                                          "replication_factor": 1},
+                                     lb: {"contract": "labels", "partitions": partitions,
+                                          "replication_factor": 1}}},
+                "ingest": {"topics": [tx, lb]},
+                "storage": {"root": str(folder / "lake")},
+                # Tests share one Redis: each its own keys, so newer-wins never spans two tests.
+                "redis": {"namespace": f"test-{suffix}"},
+            },
+        )
+        tree = deep_merge(tree, overrides)
+        conf = conf or PROJECT_ROOT / "conf"
+        made = load_settings("local", conf, tree)
+        overrides_by_root[made.storage.root] = (conf, tree)
+        specs = []
+        for name in (tx, lb):
+            specs += [TopicSpec(name, partitions, 1), TopicSpec(made.kafka.dlq_topic_for(name), partitions, 1)]
+        ensure_topics(made.kafka.client_properties(), specs)
+        return made
+
+    def conf_dir(made: Settings, dest: Path) -> Path:
+        """A conf folder whose ``local`` environment is ``made``: for jobs run as subprocesses."""
+        source, tree = overrides_by_root[made.storage.root]
+        shutil.copytree(source, dest)
+        local = deep_merge(read_yaml(dest / "local.yaml"), tree)
+        (dest / "local.yaml").write_text(yaml.safe_dump(local))
+        return dest
+
+    make.conf_dir = conf_dir
+    return make
+
+
+def topic_names(settings: Settings) -> dict[str, str]:
+    """Logical generator topic -> the isolated test topic."""
+    tx, lb = settings.ingest.topics
+    return {"transactions": tx, "labels": lb}

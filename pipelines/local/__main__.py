@@ -11,9 +11,9 @@ import logging
 import shutil
 import sys
 
-from pipelines.cli import add_settings_arguments, configure_logging, settings_from_args
-from pipelines.config import ConfigError
-from pipelines.kafka_admin import ensure_topics, platform_topics
+from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.errors import ConfigError
+from pipelines.core.kafka_admin import ensure_topics, platform_topics
 from pipelines.local.platform import LocalPlatform, PlatformError
 
 

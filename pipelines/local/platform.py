@@ -20,18 +20,24 @@ import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.config import LocalPlatformSettings, local_registry_url
-from pipelines.jars import fetch, fetch_registry
+import redis
+from confluent_kafka.admin import AdminClient
+
+from pipelines.core.errors import PipelineError
+from pipelines.core.settings import LocalPlatformSettings, local_registry_url
+from pipelines.local.jars import fetch, fetch_registry
 
 log = logging.getLogger(__name__)
 
 
-class PlatformError(RuntimeError):
-    pass
+class PlatformError(PipelineError):
+    """A service of the local platform cannot be installed, started or reached."""
 
 
 @dataclass(frozen=True)
@@ -280,8 +286,6 @@ class KafkaBroker(_Service):
         """True once a metadata request to the broker succeeds."""
         if self.pid() is None or not _port_open(self.port):
             return False
-        from confluent_kafka.admin import AdminClient
-
         try:
             metadata = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=3)
         except Exception:  # noqa: BLE001 - any failure means "not ready yet"
@@ -316,8 +320,6 @@ class RedisServer(_Service):
     def healthy(self) -> bool:
         if self.pid() is None:
             return False
-        import redis
-
         try:
             return bool(redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=1).ping())
         except redis.RedisError:
@@ -376,9 +378,6 @@ class SchemaRegistry(_Service):
         """True once the Confluent API lists subjects (storage loaded from Kafka)."""
         if self.pid() is None or not _port_open(self.port):
             return False
-        import urllib.error
-        import urllib.request
-
         try:
             with urllib.request.urlopen(f"{self.url}/subjects", timeout=2) as response:
                 return response.status == 200

@@ -1,0 +1,98 @@
+"""Topic administration: the platform's topics are created here, with explicit partitions."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from confluent_kafka import Consumer, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from pipelines.core.settings import KafkaSettings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TopicSpec:
+    name: str
+    partitions: int
+    replication_factor: int
+
+
+def platform_topics(kafka: KafkaSettings) -> list[TopicSpec]:
+    """Every configured topic and its dead-letter topic (same partitions and replication)."""
+    specs = []
+    for name, topic in kafka.topics.items():
+        specs.append(TopicSpec(name, topic.partitions, topic.replication_factor))
+        specs.append(TopicSpec(kafka.dlq_topic_for(name), topic.partitions, topic.replication_factor))
+    return specs
+
+
+def ensure_topics(client_properties: Mapping[str, str], specs: list[TopicSpec], timeout: float = 30.0) -> list[str]:
+    """Create the topics that do not exist; returns the names created.
+
+    An existing topic with fewer partitions than declared is an error (keys would map to
+    different partitions than the contract expects); more partitions are accepted as is.
+    """
+    admin = AdminClient(dict(client_properties))
+    existing = admin.list_topics(timeout=timeout).topics
+    for spec in specs:
+        if spec.name in existing and len(existing[spec.name].partitions) < spec.partitions:
+            raise RuntimeError(
+                f"topic {spec.name!r} has {len(existing[spec.name].partitions)} partitions, "
+                f"the configuration declares {spec.partitions}"
+            )
+    missing = [s for s in specs if s.name not in existing]
+    if not missing:
+        return []
+    futures = admin.create_topics(
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor) for s in missing],
+        operation_timeout=timeout,
+    )
+    created = []
+    for name, future in futures.items():
+        try:
+            future.result()
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
+                raise
+    log.info("created topics: %s", ", ".join(created) or "none")
+    return created
+
+
+def delete_topics(client_properties: Mapping[str, str], names: list[str], timeout: float = 30.0) -> None:
+    admin = AdminClient(dict(client_properties))
+    existing = admin.list_topics(timeout=timeout).topics
+    futures = admin.delete_topics([n for n in names if n in existing], operation_timeout=timeout)
+    for future in futures.values():
+        future.result()
+
+
+def topic_offsets(client_properties: Mapping[str, str], topic: str, timeout: float = 30.0) -> dict[int, tuple[int, int]]:
+    """Partition -> (earliest, latest) offset of ``topic``: latest - earliest records are readable."""
+    consumer = Consumer({**client_properties, "group.id": "feature-platform-offsets", "enable.auto.commit": False})
+    try:
+        metadata = consumer.list_topics(topic, timeout=timeout)
+        if topic not in metadata.topics or metadata.topics[topic].error is not None:
+            raise RuntimeError(f"topic {topic!r} does not exist")
+        return {
+            p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=timeout)
+            for p in sorted(metadata.topics[topic].partitions)
+        }
+    finally:
+        consumer.close()
+
+
+def offsets_for_times(client_properties: Mapping[str, str], topic: str, timestamps_ms: Mapping[int, int],
+                      timeout: float = 30.0) -> dict[int, int]:
+    """Partition -> the first offset whose record timestamp is at or after that partition's
+    timestamp in ``timestamps_ms`` (-1 where no record is that recent)."""
+    consumer = Consumer({**client_properties, "group.id": "feature-platform-offsets", "enable.auto.commit": False})
+    try:
+        wanted = [TopicPartition(topic, p, millis) for p, millis in sorted(timestamps_ms.items())]
+        return {tp.partition: tp.offset for tp in consumer.offsets_for_times(wanted, timeout=timeout)}
+    finally:
+        consumer.close()

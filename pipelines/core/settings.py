@@ -1,0 +1,380 @@
+"""The platform's settings: ``conf/base.yaml`` overlaid by ``conf/<env>.yaml``, with the event
+contracts of ``conf/contracts`` and the feature views of ``conf/features``, loaded into one tree
+of frozen, validated dataclasses (:class:`Settings`).
+
+``conf/base.yaml`` holds the shared defaults; ``conf/<env>.yaml`` overlays it (deep merge,
+mappings merged key by key, everything else replaced); ``--set KEY.PATH=VALUE`` overlays both.
+Loading fails fast with a :class:`~pipelines.core.errors.ConfigError` that names the file, the
+key path and the reason: unknown keys, wrong types, bad durations and dangling references are
+all rejected here, not at the first batch. Nothing here imports Spark, so a process that only
+reads the online store loads its settings without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from pipelines.core.config import build, deep_merge, read_yaml, secret_from_env
+from pipelines.core.contract_spec import Contract, load_contracts
+from pipelines.core.errors import ConfigError
+from pipelines.core.view_spec import FeatureView, load_views
+
+ENVIRONMENTS = ("local", "dev", "prod")
+
+#: The repository root: conf/ and the git-ignored .local/ folder live here.
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
+
+
+@dataclass(frozen=True)
+class SparkSettings:
+    """How the session factory builds (locally) or finds (on a cluster) the SparkSession."""
+
+    app_name: str = "feature-platform"
+    #: ``local[2]`` etc. builds a local session; null means "on a cluster: use the active session".
+    master: str | None = None
+    shuffle_partitions: int = 8
+    #: Folder of the Spark-side jars fetched by ``python -m pipelines.local.jars fetch`` (local only).
+    jars_dir: str | None = None
+    driver_memory: str | None = None
+    ui_enabled: bool = False
+    log_level: str = "WARN"
+    #: Extra Spark settings, applied last.
+    conf: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TopicSettings:
+    """A Kafka topic the platform owns: created by the project's admin code, never auto-created."""
+
+    contract: str
+    partitions: int = 4
+    replication_factor: int = 1
+    #: Topic that receives this topic's invalid records (at least once; the Delta DLQ table is exact).
+    dlq_topic: str | None = None
+
+    @staticmethod
+    def subject(topic: str) -> str:
+        """The registry subject of the topic's values (TopicNameStrategy)."""
+        return f"{topic}-value"
+
+
+@dataclass(frozen=True)
+class KafkaSettings:
+    bootstrap_servers: str
+    topics: Mapping[str, TopicSettings]
+    #: Extra client properties for every client (security.protocol, sasl.mechanism, ...): no secrets.
+    client: Mapping[str, str] = field(default_factory=dict)
+    #: Client property -> name of the environment variable holding its secret value.
+    secret_env: Mapping[str, str] = field(default_factory=dict)
+
+    def client_properties(self) -> dict[str, str]:
+        """Properties for a confluent-kafka client, secrets resolved from the environment."""
+        props = {"bootstrap.servers": self.bootstrap_servers, **self.client}
+        for prop, variable in self.secret_env.items():
+            props[prop] = secret_from_env(variable, f"kafka.secret_env.{prop}")
+        return props
+
+    def spark_options(self) -> dict[str, str]:
+        """Options for Spark's Kafka source and sink (Java client names, ``kafka.`` prefixed).
+
+        librdkafka's ``sasl.username``/``sasl.password`` become the Java client's JAAS line.
+        """
+        props = self.client_properties()
+        username, password = props.pop("sasl.username", None), props.pop("sasl.password", None)
+        if username is not None:
+            module = (
+                "org.apache.kafka.common.security.plain.PlainLoginModule"
+                if props.get("sasl.mechanism", "PLAIN") == "PLAIN"
+                else "org.apache.kafka.common.security.scram.ScramLoginModule"
+            )
+            props["sasl.jaas.config"] = f'{module} required username="{username}" password="{password}";'
+        return {f"kafka.{key}": value for key, value in props.items()}
+
+    def dlq_topic_for(self, topic: str) -> str:
+        return self.topics[topic].dlq_topic or f"{topic}.dlq"
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    """Where tables and checkpoints live: a local path or any Hadoop URI (s3://, abfss://, dbfs:/)."""
+
+    root: str
+
+    def bronze_path(self, topic: str) -> str:
+        return f"{self.root}/bronze/{topic}"
+
+    @property
+    def dead_letter_path(self) -> str:
+        return f"{self.root}/bronze/_dead_letter"
+
+    def feature_path(self, view: str) -> str:
+        return f"{self.root}/features/{view}"
+
+    @property
+    def feature_metrics_path(self) -> str:
+        return f"{self.root}/ops/feature_metrics"
+
+    @property
+    def late_recompute_path(self) -> str:
+        return f"{self.root}/ops/late_recompute"
+
+    @property
+    def stream_metrics_path(self) -> str:
+        return f"{self.root}/ops/stream_metrics"
+
+    def checkpoint_path(self, job: str, name: str) -> str:
+        return f"{self.root}/_checkpoints/{job}/{name}"
+
+    def training_path(self, name: str) -> str:
+        """Where the training table ``name`` lives (one Delta table per training set)."""
+        return f"{self.root}/training/{name}"
+
+
+@dataclass(frozen=True)
+class IngestSettings:
+    """The bronze ingest stream: Kafka -> contract validation -> bronze / dead letter."""
+
+    topics: tuple[str, ...]
+    trigger_interval: timedelta = timedelta(seconds=10)
+    max_offsets_per_trigger: int = 200_000
+    starting_offsets: str = "earliest"
+    fail_on_data_loss: bool = True
+    #: How far ahead of the batch time an event may be before it is quarantined (clock skew).
+    future_tolerance: timedelta = timedelta(minutes=5)
+    #: How far behind the batch time an event may be before it is rejected as too old.
+    max_event_age: timedelta = timedelta(days=7)
+    max_value_bytes: int = 65_536
+    publish_dlq_topic: bool = True
+    #: Log one progress line per batch and append it to the metrics table.
+    metrics_enabled: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureSettings:
+    """The feature-view streams (one query per view)."""
+
+    #: How often each view's query looks for new bronze commits.
+    trigger_interval: timedelta = timedelta(seconds=5)
+    #: At most this many new bronze files per micro-batch (Delta ``maxFilesPerTrigger``): a
+    #: restart after an outage catches up in bounded batches instead of one huge one.
+    max_files_per_trigger: int = 1000
+
+
+@dataclass(frozen=True)
+class RedisSettings:
+    host: str = "127.0.0.1"
+    port: int = 6379
+    db: int = 0
+    #: Environment variable holding the password, if the server needs one.
+    password_env: str | None = None
+    #: First part of every online key: ``{namespace}:{view}:{entity}``.
+    namespace: str = "features"
+
+
+@dataclass(frozen=True)
+class MlflowSettings:
+    """Where training-set builds are tracked. The tracking URI used is ``--tracking-uri``, else the
+    ``MLFLOW_TRACKING_URI`` environment variable, else ``tracking_uri`` here, else MLflow's own
+    default."""
+
+    tracking_uri: str | None = None
+    experiment: str = "feature-platform-training-sets"
+    #: Where a newly created experiment keeps its artifacts (unset: the tracking server's default).
+    artifact_location: str | None = None
+
+
+#: Compatibility levels of the Confluent schema-registry API.
+COMPATIBILITY_LEVELS = (
+    "BACKWARD", "BACKWARD_TRANSITIVE", "FORWARD", "FORWARD_TRANSITIVE", "FULL", "FULL_TRANSITIVE", "NONE",
+)
+
+
+@dataclass(frozen=True)
+class SchemaRegistrySettings:
+    """A schema registry speaking the Confluent API: the local Apicurio (``/apis/ccompat/v7``),
+    Confluent Cloud, or any other. Needed by topics whose contract has ``format: avro``."""
+
+    url: str | None = None
+    #: Environment variable holding ``user:password`` for HTTP basic auth (a Confluent Cloud
+    #: API key and secret); unset: no authentication.
+    basic_auth_env: str | None = None
+    #: Compatibility level set on every subject the platform registers (``<topic>-value``).
+    compatibility: str = "FULL"
+    #: Subject -> compatibility level, for subjects that differ from ``compatibility``.
+    subject_compatibility: Mapping[str, str] = field(default_factory=dict)
+    #: Timeout of one request to the registry.
+    timeout: timedelta = timedelta(seconds=10)
+
+    def compatibility_for(self, subject: str) -> str:
+        return self.subject_compatibility.get(subject, self.compatibility)
+
+    def client_config(self) -> dict[str, Any]:
+        """Configuration for confluent-kafka's ``SchemaRegistryClient``, the secret read from the
+        environment. Raises ConfigError when no URL is configured."""
+        if not self.url:
+            raise ConfigError("schema_registry.url: not set (needed by topics whose contract is Avro)")
+        config: dict[str, Any] = {"url": self.url, "timeout": max(1, round(self.timeout.total_seconds()))}
+        if self.basic_auth_env:
+            config["basic.auth.user.info"] = secret_from_env(self.basic_auth_env, "schema_registry.basic_auth_env")
+        return config
+
+
+@dataclass(frozen=True)
+class LocalPlatformSettings:
+    """The embedded local platform: a real Kafka broker (KRaft), Redis and the Apicurio schema
+    registry on loopback."""
+
+    root: str = ".local"
+    kafka_port: int = 9092
+    kafka_controller_port: int = 9093
+    kafka_heap: str = "1g"
+    redis_port: int = 6380
+    #: Start the schema registry with the others (it needs a Java 21+ JDK).
+    registry_enabled: bool = True
+    registry_port: int = 8081
+    #: The registry's management interface (health, metrics).
+    registry_management_port: int = 9000
+    registry_heap: str = "512m"
+    #: JDK (21+) to run the registry with; unset: the newest JDK 21+ found on the machine.
+    registry_java_home: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a job needs, for one environment."""
+
+    env: str
+    spark: SparkSettings
+    kafka: KafkaSettings
+    storage: StorageSettings
+    ingest: IngestSettings
+    features: FeatureSettings = field(default_factory=FeatureSettings)
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    mlflow: MlflowSettings = field(default_factory=MlflowSettings)
+    schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)
+    local: LocalPlatformSettings | None = None
+    #: Contract name -> contract, loaded from ``conf/contracts/``.
+    contracts: Mapping[str, Contract] = field(default_factory=dict, metadata={"yaml": False})
+    #: View name -> feature view, loaded from ``conf/features/``.
+    views: Mapping[str, FeatureView] = field(default_factory=dict, metadata={"yaml": False})
+
+    def contract_for(self, topic: str) -> Contract:
+        """The contract that governs ``topic``."""
+        return self.contracts[self.kafka.topics[topic].contract]
+
+    def source_topic(self, view: FeatureView) -> str:
+        """The ingested topic whose contract is ``view``'s source; a ValueError naming the view
+        when there is not exactly one (a path source, or a contract no ingested topic carries)."""
+        topics = [t for t in self.ingest.topics if self.kafka.topics[t].contract == view.source.contract]
+        if view.source.contract is None or len(topics) != 1:
+            raise ValueError(f"view {view.name!r}: its source must be the contract of exactly one ingested topic")
+        return topics[0]
+
+
+def default_conf_dir() -> Path:
+    return Path(os.environ.get("PIPELINES_CONF_DIR", PROJECT_ROOT / "conf"))
+
+
+def load_settings(
+    env: str,
+    conf_dir: Path | str | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Settings for ``env`` (local, dev or prod) from ``conf_dir`` with optional ``overrides``.
+
+    Relative local paths (``storage.root``, ``local.root``, ``spark.jars_dir``) resolve against
+    the project root, so jobs behave the same from any working directory.
+    """
+    if env not in ENVIRONMENTS:
+        raise ConfigError(f"--env: {env!r} is not one of {', '.join(ENVIRONMENTS)}")
+    conf_dir = Path(conf_dir) if conf_dir else default_conf_dir()
+    env_file = conf_dir / f"{env}.yaml"
+    if not env_file.exists():
+        raise ConfigError(f"{env_file}: no configuration for environment {env!r}")
+    merged = deep_merge(read_yaml(conf_dir / "base.yaml"), read_yaml(env_file))
+    merged = deep_merge(merged, overrides or {})
+    merged["env"] = env
+    settings = build(Settings, merged, f"{env_file}:")
+    settings = _resolve_local_paths(settings, conf_dir.resolve().parent)
+    contracts = load_contracts(conf_dir / "contracts")
+    views = load_views(conf_dir / "features", contracts)
+    settings = dataclasses.replace(settings, contracts=contracts, views=views)
+    _check_references(settings, env_file)
+    return settings
+
+
+def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
+    def resolve(path: str | None) -> str | None:
+        if path is None or "://" in path or re.match(r"^[a-z]+:/", path):
+            return path
+        return str((root / path).resolve()) if not os.path.isabs(path) else path
+
+    spark = dataclasses.replace(settings.spark, jars_dir=resolve(settings.spark.jars_dir))
+    storage = dataclasses.replace(settings.storage, root=resolve(settings.storage.root))
+    local = settings.local and dataclasses.replace(settings.local, root=resolve(settings.local.root))
+    tracking_uri = settings.mlflow.tracking_uri
+    if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
+        # sqlite:///relative/path.db: relative to the project root, like the other local paths.
+        tracking_uri = f"sqlite:///{resolve(tracking_uri[len('sqlite:///'):])}"
+    mlflow = dataclasses.replace(settings.mlflow, tracking_uri=tracking_uri,
+                                 artifact_location=resolve(settings.mlflow.artifact_location))
+    registry = settings.schema_registry
+    if registry.url is None and local is not None and local.registry_enabled:
+        # The embedded platform's registry, unless the environment names another one.
+        registry = dataclasses.replace(registry, url=local_registry_url(local.registry_port))
+    return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow,
+                               schema_registry=registry)
+
+
+def local_registry_url(port: int) -> str:
+    """The Confluent-compatible API of the local Apicurio registry on ``port``."""
+    return f"http://127.0.0.1:{port}/apis/ccompat/v7"
+
+
+def _check_references(settings: Settings, source: Path) -> None:
+    for topic in settings.ingest.topics:
+        if topic not in settings.kafka.topics:
+            raise ConfigError(
+                f"{source}: ingest.topics: {topic!r} is not declared under kafka.topics "
+                f"({', '.join(settings.kafka.topics)})"
+            )
+    if settings.ingest.starting_offsets not in ("earliest", "latest"):
+        raise ConfigError(
+            f"{source}: ingest.starting_offsets: {settings.ingest.starting_offsets!r} "
+            "is not 'earliest' or 'latest'"
+        )
+    if settings.ingest.max_offsets_per_trigger <= 0 or settings.ingest.max_value_bytes <= 0:
+        raise ConfigError(
+            f"{source}: ingest.max_offsets_per_trigger and ingest.max_value_bytes must be positive"
+        )
+    if settings.features.trigger_interval <= timedelta(0):
+        raise ConfigError(f"{source}: features.trigger_interval: must be positive")
+    if settings.features.max_files_per_trigger <= 0:
+        raise ConfigError(f"{source}: features.max_files_per_trigger: must be positive")
+    registry = settings.schema_registry
+    for key, level in [("compatibility", registry.compatibility),
+                       *((f"subject_compatibility.{s}", v) for s, v in registry.subject_compatibility.items())]:
+        if level not in COMPATIBILITY_LEVELS:
+            raise ConfigError(
+                f"{source}: schema_registry.{key}: {level!r} is not one of {', '.join(COMPATIBILITY_LEVELS)}"
+            )
+    for name, topic in settings.kafka.topics.items():
+        if topic.contract not in settings.contracts:
+            raise ConfigError(
+                f"{source}: kafka.topics.{name}.contract: no contract {topic.contract!r} in "
+                f"conf/contracts ({', '.join(sorted(settings.contracts)) or 'none'})"
+            )
+        if topic.partitions <= 0:
+            raise ConfigError(f"{source}: kafka.topics.{name}.partitions: must be positive")
+        if settings.contracts[topic.contract].format == "avro" and not registry.url:
+            raise ConfigError(
+                f"{source}: schema_registry.url: not set, and topic {name!r} carries Avro "
+                f"(contract {topic.contract!r} has format: avro)"
+            )

@@ -1,0 +1,325 @@
+"""Feature views: declared in ``conf/features/*.yaml`` (one file per domain), checked at load time.
+
+A view names a source, an entity key column, an event-time column, a kind, its aggregations
+and its online settings. Loading rejects, naming the file and key: unknown keys, unknown
+columns, columns of an unusable type for a function, bad durations and unsupported functions.
+
+Kinds and their semantics (the transforms are in :mod:`pipelines.features.transforms`):
+
+* ``trailing``: one row per source event. For an event of entity k at time t, an aggregate
+  over window w covers k's events with event time in the half-open interval
+  ``(t - delay - w, t - delay]``: with ``delay: 0s`` the event itself and every other event of
+  k at exactly t are included, an event exactly w before t is not.
+* ``sliding``: event-time windows of ``window`` every ``slide`` per entity (``slide`` =
+  ``window``, the default, is tumbling); one row per (entity, window) with events.
+* ``session``: session windows per entity closed after ``gap`` without events.
+
+Output names are derived as ``{function}_{column}_{window}`` (``count_{window}`` for
+``column: "*"``; sliding and session views drop the ``_{window}`` suffix), and can be
+overridden per aggregation with ``names: {derived: chosen}``.
+
+Column types are Spark SQL type names (``string``, ``bigint``, ``decimal(10,2)``...), so views
+load, and the online store reads them, without Spark.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+
+from pipelines.core.config import build, read_yaml
+from pipelines.core.contract_spec import Contract
+from pipelines.core.errors import ConfigError
+from pipelines.core.times import format_duration
+
+KINDS = ("trailing", "sliding", "session")
+FUNCTIONS = ("count", "sum", "avg", "min", "max", "approx_count_distinct", "last")
+_NUMERIC_ONLY = {"sum", "avg"}
+_ORDERABLE = {"min", "max"}
+_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class Aggregation:
+    """``functions`` of ``column`` over each of ``windows`` (trailing views only)."""
+
+    column: str
+    functions: tuple[str, ...]
+    windows: tuple[timedelta, ...] = ()
+    #: Derived output name -> the name to use instead.
+    names: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CountBy:
+    """Session views: one count per listed value of ``column`` (``count_{column}_{value}``)."""
+
+    column: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """Where a view's events come from: a contract's bronze table, or any Delta table or file
+    path with its own schema (a Spark DDL string)."""
+
+    contract: str | None = None
+    path: str | None = None
+    format: str = "delta"
+    schema: str | None = None
+
+
+@dataclass(frozen=True)
+class OnlineSpec:
+    #: How long Redis keeps an entity's values after their last write.
+    ttl: timedelta = timedelta(days=7)
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class FeatureView:
+    name: str
+    source: SourceSpec
+    entity: str
+    event_time: str
+    kind: str
+    aggregations: tuple[Aggregation, ...] = ()
+    description: str = ""
+    #: trailing: shift every interval back by this much (inputs trusted only after a delay).
+    delay: timedelta = timedelta(0)
+    #: sliding: the window length and step (tumbling when equal).
+    window: timedelta | None = None
+    slide: timedelta | None = None
+    #: How late an event may arrive and still count (the watermark delay). Events behind the
+    #: watermark are left out of the stream (a backfill from bronze computes them).
+    allowed_lateness: timedelta = timedelta(minutes=10)
+    #: trailing, on a stream: at most this many events kept in state per entity (the newest).
+    #: An entity with more events in ``max window + delay`` gets features over only its newest
+    #: ones, and a warning naming it is logged: size it above the busiest entity's rate.
+    max_events_per_entity: int = 100_000
+    #: session: inactivity that closes a session.
+    gap: timedelta | None = None
+    count_by: tuple[CountBy, ...] = ()
+    online: OnlineSpec = field(default_factory=OnlineSpec)
+    #: Training sets: the oldest feature row a spine row at time T may take (event time >=
+    #: T - max_age); unset: ``online.ttl``, so training sees a value exactly as long as the online
+    #: store would still serve it. Overridable per training-set request.
+    max_age: timedelta | None = None
+
+    @property
+    def training_max_age(self) -> timedelta:
+        return self.max_age if self.max_age is not None else self.online.ttl
+
+    def outputs(self) -> list[tuple[str, str, str, timedelta | None]]:
+        """``(output name, function, column, window)`` for every feature, in declaration order."""
+        result = []
+        for agg in self.aggregations:
+            windows: tuple[timedelta | None, ...] = agg.windows if self.kind == "trailing" else (None,)
+            for window in windows:
+                for function in agg.functions:
+                    derived = output_name(function, agg.column, window)
+                    result.append((agg.names.get(derived, derived), function, agg.column, window))
+        return result
+
+    @property
+    def max_lookback(self) -> timedelta:
+        """How much history before an event a trailing view needs: max window + delay."""
+        windows = [w for agg in self.aggregations for w in agg.windows]
+        return (max(windows) if windows else timedelta(0)) + self.delay
+
+
+def output_name(function: str, column: str, window: timedelta | None) -> str:
+    """``sum``, ``amount_usd``, 1h -> ``sum_amount_usd_1h``; ``count``, ``*``, 1h -> ``count_1h``."""
+    parts = [function] if column == "*" else [function, column]
+    if window is not None:
+        parts.append(format_duration(window))
+    return "_".join(parts)
+
+
+
+#: The column that orders a view's rows in time (and that Redis compares on), by kind; trailing
+#: rows are ordered by the view's own event-time column.
+EVENT_TIME_COLUMN = {"trailing": None, "sliding": "window_end", "session": "session_end"}
+
+
+def event_time_column(view: FeatureView) -> str:
+    """The column of the view's rows that says when a row's values hold: the event time for
+    trailing views, the window end for sliding views, the session end for session views."""
+    return EVENT_TIME_COLUMN[view.kind] or view.event_time
+
+
+def feature_names(view: FeatureView) -> list[str]:
+    """Every feature column the view's transform outputs (what Redis stores), in order."""
+    names = [name for name, *_ in view.outputs()]
+    if view.kind == "session":
+        names = ["event_count", "duration_seconds", *names]
+        names += [f"count_{by.column}_{value}" for by in view.count_by for value in by.values]
+    return names
+
+#: Spark SQL type names by what a function can do with them.
+_NUMERIC_TYPES = ("tinyint", "smallint", "int", "bigint", "float", "double")
+_ORDERABLE_TYPES = ("string", "timestamp", "boolean")
+_SIMPLE_TYPES: Mapping[str, str] = {
+    "string": "string", "double": "double", "float": "float", "bigint": "bigint", "long": "bigint",
+    "int": "int", "integer": "int", "boolean": "boolean", "timestamp": "timestamp", "date": "date",
+}
+_DECIMAL = re.compile(r"^decimal\((\d+),\s*(\d+)\)$")
+
+
+def _numeric(type_name: str) -> bool:
+    return type_name in _NUMERIC_TYPES or type_name.startswith("decimal(")
+
+
+def _usable(function: str, type_name: str) -> bool:
+    if function in _NUMERIC_ONLY:
+        return _numeric(type_name)
+    if function in _ORDERABLE:
+        return _numeric(type_name) or type_name in _ORDERABLE_TYPES
+    return True
+
+
+def source_columns(view: FeatureView, contracts: Mapping[str, Contract], where: str) -> dict[str, str]:
+    """The columns a view can reference, name -> Spark SQL type name: the contract's fields, or
+    the declared schema of a path source."""
+    source = view.source
+    if (source.contract is None) == (source.path is None):
+        raise ConfigError(f"{where}.source: give exactly one of 'contract' or 'path'")
+    if source.contract is not None:
+        if source.contract not in contracts:
+            raise ConfigError(
+                f"{where}.source.contract: no contract {source.contract!r} ({', '.join(sorted(contracts))})"
+            )
+        return {f.name: f.sql_type for f in contracts[source.contract].fields}
+    if source.format not in ("delta", "parquet", "csv", "json"):
+        raise ConfigError(f"{where}.source.format: {source.format!r} is not delta, parquet, csv or json")
+    if not source.schema:
+        raise ConfigError(f"{where}.source.schema: a path source needs its schema (Spark DDL)")
+    return dict(parse_schema(source.schema, f"{where}.source.schema"))
+
+
+def parse_schema(ddl: str, key: str) -> list[tuple[str, str]]:
+    """``"account_id string, amount decimal(10,2), event_time timestamp"`` ->
+    ``[("account_id", "string"), ("amount", "decimal(10,2)"), ("event_time", "timestamp")]``.
+
+    Flat schemas of the types above (and ``decimal(p,s)``) only: a view's source columns are
+    scalars. Type names come back as Spark spells them (``long`` -> ``bigint``), so the DDL
+    ``", ".join(f"{n} {t}" ...)`` of the result is what Spark reads.
+    """
+    columns = []
+    for part in re.split(r",(?![^(]*\))", ddl):
+        words = part.strip().split(None, 1)
+        if len(words) != 2:
+            raise ConfigError(f"{key}: {part.strip()!r} is not 'name type'")
+        name, type_name = words[0].strip("`"), words[1].strip().lower()
+        decimal = _DECIMAL.match(type_name)
+        if decimal:
+            columns.append((name, f"decimal({int(decimal.group(1))},{int(decimal.group(2))})"))
+        elif type_name in _SIMPLE_TYPES:
+            columns.append((name, _SIMPLE_TYPES[type_name]))
+        else:
+            raise ConfigError(
+                f"{key}: column {name!r} has type {type_name!r}; use one of {', '.join(_SIMPLE_TYPES)} or decimal(p,s)"
+            )
+    return columns
+
+
+def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str) -> None:
+    """Reject a view that cannot be computed, naming the key and the reason."""
+    if not _NAME.match(view.name):
+        raise ConfigError(f"{where}.name: {view.name!r} must be lower_snake_case")
+    if view.kind not in KINDS:
+        raise ConfigError(f"{where}.kind: {view.kind!r} is not one of {', '.join(KINDS)}")
+    types = source_columns(view, contracts, where)
+
+    def column(name: str, key: str) -> str:
+        if name not in types:
+            raise ConfigError(f"{where}.{key}: no column {name!r} in the source ({', '.join(types)})")
+        return types[name]
+
+    column(view.entity, "entity")
+    if view.max_events_per_entity <= 0:
+        raise ConfigError(f"{where}.max_events_per_entity: must be positive")
+    if view.max_age is not None and view.max_age <= timedelta(0):
+        raise ConfigError(f"{where}.max_age: must be positive")
+    if column(view.event_time, "event_time") != "timestamp":
+        raise ConfigError(f"{where}.event_time: {view.event_time!r} is not a timestamp")
+    if view.kind == "trailing":
+        for i, agg in enumerate(view.aggregations):
+            if not agg.windows:
+                raise ConfigError(f"{where}.aggregations[{i}].windows: a trailing view needs windows")
+            if any(w <= timedelta(0) for w in agg.windows):
+                raise ConfigError(f"{where}.aggregations[{i}].windows: windows must be positive")
+    else:
+        for i, agg in enumerate(view.aggregations):
+            if agg.windows:
+                raise ConfigError(
+                    f"{where}.aggregations[{i}].windows: only trailing views take windows per "
+                    f"aggregation; a {view.kind} view has one window for all"
+                )
+        if view.delay:
+            raise ConfigError(f"{where}.delay: only trailing views take a delay")
+    if view.kind == "sliding":
+        if view.window is None or view.window <= timedelta(0):
+            raise ConfigError(f"{where}.window: a sliding view needs a positive window")
+        slide = view.slide or view.window
+        if slide <= timedelta(0) or slide > view.window:
+            raise ConfigError(f"{where}.slide: must be positive and at most the window")
+    elif view.window is not None or view.slide is not None:
+        raise ConfigError(f"{where}.window: only sliding views take window/slide")
+    if view.kind == "session":
+        if view.gap is None or view.gap <= timedelta(0):
+            raise ConfigError(f"{where}.gap: a session view needs a positive gap")
+    elif view.gap is not None or view.count_by:
+        raise ConfigError(f"{where}.gap: only session views take gap/count_by")
+    for i, by in enumerate(view.count_by):
+        column(by.column, f"count_by[{i}].column")
+    if not view.aggregations and not view.count_by and view.kind != "session":
+        raise ConfigError(f"{where}.aggregations: a {view.kind} view needs at least one aggregation")
+    for i, agg in enumerate(view.aggregations):
+        key = f"aggregations[{i}]"
+        for function in agg.functions:
+            if function not in FUNCTIONS:
+                raise ConfigError(f"{where}.{key}.functions: {function!r} is not one of {', '.join(FUNCTIONS)}")
+        if agg.column == "*":
+            if set(agg.functions) != {"count"}:
+                raise ConfigError(f"{where}.{key}.column: '*' only counts events (functions: [count])")
+            continue
+        data_type = column(agg.column, f"{key}.column")
+        for function in agg.functions:
+            if not _usable(function, data_type):
+                raise ConfigError(
+                    f"{where}.{key}: {function} needs a "
+                    f"{'numeric' if function in _NUMERIC_ONLY else 'numeric, string, boolean or timestamp'} column, "
+                    f"{agg.column!r} is {data_type}"
+                )
+    names = [name for name, *_ in view.outputs()]
+    taken = {view.entity, view.event_time, "window_start", "window_end", "session_start", "session_end",
+             "event_count", "duration_seconds", "computed_at", "event_date"}
+    for name in names:
+        if names.count(name) > 1 or name in taken:
+            raise ConfigError(f"{where}.aggregations: output name {name!r} is used twice or reserved")
+        if not _NAME.match(name):
+            raise ConfigError(f"{where}.aggregations: output name {name!r} must be lower_snake_case")
+
+
+def load_views(folder: Path, contracts: Mapping[str, Contract]) -> dict[str, FeatureView]:
+    """Every view in ``folder/*.yaml`` (each file: ``views: [...]``), by name, checked."""
+    views: dict[str, FeatureView] = {}
+    for path in sorted(Path(folder).glob("*.yaml")):
+        data = read_yaml(path)
+        unknown = sorted(set(data) - {"views", "description"})
+        if unknown:
+            raise ConfigError(f"{path}: {unknown[0]}: unknown key (expected views, description)")
+        if not isinstance(data.get("views"), list):
+            raise ConfigError(f"{path}: views: expected a list of feature views")
+        for i, entry in enumerate(data["views"]):
+            where = f"{path}: views[{i}]"
+            view = build(FeatureView, entry, where)
+            check_view(view, contracts, where)
+            if view.name in views:
+                raise ConfigError(f"{where}.name: view {view.name!r} is declared twice")
+            views[view.name] = view
+    return views

@@ -1,0 +1,191 @@
+"""The Redis online store: newer-wins, idempotent writes of feature rows, and reads.
+
+Key layout: one hash per view and entity, ``{namespace}:{view}:{entity}``, with one field per
+feature plus ``_event_time`` (microseconds since the epoch, UTC) and ``_version``. A feature
+whose value is null has no field. Values are JSON scalars (numbers round-trip exactly), except
+timestamps, stored as ``t:<ISO-8601>``; a JSON string always starts with a quote, so the two
+never mix.
+
+Every write goes through one Lua script, atomically per key: it applies the row only if its
+``(event time, version)`` is greater than the stored one (event time first, then version),
+replacing the whole hash and setting the view's TTL. So an older event never overwrites a
+newer value, replaying a batch changes nothing, and a restatement with a higher version for
+the same event time does overwrite. Writes are pipelined in chunks; transient Redis errors are
+retried with bounded backoff (safe: the writes are idempotent), after which the error is
+raised and the batch fails loudly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any
+
+import redis
+
+from pipelines.core.config import secret_from_env
+from pipelines.core.errors import PipelineError
+from pipelines.core.settings import RedisSettings
+from pipelines.core.times import epoch_micros, from_epoch_micros, micros, utc_assuming_local
+
+log = logging.getLogger(__name__)
+
+EVENT_TIME_FIELD = "_event_time"
+VERSION_FIELD = "_version"
+
+_NEWER_WINS = """
+local stored = redis.call('HMGET', KEYS[1], '_event_time', '_version')
+if stored[1] then
+  local event_time, version = tonumber(ARGV[1]), tonumber(ARGV[2])
+  local stored_time, stored_version = tonumber(stored[1]), tonumber(stored[2])
+  if event_time < stored_time or (event_time == stored_time and version <= stored_version) then
+    return 0
+  end
+end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], '_event_time', ARGV[1], '_version', ARGV[2], unpack(ARGV, 4))
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+class OnlineStoreError(PipelineError):
+    """Redis stayed unavailable through every retry: the batch must fail (and be replayed)."""
+
+
+def redis_client(settings: RedisSettings) -> redis.Redis:
+    password = secret_from_env(settings.password_env, "redis.password_env") if settings.password_env else None
+    return redis.Redis(host=settings.host, port=settings.port, db=settings.db, password=password,
+                       socket_timeout=10, socket_connect_timeout=5)
+
+
+def entity_key(namespace: str, view: str, entity: Any) -> str:
+    return f"{namespace}:{view}:{entity}"
+
+
+def encode_value(value: Any) -> str:
+    """A feature value as stored in its hash field (None is never stored: the field is absent)."""
+    if isinstance(value, datetime):
+        return "t:" + utc_assuming_local(value).isoformat()
+    if isinstance(value, date):
+        return "t:" + value.isoformat()
+    if isinstance(value, float) and value != value:  # NaN: JSON has none; keep it explicit
+        return "NaN"
+    return json.dumps(value)
+
+
+def decode_value(raw: str) -> Any:
+    if raw.startswith("t:"):
+        text = raw[2:]
+        return datetime.fromisoformat(text) if "T" in text else date.fromisoformat(text)
+    if raw == "NaN":
+        return float("nan")
+    return json.loads(raw)
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    written: int
+    stale: int
+    #: The latest event time (µs since the epoch, UTC) among the rows Redis applied, if any.
+    newest_written_micros: int | None = None
+
+
+class OnlineStoreWriter:
+    """Writes feature rows of one view to Redis, newer wins, with bounded retries."""
+
+    def __init__(self, client: redis.Redis, namespace: str, view: str, ttl: timedelta,
+                 chunk_size: int = 1000, attempts: int = 5, backoff: float = 0.2):
+        if ttl <= timedelta(0):
+            raise ValueError("ttl must be positive: every online key expires")
+        self.client = client
+        self.namespace = namespace
+        self.view = view
+        self.ttl_ms = micros(ttl) // 1000
+        self.chunk_size = chunk_size
+        self.attempts = attempts
+        self.backoff = backoff
+        self._script = client.register_script(_NEWER_WINS)
+
+    def write(self, rows: Iterable[Mapping[str, Any]], entity: str, event_time: str,
+              features: Sequence[str], version: int, ttl_ms_field: str | None = None) -> WriteResult:
+        """Write ``rows`` (mappings with the entity, event time and feature columns).
+
+        ``ttl_ms_field``: the row field holding that row's TTL in milliseconds (a restore gives
+        each key what was left of its TTL); otherwise every key gets the view's TTL.
+        """
+        written = stale = 0
+        newest: int | None = None
+        for chunk in _chunks(rows, self.chunk_size):
+            applied = self._write_chunk(chunk, entity, event_time, features, version, ttl_ms_field)
+            written += sum(applied)
+            stale += len(applied) - sum(applied)
+            times = [epoch_micros(row[event_time]) for row, ok in zip(chunk, applied) if ok]
+            if times:
+                newest = max(times + ([newest] if newest is not None else []))
+        return WriteResult(written, stale, newest)
+
+    def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
+                     features: Sequence[str], version: int, ttl_ms_field: str | None) -> list[int]:
+        for attempt in range(1, self.attempts + 1):
+            try:
+                pipe = self.client.pipeline(transaction=False)
+                for row in chunk:
+                    ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
+                    if ttl_ms <= 0:
+                        raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
+                    args: list[Any] = [epoch_micros(row[event_time]), version, ttl_ms]
+                    for name in features:
+                        if row[name] is not None:
+                            args += [name, encode_value(row[name])]
+                    self._script(keys=[entity_key(self.namespace, self.view, row[entity])], args=args, client=pipe)
+                return [int(r) for r in pipe.execute()]
+            except TRANSIENT_ERRORS as exc:
+                if attempt == self.attempts:
+                    raise OnlineStoreError(
+                        f"Redis write of view {self.view!r} failed {self.attempts} times: {exc}"
+                    ) from exc
+                pause = self.backoff * 2 ** (attempt - 1)
+                log.warning("Redis write of view %s failed (%s): retry %d in %.1fs", self.view, exc, attempt, pause)
+                time.sleep(pause)
+        raise AssertionError("unreachable")
+
+
+def _chunks(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:
+    chunk: list[Mapping[str, Any]] = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def read_online(client: redis.Redis, namespace: str, view: str, features: Sequence[str],
+                entity_ids: Sequence[Any], now: datetime | None = None) -> list[dict[str, Any]]:
+    """One row per requested entity, in order: ``entity``, each feature, ``event_time`` and
+    ``age_seconds`` (now - event time). A missing or expired entity, or a feature stored as
+    null, comes back as None: never an error, never a default."""
+    now = now or datetime.now(timezone.utc)
+    pipe = client.pipeline(transaction=False)
+    for entity in entity_ids:
+        pipe.hgetall(entity_key(namespace, view, entity))
+    rows = []
+    for entity, stored in zip(entity_ids, pipe.execute()):
+        fields = {k.decode(): v.decode() for k, v in stored.items()}
+        event_time = None
+        if EVENT_TIME_FIELD in fields:
+            event_time = from_epoch_micros(int(fields[EVENT_TIME_FIELD]))
+        row = {"entity": entity}
+        row.update({name: decode_value(fields[name]) if name in fields else None for name in features})
+        row["event_time"] = event_time
+        row["age_seconds"] = (now - event_time).total_seconds() if event_time else None
+        rows.append(row)
+    return rows

@@ -1,0 +1,58 @@
+"""Fixtures of the integration tests: the real local platform (Kafka KRaft and Redis, and the
+Apicurio registry for the tests that ask for it) started once per session on free loopback ports
+with its data in a temporary folder, and isolated topics, lake and Redis namespace per test."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pyspark.sql import SparkSession
+
+from pipelines.core.settings import Settings
+from pipelines.local.jars import DEFAULT_ROOT as JARS_ROOT
+from pipelines.local.jars import fetch
+from pipelines.local.platform import LocalPlatform
+from tests.support import isolation
+
+
+@pytest.fixture(scope="session")
+def platform(settings: Settings) -> Iterator[LocalPlatform]:
+    """The real Kafka broker and Redis server, up for the whole test session (the schema
+    registry is started by the ``registry`` fixture, for the tests that need it)."""
+    fetch("kafka", JARS_ROOT)
+    local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False)
+    local.up()
+    try:
+        yield local
+    finally:
+        # Spark first: its Kafka clients would otherwise wait on a broker that is gone.
+        active = SparkSession.getActiveSession()
+        if active is not None:
+            active.stop()
+        local.down()  # the registry too, if a test started it
+
+
+@pytest.fixture(scope="session")
+def registry(platform: LocalPlatform) -> LocalPlatform:
+    """The real Apicurio schema registry on the test broker (``schema_registry.url`` of the
+    test settings points at it); started once, on first use."""
+    platform.start_registry()
+    return platform
+
+
+@pytest.fixture
+def isolated(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform, tmp_path: Path):
+    """Isolated settings for one test (see :func:`tests.support.isolation`), under its ``tmp_path``."""
+    return isolation(base_overrides, tmp_path)
+
+
+@pytest.fixture(scope="module")
+def isolated_module(settings: Settings, base_overrides: dict[str, Any], platform: LocalPlatform,
+                    tmp_path_factory: pytest.TempPathFactory):
+    """The same for data that several tests of one module share (built once per module)."""
+    return isolation(base_overrides, tmp_path_factory.mktemp("module"))
+
+

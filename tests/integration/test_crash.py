@@ -1,0 +1,133 @@
+"""Crash safety: the ingest and the features jobs are SIGKILLed (driver and JVM together)
+mid-stream, twice, at different points, and restarted; every table ends up with every row
+exactly once, and Redis with the latest values of the feature tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections import Counter
+from datetime import timedelta
+from pathlib import Path
+
+from pyspark.sql import functions as F
+
+from pipelines.core.settings import PROJECT_ROOT
+from pipelines.core.times import utc_assuming_local
+from pipelines.core.view_spec import event_time_column, feature_names
+from pipelines.features.sinks import latest_per_entity
+from pipelines.features.stream import run_features
+from pipelines.ingest.stream import run_ingest
+from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.online.store import read_online, redis_client
+from tests.support import topic_names
+
+
+def delta_versions(table: str) -> int:
+    """Commits in a Delta table's log (0 when it does not exist yet)."""
+    return len(list(Path(table, "_delta_log").glob("*.json")))
+
+
+def start_job(job: str, conf_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
+    out = open(log, "ab")
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "jobs" / f"{job}.py"), "--env", "local", "--conf-dir", str(conf_dir), *extra],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+
+
+def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
+    """SIGKILL the job's whole process group (Python driver and Spark JVM) once ``condition()``."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, "the job ended before the kill point"
+        assert time.monotonic() < deadline, "kill point not reached in time"
+        time.sleep(0.05)
+    os.killpg(job.pid, signal.SIGKILL)
+    job.wait()
+
+
+def test_sigkill_twice_mid_stream_then_restart_loses_and_duplicates_nothing(spark, isolated, tmp_path):
+    settings = isolated(ingest={"max_offsets_per_trigger": 300, "trigger_interval": "1s"})
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    spec = GeneratorSpec(count=5000, seed=21, span=timedelta(hours=12), bad_rate=0.04, duplicate_rate=0.03,
+                         label_rate=0.3, label_delay=(timedelta(minutes=5), timedelta(hours=6)))
+    records = list(generate(spec))
+    sent = produce(records, settings.kafka.client_properties(), topic_names=topic_names(settings))
+    tx_topic = settings.ingest.topics[0]
+    bronze_path, dlq_path = settings.storage.bronze_path(tx_topic), settings.storage.dead_letter_path
+    log = tmp_path / "ingest.log"
+
+    # Kill 1: right after the second data commit to bronze, the next batch in flight.
+    kill_when(start_job("ingest", conf_dir, log), lambda: delta_versions(bronze_path) >= 3)
+    # Kill 2: in the restarted job, the instant a dead-letter commit lands: between the DLQ write
+    # of one batch and its commit to the checkpoint.
+    dlq_before = delta_versions(dlq_path)
+    kill_when(start_job("ingest", conf_dir, log), lambda: delta_versions(dlq_path) >= dlq_before + 2)
+    # Restart and run to the end of the topics.
+    final = start_job("ingest", conf_dir, log, "--available-now")
+    assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
+
+    for topic in settings.ingest.topics:
+        bronze = spark.read.format("delta").load(settings.storage.bronze_path(topic))
+        assert bronze.count() == sent.expected_bronze(topic)
+        assert bronze.select("transaction_id").distinct().count() == sent.expected_bronze(topic)
+        dead = spark.read.format("delta").load(dlq_path).filter(F.col("kafka_topic") == topic)
+        assert dead.select("kafka_partition", "kafka_offset").distinct().count() == dead.count()
+        assert Counter({r.error_class: r["count"] for r in dead.groupBy("error_class").count().collect()}) == \
+            Counter(sent.expected_dead_letters(topic))
+
+
+def feature_rows(spark, settings, view) -> Counter:
+    table = spark.read.format("delta").load(settings.storage.feature_path(view.name)).drop("computed_at")
+    return Counter(tuple(row) for row in table.collect())
+
+
+def test_sigkilled_features_job_restarts_to_exact_tables_and_redis_equal_to_them(spark, isolated, tmp_path):
+    # Few bronze files per micro-batch: the job works through many batches, so it dies mid-stream.
+    settings = isolated(ingest={"max_offsets_per_trigger": 400},
+                        features={"max_files_per_trigger": 2, "trigger_interval": "500ms"})
+    spec = GeneratorSpec(count=2000, accounts=60, merchants=20, seed=44, span=timedelta(hours=8), label_rate=0.0)
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    run_ingest(spark, settings, available_now=True)
+    views = [settings.views["account_velocity"], settings.views["merchant_hourly"]]
+    # The reference: the same views over a copy of the same bronze, never interrupted.
+    reference = dataclasses.replace(
+        settings, storage=dataclasses.replace(settings.storage, root=str(tmp_path / "reference")),
+        redis=dataclasses.replace(settings.redis, namespace=f"reference-{uuid.uuid4().hex[:8]}"))
+    shutil.copytree(settings.storage.root, reference.storage.root)
+    assert run_features(spark, reference, views, available_now=True) == 0
+
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    velocity = settings.storage.feature_path("account_velocity")
+    log = tmp_path / "features.log"
+    selected = ("--views", "account_velocity,merchant_hourly")
+    # Kill 1: after the third commit to a feature table, other batches in flight.
+    kill_when(start_job("features", conf_dir, log, *selected), lambda: delta_versions(velocity) >= 3)
+    # Kill 2: the instant a feature-table commit lands, before that batch's Redis write and
+    # checkpoint commit: the restart must replay the batch without a second Delta append.
+    before = delta_versions(velocity)
+    kill_when(start_job("features", conf_dir, log, *selected), lambda: delta_versions(velocity) > before)
+    final = start_job("features", conf_dir, log, *selected, "--available-now")
+    assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
+    assert "Traceback" not in log.read_text()
+
+    client = redis_client(settings.redis)
+    for view in views:
+        rows = feature_rows(spark, settings, view)
+        assert rows == feature_rows(spark, reference, view), view.name
+        assert max(rows.values()) == 1 or view.kind == "trailing", view.name  # a window appears once
+        table = spark.read.format("delta").load(settings.storage.feature_path(view.name))
+        latest = {r[view.entity]: r for r in latest_per_entity(table, view).collect()}
+        names = feature_names(view)
+        online = read_online(client, settings.redis.namespace, view.name, names, sorted(latest))
+        for value in online:
+            expected = latest[value["entity"]]
+            assert value["event_time"] == utc_assuming_local(expected[event_time_column(view)]), (view.name, value)
+            assert all(value[n] == expected[n] or abs(value[n] - expected[n]) < 1e-9 for n in names), (view.name, value)

@@ -1,0 +1,103 @@
+"""The event generator: deterministic, and every injected kind is what it claims to be."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from datetime import timedelta
+
+import pytest
+
+from pipelines.contracts.validation import ERROR_CLASSES, RecordValidator, ValidationRules
+from pipelines.core.contract_spec import load_contracts
+from pipelines.core.settings import PROJECT_ROOT
+from pipelines.local.generator import GeneratorSpec, generate
+from tests.support import utc
+
+END = utc("2026-11-23 12:00:00")
+SPEC = GeneratorSpec(count=3000, seed=11, end=END, bad_rate=0.05, duplicate_rate=0.02, label_rate=0.3)
+CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
+
+
+def test_same_seed_same_records():
+    assert list(generate(SPEC)) == list(generate(SPEC))
+
+
+def test_another_seed_other_records():
+    other = GeneratorSpec(count=3000, seed=12, end=END)
+    assert [r.value for r in generate(SPEC)][:10] != [r.value for r in generate(other)][:10]
+
+
+def test_bad_records_are_spread_evenly_over_the_classes():
+    counts = Counter(r.kind for r in generate(SPEC) if r.topic == "transactions" and r.kind in ERROR_CLASSES)
+    assert set(counts) == set(ERROR_CLASSES)
+    assert max(counts.values()) - min(counts.values()) <= 1
+
+
+def test_every_record_is_classified_as_its_kind_says():
+    """An independent check: the validator, at a batch time just after the generator's end,
+    puts every generated record in the class the generator says it injected."""
+    rules = ValidationRules(max_value_bytes=SPEC.max_value_bytes, future_tolerance=SPEC.future_tolerance,
+                            max_event_age=SPEC.max_event_age)
+    validators = {name: RecordValidator(contract, rules) for name, contract in CONTRACTS.items()}
+    batch_time = END + timedelta(seconds=30)
+    mismatched = []
+    for record in generate(SPEC):
+        verdict = validators[record.topic].validate(record.value, batch_time)
+        expected = None if record.kind in ("valid", "late", "out_of_order", "duplicate") else record.kind
+        if verdict.error_class != expected:
+            mismatched.append((record.kind, verdict.error_class, verdict.reason))
+    assert mismatched == []
+
+
+def test_duplicates_repeat_the_exact_bytes_of_an_earlier_valid_record():
+    seen: dict[str, bytes] = {}
+    duplicates = 0
+    for record in generate(SPEC):
+        if record.kind == "duplicate":
+            duplicates += 1
+            assert seen[record.event_id] == record.value
+        elif record.event_id and record.topic == "transactions":
+            seen[record.event_id] = record.value
+    assert duplicates > 0
+
+
+def test_late_events_lag_the_stream_by_the_configured_amount():
+    previous_valid = None
+    lags = []
+    for record in generate(SPEC):
+        if record.topic != "transactions" or record.kind not in ("valid", "late"):
+            continue
+        event_time = json.loads(record.value)["event_time"]
+        if record.kind == "late" and previous_valid:
+            lags.append((utc(previous_valid[:-1].replace("T", " ")) - utc(event_time[:-1].replace("T", " "))))
+        else:
+            previous_valid = event_time
+    assert lags and all(timedelta(minutes=29) < lag < timedelta(hours=6, minutes=1) for lag in lags)
+
+
+def test_labels_are_sent_once_the_stream_clock_passes_their_label_time():
+    """A label goes out before the first transaction whose (on-time) event time is at or after
+    its label time, and none is later than the generator's end."""
+    waiting: list[str] = []
+    labels = 0
+    for record in generate(SPEC):
+        if record.topic == "labels" and record.kind == "valid":
+            waiting.append(json.loads(record.value)["label_time"])
+            labels += 1
+        elif record.topic == "transactions" and record.kind == "valid":
+            event_time = json.loads(record.value)["event_time"]
+            assert all(label_time <= event_time for label_time in waiting)
+            waiting.clear()
+    assert labels > 0
+    assert all(label_time <= "2026-11-23T12:00:00.000Z" for label_time in waiting)
+
+
+def test_rates_outside_zero_to_one_are_rejected():
+    with pytest.raises(ValueError, match="late_rate: 1.5 is not a fraction"):
+        GeneratorSpec(late_rate=1.5)
+
+
+def test_unknown_bad_class_is_rejected():
+    with pytest.raises(ValueError, match="unknown error classes"):
+        GeneratorSpec(bad_classes=("typo",))

@@ -1,0 +1,49 @@
+"""Job entry points fail fast on bad arguments, naming what is wrong (exit code 2)."""
+
+from __future__ import annotations
+
+import pytest
+
+from jobs import features, generate, ingest, reconcile
+
+
+def test_ingest_rejects_an_undeclared_topic(capsys):
+    assert ingest.main(["--env", "local", "--topics", "transactions,payments"]) == 2
+    assert "--topics: payments not declared under kafka.topics" in capsys.readouterr().err
+
+
+def test_ingest_rejects_a_bad_override(capsys):
+    assert ingest.main(["--env", "local", "--set", "ingest.trigger_interval=soon"]) == 2
+    assert "ingest.trigger_interval: 'soon' is not a duration" in capsys.readouterr().err
+
+
+def test_unknown_environment_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        ingest.main(["--env", "staging"])
+    assert exit_info.value.code == 2
+    assert "invalid choice: 'staging'" in capsys.readouterr().err
+
+
+def test_generator_rejects_a_rate_outside_zero_to_one(capsys):
+    assert generate.main(["--env", "local", "--late-rate", "2"]) == 2
+    assert "late_rate: 2.0 is not a fraction in [0, 1]" in capsys.readouterr().err
+
+
+def test_generator_rejects_an_end_without_offset(capsys):
+    assert generate.main(["--env", "local", "--end", "2026-11-23T10:00:00"]) == 2
+    assert "--end: give a UTC offset" in capsys.readouterr().err
+
+
+def test_reconcile_rejects_a_missing_summary_file(capsys, tmp_path):
+    assert reconcile.main(["--env", "local", "--expect", str(tmp_path / "missing.json")]) == 2
+    assert "missing.json" in capsys.readouterr().err
+
+
+def test_generator_duration_needs_a_rate(capsys):
+    assert generate.main(["--env", "local", "--duration", "10m"]) == 2
+    assert "--duration needs --rate" in capsys.readouterr().err
+
+
+def test_features_rejects_an_undeclared_view(capsys):
+    assert features.main(["--env", "local", "--views", "account_velocity,nope"]) == 2
+    assert "--views: nope not declared in conf/features" in capsys.readouterr().err

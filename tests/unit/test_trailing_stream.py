@@ -1,0 +1,98 @@
+"""Trailing views on a stream equal the batch transform, row for row (seeded random streams)."""
+
+from __future__ import annotations
+
+import random
+from datetime import datetime, timedelta
+
+import pytest
+
+from pipelines.core.config import build
+from pipelines.core.contract_spec import load_contracts
+from pipelines.core.settings import PROJECT_ROOT
+from pipelines.core.view_spec import FeatureView, check_view
+from pipelines.features.trailing_state import trailing_features_stream
+from pipelines.features.transforms import trailing_features
+from tests.support import run_stream_in_steps
+
+CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
+SCHEMA = "account_id string, event_time timestamp, amount_usd double, merchant_id string"
+VIEW = build(FeatureView, {
+    "name": "velocity", "source": {"contract": "transactions"}, "entity": "account_id", "event_time": "event_time",
+    "kind": "trailing", "delay": "5m",
+    "aggregations": [
+        {"column": "*", "functions": ["count"], "windows": ["10m", "1h"]},
+        {"column": "amount_usd", "functions": ["sum", "avg", "min", "max", "last"], "windows": ["30m"]},
+        {"column": "merchant_id", "functions": ["approx_count_distinct"], "windows": ["1h"]},
+        # A timestamp feature: state must hand stored timestamps back as datetimes.
+        {"column": "event_time", "functions": ["min", "last", "approx_count_distinct"], "windows": ["2h"]},
+    ],
+}, "test")
+check_view(VIEW, CONTRACTS, "test")
+
+
+def random_steps(seed: int, steps: int = 3, per_step: int = 40):
+    """In-order events: each step's times are after every earlier step's; ties only within a step."""
+    rng = random.Random(seed)
+    clock = datetime(2026, 11, 23, 8, 0)
+    result = []
+    for _ in range(steps):
+        rows = []
+        for _ in range(per_step):
+            clock += timedelta(seconds=rng.choice([0, 0, 30, 90, 400, 1200]))
+            amount = None if rng.random() < 0.1 else round(rng.uniform(1, 100), 2)
+            rows.append((rng.choice(["a", "b", "c"]), clock, amount, rng.choice(["m1", "m2", "m3", None])))
+        clock += timedelta(seconds=1)
+        result.append(rows)
+    return result
+
+
+def rounded(rows):
+    return sorted(tuple(round(v, 9) if isinstance(v, float) else v for v in r) for r in rows)
+
+
+@pytest.mark.parametrize("seed", [5, 11, 23])
+def test_streaming_trailing_view_equals_the_batch_view(spark, tmp_path, seed):
+    steps = random_steps(seed)
+    streamed = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, VIEW), steps)
+    everything = spark.createDataFrame([r for rows in steps for r in rows], SCHEMA)
+    batch = trailing_features(everything, VIEW)
+    columns = batch.columns
+    assert rounded(tuple(r[c] for c in columns) for r in streamed) == rounded(tuple(r[c] for c in columns) for r in batch.collect())
+    assert len(streamed) == sum(len(rows) for rows in steps)
+
+
+def test_events_behind_the_watermark_are_left_out(spark, tmp_path):
+    """Allowed lateness 10m: after 11:00 the watermark is 10:50, so a 10:30 event that arrives
+    next is not computed (its interval may reach events already dropped from state)."""
+    view = build(FeatureView, {
+        "name": "count_only", "source": {"contract": "transactions"}, "entity": "account_id",
+        "event_time": "event_time", "kind": "trailing", "allowed_lateness": "10m",
+        "aggregations": [{"column": "*", "functions": ["count"], "windows": ["2h"]}],
+    }, "test")
+    steps = [[("a", datetime(2026, 11, 23, 10, 0), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 0), 1.0, "m1")],
+             [("a", datetime(2026, 11, 23, 10, 30), 1.0, "m1"), ("a", datetime(2026, 11, 23, 11, 5), 1.0, "m1")]]
+    rows = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, view), steps)
+    streamed = sorted((r.event_time, r.count_2h) for r in rows)
+    assert streamed == [(datetime(2026, 11, 23, 10, 0), 1), (datetime(2026, 11, 23, 11, 0), 2),
+                        (datetime(2026, 11, 23, 11, 5), 3)]
+
+
+def test_state_per_entity_keeps_only_the_newest_max_events(spark, tmp_path):
+    """max_events_per_entity 2: the first batch's three events are computed over all three,
+    then only the newest two stay in state, so the next event counts 3, not 4. The other
+    entity, under the bound, is unaffected."""
+    view = build(FeatureView, {
+        "name": "bounded", "source": {"contract": "transactions"}, "entity": "account_id",
+        "event_time": "event_time", "kind": "trailing", "max_events_per_entity": 2,
+        "aggregations": [{"column": "*", "functions": ["count"], "windows": ["1h"]}],
+    }, "test")
+    check_view(view, CONTRACTS, "test")
+    at = lambda minute: datetime(2026, 11, 23, 10, minute)  # noqa: E731
+    steps = [[("a", at(0), 1.0, "m1"), ("a", at(1), 1.0, "m1"), ("a", at(2), 1.0, "m1"), ("b", at(0), 1.0, "m1")],
+             [("a", at(3), 1.0, "m1"), ("b", at(3), 1.0, "m1")]]
+    rows = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, view), steps)
+    assert sorted((r.account_id, r.event_time, r.count_1h) for r in rows) == [
+        ("a", at(0), 1), ("a", at(1), 2), ("a", at(2), 3), ("a", at(3), 3),
+        ("b", at(0), 1), ("b", at(3), 2),
+    ]

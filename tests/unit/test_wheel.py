@@ -1,0 +1,67 @@
+"""The wheel the bundle installs on a cluster: it must not bring its own Spark, Delta or MLflow
+(pip would lay them over the runtime's), it installs on the runtime's Python, and it carries
+what the jobs need from the repository (the JVM descriptors)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import zipfile
+from email.parser import Parser
+from pathlib import Path
+
+import pytest
+
+from pipelines.core.settings import PROJECT_ROOT
+
+#: What a Databricks runtime provides: never a plain requirement of the wheel.
+RUNTIME_PROVIDED = {"pyspark", "delta-spark", "mlflow", "matplotlib"}
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                            "-w", str(out), str(PROJECT_ROOT)], capture_output=True, text=True)
+    assert built.returncode == 0, built.stderr
+    (path,) = out.glob("feature_platform-*.whl")
+    return path
+
+
+def metadata(wheel: Path):
+    with zipfile.ZipFile(wheel) as archive:
+        (name,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+        return Parser().parsestr(archive.read(name).decode())
+
+
+def requirement_name(line: str) -> str:
+    return re.split(r"[\s\[<>=!~;(]", line, maxsplit=1)[0].lower()
+
+
+def test_the_runtimes_own_packages_are_only_in_the_local_extra(wheel):
+    requires = metadata(wheel).get_all("Requires-Dist")
+    plain = {requirement_name(r) for r in requires if "extra ==" not in r}
+    local = {requirement_name(r) for r in requires if re.search(r"""extra == ["']local["']""", r)}
+    assert not plain & RUNTIME_PROVIDED, plain & RUNTIME_PROVIDED
+    assert RUNTIME_PROVIDED <= local
+    assert {"confluent-kafka", "redis", "deltalake"} <= plain
+
+
+def test_packages_a_runtime_ships_are_ranges_that_keep_the_runtimes_copy(wheel):
+    requires = [r for r in metadata(wheel).get_all("Requires-Dist") if "extra ==" not in r]
+    for name in ("pandas", "pyarrow", "pyyaml"):
+        (line,) = [r for r in requires if requirement_name(r) == name]
+        assert "==" not in line, line
+
+
+def test_the_wheel_installs_on_the_runtimes_python(wheel):
+    assert metadata(wheel)["Requires-Python"] == ">=3.11"
+
+
+def test_the_wheel_carries_every_stage_package_and_the_jvm_descriptors(wheel):
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+    for stage in ("core", "contracts", "ingest", "features", "online", "batch", "training", "local"):
+        assert f"pipelines/{stage}/__init__.py" in names, stage
+    assert {"pipelines/local/jvm/spark/pom.xml", "pipelines/local/jvm/kafka/pom.xml"} <= names
