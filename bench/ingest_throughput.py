@@ -1,7 +1,7 @@
 """Ingest throughput: the same events, three ways, in one run on the local platform.
 
 1. **baseline**: one Python process with confluent-kafka: ``json`` parse and the very same
-   :class:`pipelines.validation.RecordValidator`, duplicates dropped with a set, valid rows and
+   :class:`pipelines.contracts.validation.RecordValidator`, duplicates dropped with a set, valid rows and
    dead letters written to Parquet with pyarrow (no Delta, no exactly-once, no checkpoint).
 2. **spark-copy**: Spark Kafka -> Delta copying the raw records (no parsing): the ceiling of
    Spark + Delta on this machine.
@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="run only these (default: all)")
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
-    for name in ("pipelines.sinks", "pipelines.progress"):
+    for name in ("pipelines.ingest.sinks", "pipelines.progress"):
         logging.getLogger(name).setLevel(logging.DEBUG)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
     topic = f"bench_tx_{run_id.lower()}"

@@ -19,7 +19,7 @@ starts from an empty benchmark keyspace. Besides wall-clock keys/s, each reports
 CPU and the Redis server's CPU (``INFO cpu``) per key: on a shared machine those move less
 than the wall clock, and they show on which side of the socket a cost lies.
 
-Reads: :func:`pipelines.online.read_online` for 1 entity and for 100 (random existing entities),
+Reads: :func:`pipelines.online.store.read_online` for 1 entity and for 100 (random existing entities),
 and for 100 of which half do not exist (checked to come back as None); p50/p95/p99 per call,
 next to the bare pipelined ``HGETALL`` without decoding.
 

@@ -9,7 +9,7 @@ event time, ``computed_at``, four features) with unique (entity, event time), an
 Methods, each in its own process (so that its peak memory is its own), each timed from reading
 its inputs to the joined result written as Parquet:
 
-* ``spark``: :func:`pipelines.training.point_in_time_join` (union + running max per entity);
+* ``spark``: :func:`pipelines.training.join.point_in_time_join` (union + running max per entity);
 * ``spark-range``: the textbook alternative, a range join on entity and ``[T - max_age, T]`` then
   ``row_number()`` per spine row (the strategy the project did not pick; shown to say why);
 * ``pandas``: ``merge_asof(by=entity, tolerance=7d, direction="backward")``;

@@ -168,3 +168,18 @@ def topic_names(settings: Settings) -> dict[str, str]:
     """Logical generator topic -> the isolated test topic."""
     tx, lb = settings.ingest.topics
     return {"transactions": tx, "labels": lb}
+
+
+#: Python code that makes importing pyspark, delta or py4j fail: run it first in a subprocess to
+#: show that what follows needs no Spark.
+BLOCK_SPARK = """
+import importlib.abc, sys
+
+class NoSpark(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("pyspark", "delta", "py4j"):
+            raise ImportError(f"{name} is blocked: the read path must not need Spark")
+        return None
+
+sys.meta_path.insert(0, NoSpark())
+"""

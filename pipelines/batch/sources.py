@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime
 
 from confluent_kafka import KafkaException
 from delta.tables import DeltaTable
@@ -48,6 +48,7 @@ from pipelines.core.delta import ensure_delta_table, read_delta_version
 from pipelines.core.errors import BadSourceArguments, OffsetsOutOfRetention, SourceError
 from pipelines.core.kafka_admin import offsets_for_times, topic_offsets
 from pipelines.core.settings import Settings, TopicSettings
+from pipelines.core.times import epoch_micros
 from pipelines.ingest.avro_records import NewWriterSchema, resolve_with_registry
 from pipelines.ingest.bronze import check_records, dead_letter_rows, drop_duplicate_events, table_schemas
 
@@ -209,7 +210,7 @@ def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[Par
         times = bound_times(bound, topic, sorted(watermarks))
         if not times:
             return None
-        millis = {p: int(t.astimezone(timezone.utc).timestamp() * 1000) for p, t in times.items()}
+        millis = {p: epoch_micros(t) // 1000 for p, t in times.items()}
         return offsets_for_times(properties, topic, millis)
 
     try:

@@ -14,12 +14,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 from pyspark.sql import SparkSession
 from pyspark.sql.streaming import StreamingQueryListener
+from pyspark.sql.types import StructType
 
 from pipelines.core.delta import write_delta_idempotent
 
@@ -67,6 +68,18 @@ def operator_sum(progress: Any, read: Callable[[Any], Any]) -> int | None:
     return sum(values) if values else None
 
 
+class Reporter(Protocol):
+    """What a job registers per query: how a batch's progress becomes its metrics row and its log
+    line, and the Delta table (None: log only) and schema the row goes to."""
+
+    table: str | None
+    schema: StructType
+
+    def row(self, progress: Any) -> dict[str, Any]: ...
+
+    def line(self, row: Mapping[str, Any]) -> str: ...
+
+
 class ProgressListener(StreamingQueryListener):
     """Logs each batch of the registered queries and appends it to their metrics table."""
 
@@ -74,13 +87,12 @@ class ProgressListener(StreamingQueryListener):
         self._spark = spark
         #: Texts that mark a query failure as a planned restart (logged as such, not as an error).
         self.restart_markers = tuple(restart_markers)
-        #: query name -> reporter (``row(progress)``, ``line(row)``, ``table``, ``schema``)
-        self.reporters: dict[str, Any] = {}
+        self.reporters: dict[str, Reporter] = {}
         self.rows: list[dict[str, Any]] = []
         self._recorded: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def register(self, query_name: str, reporter: Any) -> None:
+    def register(self, query_name: str, reporter: Reporter) -> None:
         self.reporters[query_name] = reporter
 
     def drain(self, queries: list[Any], timeout: float) -> None:

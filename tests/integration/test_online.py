@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -14,9 +16,10 @@ import pytest
 import redis
 
 from jobs import online
-from pipelines.core.settings import RedisSettings
+from pipelines.core.settings import PROJECT_ROOT, RedisSettings
 from pipelines.online.serving import get_online_features
 from pipelines.online.store import OnlineStoreError, OnlineStoreWriter, entity_key, read_online, redis_client
+from tests.support import BLOCK_SPARK
 
 T0 = datetime(2026, 11, 23, 10, 0, tzinfo=timezone.utc)
 FEATURES = ["count_1h", "sum_amount_usd_1h", "last_seen"]
@@ -195,3 +198,25 @@ def test_get_online_features_as_pandas_keeps_request_order_and_nulls(client, set
         get_online_features(settings, "nope", ["x"], client=client)
     with pytest.raises(TypeError, match="not one string"):
         get_online_features(settings, "merchant_hourly", "api-m1", client=client)
+
+
+def test_a_model_server_reads_features_with_no_spark_installed(client, settings):
+    writer = OnlineStoreWriter(client, settings.redis.namespace, "merchant_hourly", ttl=timedelta(hours=1))
+    writer.write([{"merchant_id": "srv-m1", "window_end": T0, "count": 7, "sum_amount_usd": 21.0, "avg_amount_usd": 3.0,
+                   "approx_count_distinct_account_id": 5}], "merchant_id", "window_end",
+                 ["count", "sum_amount_usd", "avg_amount_usd", "approx_count_distinct_account_id"], version=0)
+    server = BLOCK_SPARK + f"""
+import json
+from pipelines.core.settings import load_settings
+from pipelines.online.serving import get_online_features
+settings = load_settings("local", overrides={{"redis": {{"port": {settings.redis.port},
+                                                       "namespace": "{settings.redis.namespace}"}}}})
+rows = get_online_features(settings, "merchant_hourly", ["srv-m1", "srv-unknown"])
+assert not any(m.split(".")[0] in ("pyspark", "delta", "py4j") for m in sys.modules)
+print(json.dumps(rows, default=str))
+"""
+    done = subprocess.run([sys.executable, "-c", server], cwd=PROJECT_ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    served = json.loads(done.stdout)
+    assert [(r["entity"], r["count"], r["sum_amount_usd"], r["avg_amount_usd"], r["event_time"]) for r in served] == [
+        ("srv-m1", 7, 21.0, 3.0, "2026-11-23 10:00:00+00:00"), ("srv-unknown", None, None, None, None)]

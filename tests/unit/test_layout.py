@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipelines.core.settings import PROJECT_ROOT
+from tests.support import BLOCK_SPARK
 
 BIN = Path(sys.executable).parent
 
@@ -79,19 +80,6 @@ def test_a_cycle_between_two_modules_of_one_stage_fails_the_lint(tmp_path):
     assert imports.returncode == 1
     assert "No import cycles" in imports.stdout and "BROKEN" in imports.stdout
     assert "pipelines.ingest" in imports.stdout
-
-
-BLOCK_SPARK = """
-import importlib.abc, sys
-
-class NoSpark(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] in ("pyspark", "delta", "py4j"):
-            raise ImportError(f"{name} is blocked: the read path must not need Spark")
-        return None
-
-sys.meta_path.insert(0, NoSpark())
-"""
 
 
 @pytest.mark.parametrize("module", ["pipelines.online", "pipelines.online.serving", "pipelines.core.settings",
