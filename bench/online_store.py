@@ -4,7 +4,7 @@ Writes (the same keys and values, one hash per entity of one view, ``account_vel
 
 1. **bare**: redis-py, pipelined in chunks, ``HSET key mapping=...`` + ``PEXPIRE`` per key, with
    the very same value encoding as the sink but no compare-and-set.
-2. **sink**: :meth:`pipelines.online.OnlineStoreWriter.write`, the project's real sink (Lua
+2. **sink**: :meth:`pipelines.online.store.OnlineStoreWriter.write`, the project's real sink (Lua
    newer-wins compare-and-set, whole-hash replace, TTL), same chunk size, on an empty keyspace.
 3. **sink replay**: the same call again on the same rows: every write is then rejected by the
    compare-and-set (same event time and version): the cost of replaying a batch.

@@ -24,7 +24,6 @@ import re
 import sys
 from datetime import datetime, timezone
 
-from pipelines.batch.sources import FILE_FORMATS
 from pipelines.core.cli import (
     add_settings_arguments,
     configure_logging,
@@ -35,6 +34,7 @@ from pipelines.core.cli import (
 from pipelines.core.errors import ConfigError
 from pipelines.core.session import build_session
 from pipelines.core.times import parse_duration
+from pipelines.core.view_spec import FILE_FORMATS
 from pipelines.training.build import TrainingSetRequest, build_training_set, rebuild_from_run
 from pipelines.training.join import DEFAULT_MODE, MODES, view_request
 from pipelines.training.spines import SOURCES, SpineSpec

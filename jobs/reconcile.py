@@ -8,7 +8,6 @@ Usage: spark-submit jobs/reconcile.py --env local [--expect .local/runs/sent.jso
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,8 +15,7 @@ from pathlib import Path
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
 from pipelines.core.errors import ConfigError
 from pipelines.core.session import build_session
-from pipelines.ingest.reconcile import format_report, reconcile
-from pipelines.local.generator import GeneratorSummary
+from pipelines.ingest.reconcile import SentSummary, format_report, reconcile
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
         topics = topics_from_args(args.topics, settings)
-        sent = GeneratorSummary.from_dict(json.loads(args.expect.read_text())) if args.expect else None
+        sent = SentSummary.read(args.expect) if args.expect else None
     except (ConfigError, OSError, ValueError, KeyError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

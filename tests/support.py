@@ -34,7 +34,8 @@ def utc(text: str) -> datetime:
 
 
 def naive(text: str) -> datetime:
-    """A UTC wall time as Spark returns it from ``collect()`` (naive, session time zone UTC)."""
+    """A wall time as PySpark returns it from ``collect()``: naive, in the process's local zone
+    (UTC in the tests; Spark reads naive datetimes given to ``createDataFrame`` in that zone too)."""
     return datetime.fromisoformat(text)
 
 

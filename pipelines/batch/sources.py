@@ -49,6 +49,7 @@ from pipelines.core.errors import BadSourceArguments, OffsetsOutOfRetention, Sou
 from pipelines.core.kafka_admin import offsets_for_times, topic_offsets
 from pipelines.core.settings import Settings, TopicSettings
 from pipelines.core.times import epoch_micros
+from pipelines.core.view_spec import FILE_FORMATS
 from pipelines.ingest.avro_records import NewWriterSchema, resolve_with_registry
 from pipelines.ingest.bronze import check_records, dead_letter_rows, drop_duplicate_events, table_schemas
 
@@ -307,7 +308,6 @@ def read_bronze(spark: SparkSession, settings: Settings, topic: str,
 
 # --------------------------------------------------------------------------- files
 
-FILE_FORMATS = ("parquet", "csv", "json")
 #: File column types accepted for each contract type without parsing text.
 _COMPATIBLE: dict[str, tuple[type[DataType], ...]] = {
     "string": (StringType,),

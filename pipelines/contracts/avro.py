@@ -6,9 +6,10 @@ A contract is the one source of truth: :func:`avro_schema` derives its Avro reco
 (``from_avro``), which a test checks equals the contract's Spark schema.
 
 Confluent wire format: byte 0 is the magic byte ``0``, bytes 1-4 the schema id (big-endian
-unsigned 32-bit), the rest the Avro binary body. :func:`wire_header` splits a binary column into
-those parts in Spark, with an error class for values that cannot be a framed record;
-:func:`encode_wire` / :func:`decode_wire` do the same on Python bytes (the generator, tests).
+unsigned 32-bit), the rest the Avro binary body. :func:`encode_wire` / :func:`decode_wire` frame
+and split Python bytes (the generator, tests), with an error class for values that cannot be a
+framed record; :func:`pipelines.ingest.avro_records.wire_header` does the same in Spark.
+Nothing here imports Spark: producers and the contract gate use it without a JVM.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from typing import Any
-
-from pyspark.sql import Column
-from pyspark.sql import functions as F
 
 from pipelines.core.contract_spec import Contract
 
@@ -106,23 +104,3 @@ def decode_wire(value: bytes | None) -> Framed:
         raise WireFormatError(WRONG_MAGIC_BYTE, f"magic byte {value[0]}, expected {MAGIC_BYTE}")
     (schema_id,) = struct.unpack(">I", value[1:HEADER_BYTES])
     return Framed(schema_id, value[HEADER_BYTES:])
-
-
-def wire_header(value: Column) -> Column:
-    """A struct of ``schema_id`` (long), ``body`` (binary) and ``error_class`` / ``error_reason``
-    for a binary column of framed values, computed in Spark (no Python per row). For a value
-    that cannot be framed, ``schema_id`` and ``body`` are null and the error says why, as
-    :func:`decode_wire` would."""
-    size = F.coalesce(F.octet_length(value), F.lit(0))
-    magic = F.conv(F.hex(F.substring(value, 1, 1)), 16, 10).cast("int")
-    truncated = size < HEADER_BYTES
-    wrong_magic = ~truncated & (magic != MAGIC_BYTE)
-    framed = ~truncated & ~wrong_magic
-    return F.struct(
-        F.when(framed, F.conv(F.hex(F.substring(value, 2, 4)), 16, 10).cast("long")).alias("schema_id"),
-        F.when(framed, F.substring(value, HEADER_BYTES + 1, 2**31 - 1)).alias("body"),
-        F.when(truncated, F.lit(TRUNCATED_HEADER)).when(wrong_magic, F.lit(WRONG_MAGIC_BYTE)).alias("error_class"),
-        F.when(truncated, F.format_string(
-            "%d bytes: shorter than the 5-byte header (magic byte + schema id)", size))
-        .when(wrong_magic, F.format_string("magic byte %d, expected 0", magic)).alias("error_reason"),
-    )

@@ -40,7 +40,7 @@ from typing import Any
 
 from pipelines.core.contract_spec import Contract, ContractField
 from pipelines.core.settings import IngestSettings
-from pipelines.core.times import describe_duration
+from pipelines.core.times import SECOND, describe_duration
 
 ERROR_CLASSES = (
     "oversize",
@@ -227,21 +227,22 @@ class RecordValidator:
 
         name = self.contract.event_time_field
         event_time: datetime = values[name]
+        # Reasons give durations in whole seconds, as they always have (a DLQ row's text is stable).
         if event_time > batch_time + self.rules.future_tolerance:
+            ahead = describe_duration(event_time - batch_time, SECOND)
             return Verdict(
                 None,
                 "future_event_time",
-                f"{name} {event_time.isoformat()} is {describe_duration(event_time - batch_time)} ahead of the "
-                f"batch time {batch_time.isoformat()}, beyond the tolerance of "
-                f"{describe_duration(self.rules.future_tolerance)}",
+                f"{name} {event_time.isoformat()} is {ahead} ahead of the batch time {batch_time.isoformat()}, "
+                f"beyond the tolerance of {describe_duration(self.rules.future_tolerance, SECOND)}",
             )
         if event_time < batch_time - self.rules.max_event_age:
+            behind = describe_duration(batch_time - event_time, SECOND)
             return Verdict(
                 None,
                 "stale_event_time",
-                f"{name} {event_time.isoformat()} is {describe_duration(batch_time - event_time)} behind the "
-                f"batch time {batch_time.isoformat()}, beyond the horizon of "
-                f"{describe_duration(self.rules.max_event_age)}",
+                f"{name} {event_time.isoformat()} is {behind} behind the batch time {batch_time.isoformat()}, "
+                f"beyond the horizon of {describe_duration(self.rules.max_event_age, SECOND)}",
             )
         return Verdict(values)
 

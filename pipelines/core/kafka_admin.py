@@ -63,14 +63,6 @@ def ensure_topics(client_properties: Mapping[str, str], specs: list[TopicSpec], 
     return created
 
 
-def delete_topics(client_properties: Mapping[str, str], names: list[str], timeout: float = 30.0) -> None:
-    admin = AdminClient(dict(client_properties))
-    existing = admin.list_topics(timeout=timeout).topics
-    futures = admin.delete_topics([n for n in names if n in existing], operation_timeout=timeout)
-    for future in futures.values():
-        future.result()
-
-
 def topic_offsets(client_properties: Mapping[str, str], topic: str, timeout: float = 30.0) -> dict[int, tuple[int, int]]:
     """Partition -> (earliest, latest) offset of ``topic``: latest - earliest records are readable."""
     consumer = Consumer({**client_properties, "group.id": "feature-platform-offsets", "enable.auto.commit": False})

@@ -23,7 +23,7 @@ from pipelines.core.errors import BadSourceArguments, ConfigError
 
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
-_DURATION = re.compile(r"^\s*(\d+)\s*(us|ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*(\d+)\s*(ms|s|m|h|d)\s*$")
 _UNIT_MICROS = {"us": 1, "ms": 1_000, "s": 1_000_000, "m": 60_000_000, "h": 3_600_000_000, "d": 86_400_000_000}
 
 
@@ -96,13 +96,14 @@ def spark_interval(delta: timedelta) -> str:
     """``delta`` as Spark interval text, exact to the microsecond: ``'600000000 microseconds'``.
     Spark reads it wherever it takes a duration (``withWatermark``, ``window``,
     ``session_window``, a ``processingTime`` trigger) and after ``INTERVAL`` in SQL
-    (``F.expr(f"INTERVAL {spark_interval(d)}")``)."""
+    (``F.expr(f"INTERVAL {spark_interval(d)}")``). Watermark delays and triggers are kept in
+    milliseconds by Spark, which is why configuration durations stop at ``ms``."""
     return f"{micros(delta)} microseconds"
 
 
 def parse_duration(text: Any, key: str = "duration") -> timedelta:
-    """``'30s'``, ``'15m'``, ``'1h'``, ``'7d'``, ``'250ms'``, ``'10us'`` -> timedelta; anything
-    else is a ConfigError naming ``key``."""
+    """``'30s'``, ``'15m'``, ``'1h'``, ``'7d'``, ``'250ms'`` -> timedelta; anything else is a
+    ConfigError naming ``key``."""
     if isinstance(text, bool) or not isinstance(text, str):
         raise ConfigError(f"{key}: {text!r} is not a duration (use e.g. 30s, 15m, 1h, 7d)")
     match = _DURATION.match(text)
@@ -113,19 +114,27 @@ def parse_duration(text: Any, key: str = "duration") -> timedelta:
 
 def format_duration(delta: timedelta) -> str:
     """The shortest exact spelling of ``delta`` that :func:`parse_duration` reads back, in one
-    unit (``90m``, ``1d``, ``250ms``): the form feature names and recorded requests use."""
+    unit (``90m``, ``1d``, ``250ms``): the form feature names and recorded requests use. A
+    duration finer than a millisecond has no such spelling: ValueError, never a rounded one."""
     total = micros(delta)
     for unit in ("d", "h", "m", "s", "ms"):
         if total % _UNIT_MICROS[unit] == 0:
             return f"{total // _UNIT_MICROS[unit]}{unit}"
-    return f"{total}us"
+    raise ValueError(f"{delta!r} is finer than a millisecond: configuration durations cannot spell it")
 
 
-def describe_duration(delta: timedelta) -> str:
-    """``delta`` for a human reading a message: ``22d 12h``, ``5m 1s``, ``1.5s``, ``0s``; exact
-    (a fraction of a second is shown, not dropped). Negative durations get a leading ``-``."""
-    total = micros(delta)
+#: The resolution of the durations in dead-letter reasons: whole seconds (they read "7m 2s").
+SECOND = timedelta(seconds=1)
+
+
+def describe_duration(delta: timedelta, resolution: timedelta = timedelta(microseconds=1)) -> str:
+    """``delta`` for a human reading a message: ``22d 12h``, ``5m 1s``, ``1.5s``, ``0s``. Exact
+    by default (a fraction of a second is shown); with ``resolution`` it is first cut down to a
+    multiple of it (``SECOND``: whole seconds, as dead-letter reasons have always read). Negative
+    durations get a leading ``-``."""
+    total, step = micros(delta), micros(resolution)
     sign, total = ("-", -total) if total < 0 else ("", total)
+    total -= total % step
     days, rest = divmod(total, _UNIT_MICROS["d"])
     hours, rest = divmod(rest, _UNIT_MICROS["h"])
     minutes, rest = divmod(rest, _UNIT_MICROS["m"])

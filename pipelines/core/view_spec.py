@@ -36,6 +36,8 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.times import format_duration
 
 KINDS = ("trailing", "sliding", "session")
+#: The file formats the platform reads: a path source of a view, a backfill's files, a spine.
+FILE_FORMATS = ("parquet", "csv", "json")
 FUNCTIONS = ("count", "sum", "avg", "min", "max", "approx_count_distinct", "last")
 _NUMERIC_ONLY = {"sum", "avg"}
 _ORDERABLE = {"min", "max"}
@@ -139,7 +141,6 @@ def output_name(function: str, column: str, window: timedelta | None) -> str:
     return "_".join(parts)
 
 
-
 #: The column that orders a view's rows in time (and that Redis compares on), by kind; trailing
 #: rows are ordered by the view's own event-time column.
 EVENT_TIME_COLUMN = {"trailing": None, "sliding": "window_end", "session": "session_end"}
@@ -158,6 +159,7 @@ def feature_names(view: FeatureView) -> list[str]:
         names = ["event_count", "duration_seconds", *names]
         names += [f"count_{by.column}_{value}" for by in view.count_by for value in by.values]
     return names
+
 
 #: Spark SQL type names by what a function can do with them.
 _NUMERIC_TYPES = ("tinyint", "smallint", "int", "bigint", "float", "double")
@@ -193,8 +195,9 @@ def source_columns(view: FeatureView, contracts: Mapping[str, Contract], where: 
                 f"{where}.source.contract: no contract {source.contract!r} ({', '.join(sorted(contracts))})"
             )
         return {f.name: f.sql_type for f in contracts[source.contract].fields}
-    if source.format not in ("delta", "parquet", "csv", "json"):
-        raise ConfigError(f"{where}.source.format: {source.format!r} is not delta, parquet, csv or json")
+    if source.format not in ("delta", *FILE_FORMATS):
+        accepted = ", ".join(("delta", *FILE_FORMATS[:-1])) + f" or {FILE_FORMATS[-1]}"
+        raise ConfigError(f"{where}.source.format: {source.format!r} is not {accepted}")
     if not source.schema:
         raise ConfigError(f"{where}.source.schema: a path source needs its schema (Spark DDL)")
     return dict(parse_schema(source.schema, f"{where}.source.schema"))

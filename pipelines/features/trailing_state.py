@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -37,7 +36,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StatefulProcessor, StatefulProcessorHandle
 from pyspark.sql.types import DateType, LongType, StructField, StructType, TimestampType
 
-from pipelines.core.times import EPOCH, micros, spark_interval, utc_assuming_local
+from pipelines.core.times import from_epoch_micros, micros, spark_interval, utc_assuming_local
 from pipelines.core.view_spec import FeatureView
 from pipelines.features.transforms import trailing_features
 
@@ -138,7 +137,7 @@ class TrailingProcessor(StatefulProcessor):
             if value is None:
                 continue
             if isinstance(data_type, TimestampType):
-                values[i] = EPOCH + timedelta(microseconds=value) if isinstance(value, int) else utc_assuming_local(value)
+                values[i] = from_epoch_micros(value) if isinstance(value, int) else utc_assuming_local(value)
             elif isinstance(value, int):
                 values[i] = data_type.fromInternal(value)
         return tuple(values)

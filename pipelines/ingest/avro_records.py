@@ -47,17 +47,20 @@ from pyspark.sql.types import IntegerType, LongType
 
 from pipelines.contracts.avro import (
     CORRUPT_PAYLOAD,
+    HEADER_BYTES,
+    MAGIC_BYTE,
     SUBJECT_MISMATCH,
+    TRUNCATED_HEADER,
     UNKNOWN_SCHEMA_ID,
+    WRONG_MAGIC_BYTE,
     WriterSchema,
     avro_schema,
-    wire_header,
 )
 from pipelines.contracts.registry import IdLookup, SchemaRegistry
 from pipelines.contracts.spark_schema import spark_type
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.contract_spec import Contract
-from pipelines.core.times import describe_duration, spark_interval
+from pipelines.core.times import SECOND, describe_duration, spark_interval
 from pipelines.ingest.records import kafka_records
 
 #: Provisional class of an id not known when the query started; never written.
@@ -92,6 +95,26 @@ def _any(conditions: Sequence[Column]) -> Column:
 def _joined(parts: Sequence[tuple[Column, Column]]) -> Column:
     """The messages of the parts whose condition holds, joined with "; " (null if none)."""
     return F.concat_ws("; ", *[F.when(cond, msg) for cond, msg in parts])
+
+
+def wire_header(value: Column) -> Column:
+    """A struct of ``schema_id`` (long), ``body`` (binary) and ``error_class`` / ``error_reason``
+    for a binary column of framed values, computed in Spark (no Python per row). For a value
+    that cannot be framed, ``schema_id`` and ``body`` are null and the error says why, as
+    :func:`pipelines.contracts.avro.decode_wire` would."""
+    size = F.coalesce(F.octet_length(value), F.lit(0))
+    magic = F.conv(F.hex(F.substring(value, 1, 1)), 16, 10).cast("int")
+    truncated = size < HEADER_BYTES
+    wrong_magic = ~truncated & (magic != MAGIC_BYTE)
+    framed = ~truncated & ~wrong_magic
+    return F.struct(
+        F.when(framed, F.conv(F.hex(F.substring(value, 2, 4)), 16, 10).cast("long")).alias("schema_id"),
+        F.when(framed, F.substring(value, HEADER_BYTES + 1, 2**31 - 1)).alias("body"),
+        F.when(truncated, F.lit(TRUNCATED_HEADER)).when(wrong_magic, F.lit(WRONG_MAGIC_BYTE)).alias("error_class"),
+        F.when(truncated, F.format_string(
+            "%d bytes: shorter than the 5-byte header (magic byte + schema id)", size))
+        .when(wrong_magic, F.format_string("magic byte %d, expected 0", magic)).alias("error_reason"),
+    )
 
 
 def decode_avro_records(
@@ -156,10 +179,10 @@ def decode_avro_records(
          _joined([(field[n] < 0, F.format_string(f"field {n!r} must not be negative, got %s",
                                                  field[n].cast("string"))) for n in non_negative])),
         (event_time > future_limit, "future_event_time", F.format_string(
-            f"{event_name} %s is more than {describe_duration(rules.future_tolerance)} ahead of the batch time %s",
+            f"{event_name} %s is more than {describe_duration(rules.future_tolerance, SECOND)} ahead of the batch time %s",
             _fmt_ts(event_time), _fmt_ts(now))),
         (event_time < stale_limit, "stale_event_time", F.format_string(
-            f"{event_name} %s is more than {describe_duration(rules.max_event_age)} behind the batch time %s",
+            f"{event_name} %s is more than {describe_duration(rules.max_event_age, SECOND)} behind the batch time %s",
             _fmt_ts(event_time), _fmt_ts(now))),
     ])
     checked = framed.withColumn("error_class", error_class).withColumn("error_reason", reason)

@@ -9,9 +9,11 @@ and the duplicates against the re-deliveries.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from pathlib import Path
+from typing import Any, Protocol
 
 from delta.tables import DeltaTable
 from pyspark.sql import SparkSession
@@ -22,8 +24,8 @@ from pipelines.core.settings import Settings
 
 
 class SentCounts(Protocol):
-    """What a producer says it sent to each topic, to reconcile against (the local generator's
-    :class:`pipelines.local.generator.GeneratorSummary`, or a summary file of it)."""
+    """What a producer says it sent to each topic, to reconcile against: a :class:`SentSummary`
+    file, or the local generator's own summary object."""
 
     def sent(self, topic: str) -> int: ...
 
@@ -32,6 +34,45 @@ class SentCounts(Protocol):
     def duplicates(self, topic: str) -> int: ...
 
     def expected_dead_letters(self, topic: str) -> Mapping[str, int]: ...
+
+
+_SUMMARY_KEYS = ("sent", "expected_bronze", "duplicates", "expected_dead_letters")
+
+
+@dataclass(frozen=True)
+class SentSummary:
+    """A summary file, as ``fp-generate --summary-file`` writes it: per topic ``sent``,
+    ``expected_bronze``, ``duplicates`` and ``expected_dead_letters`` (class -> count). A topic
+    the file does not name was sent nothing."""
+
+    topics: Mapping[str, Mapping[str, Any]]
+
+    @classmethod
+    def read(cls, path: Path) -> SentSummary:
+        """The summary in ``path``; a ValueError naming the topic and key if it is not one."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of topic -> counts")
+        for topic, entry in data.items():
+            missing = [key for key in _SUMMARY_KEYS if not isinstance(entry, dict) or key not in entry]
+            if missing:
+                raise ValueError(f"{path}: {topic}: missing {', '.join(missing)}")
+        return cls(data)
+
+    def _count(self, topic: str, key: str) -> Any:
+        return self.topics.get(topic, {}).get(key, 0)
+
+    def sent(self, topic: str) -> int:
+        return int(self._count(topic, "sent"))
+
+    def expected_bronze(self, topic: str) -> int:
+        return int(self._count(topic, "expected_bronze"))
+
+    def duplicates(self, topic: str) -> int:
+        return int(self._count(topic, "duplicates"))
+
+    def expected_dead_letters(self, topic: str) -> Mapping[str, int]:
+        return {cls: int(n) for cls, n in (self._count(topic, "expected_dead_letters") or {}).items()}
 
 
 @dataclass(frozen=True)

@@ -170,13 +170,6 @@ class GeneratorSummary:
             for topic, counter in self.counts.items()
         }
 
-    @classmethod
-    def from_dict(cls, data: dict) -> GeneratorSummary:
-        summary = cls()
-        for topic, entry in data.items():
-            summary.counts[topic].update(entry["by_kind"])
-        return summary
-
     def table(self) -> str:
         kinds = sorted({k for c in self.counts.values() for k in c})
         lines = [f"{'kind':<20}" + "".join(f"{t:>14}" for t in self.counts)]

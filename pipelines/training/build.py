@@ -1,5 +1,5 @@
 """Build a training set and make it rebuildable: read the spine and the feature tables at pinned
-Delta versions, join them point in time (:mod:`pipelines.training`), run the leakage guard,
+Delta versions, join them point in time (:mod:`pipelines.training.join`), run the leakage guard,
 write one Delta training table in one commit, and record the build as an MLflow run.
 
 The run holds what a rebuild and an audit need: parameters (views, features, max ages, mode,

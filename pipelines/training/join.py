@@ -266,7 +266,8 @@ class TrainingReport:
 def training_report(training: DataFrame, requests: Sequence[ViewRequest], timestamp: str, mode: str,
                     label_time: str | None = None, label_cutoff: datetime | None = None) -> TrainingReport:
     """Check and describe a joined training set in one aggregation. Works on the output columns
-    only (not on how they were joined), so it also catches a leak from any other join."""
+    only (not on how they were joined), so it also catches a leak from any other join. A naive
+    ``label_cutoff`` is local time, as PySpark reads naive datetimes."""
     ts = F.unix_micros(F.col(_quoted(timestamp)))
     expressions: list[Column] = [F.count(F.lit(1)).alias("rows"),
                                  F.count_if(F.col(_quoted(timestamp)).isNull()).alias("null_timestamps")]

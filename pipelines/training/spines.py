@@ -24,10 +24,10 @@ from typing import Any
 from pyspark.sql import DataFrame, Window
 from pyspark.sql import functions as F
 
-from pipelines.batch.sources import FILE_FORMATS
 from pipelines.core.contract_spec import Contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import parse_day, parse_instant, utc_assuming_local
+from pipelines.core.view_spec import FILE_FORMATS
 
 SOURCES = ("labeled-transactions", "delta", "files")
 
@@ -119,7 +119,8 @@ def labeled_transactions(transactions: DataFrame, labels: DataFrame, transaction
 
 
 def labels_known_by(spine: DataFrame, label_time_column: str, cutoff: datetime) -> DataFrame:
-    """The rows of a user's spine whose label time is at or before ``cutoff`` (null: unknown)."""
+    """The rows of a user's spine whose label time is at or before ``cutoff`` (null: unknown);
+    a naive ``cutoff`` is local time, as PySpark reads naive datetimes."""
     if label_time_column not in spine.columns:
         raise ConfigError(f"--label-time-column: the spine has no column {label_time_column!r} "
                           f"({', '.join(spine.columns)})")

@@ -17,10 +17,10 @@ from pipelines.contracts.avro import (
     avro_schema,
     decode_wire,
     encode_wire,
-    wire_header,
 )
 from pipelines.contracts.spark_schema import contract_schema
 from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.ingest.avro_records import wire_header
 
 CONTRACTS = load_settings("local", PROJECT_ROOT / "conf").contracts
 

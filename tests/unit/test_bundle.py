@@ -154,23 +154,23 @@ def test_job_is_a_valid_databricks_job_once_its_variables_are_resolved(name):
     assert [type(cluster.new_cluster) for cluster in job.job_clusters] == [ClusterSpec]
 
 
-def test_every_job_cluster_is_a_size_of_the_shared_definition():
+def test_every_job_cluster_is_its_entry_of_the_shared_definition():
     assert {name: [cluster["new_cluster"] for cluster in spec["job_clusters"]] for name, spec in JOBS.items()} == {
-        "ingest": ["${var.job_cluster.streaming}"],
-        "features": ["${var.job_cluster.streaming}"],
-        "reconcile": ["${var.job_cluster.small}"],
-        "backfill": ["${var.job_cluster.batch}"],
-        "recompute_late": ["${var.job_cluster.small}"],
-        "rehydrate": ["${var.job_cluster.small}"],
-        "build_training_set": ["${var.job_cluster.batch}"],
-        "rebuild_training_set": ["${var.job_cluster.batch}"],
+        "ingest": ["${var.job_cluster.ingest}"],
+        "features": ["${var.job_cluster.features}"],
+        "reconcile": ["${var.job_cluster.reconcile}"],
+        "backfill": ["${var.job_cluster.backfill}"],
+        "recompute_late": ["${var.job_cluster.recompute_late}"],
+        "rehydrate": ["${var.job_cluster.rehydrate}"],
+        "build_training_set": ["${var.job_cluster.training}"],
+        "rebuild_training_set": ["${var.job_cluster.training}"],
     }
 
 
-def test_the_cluster_sizes_differ_only_in_their_worker_count():
-    first, *others = [{key: value for key, value in size.items() if key != "num_workers"}
-                      for size in VALUES["job_cluster"].values()]
-    assert others == [first, first]
+def test_the_job_clusters_differ_only_in_workers_and_secrets():
+    first, *others = [{key: value for key, value in entry.items() if key not in ("num_workers", "spark_env_vars")}
+                      for entry in VALUES["job_cluster"].values()]
+    assert len(others) == 6 and others == [first] * 6
 
 
 def test_each_job_keeps_its_worker_count():
@@ -180,36 +180,45 @@ def test_each_job_keeps_its_worker_count():
     }
 
 
-def test_the_shared_cluster_is_a_valid_cluster_spec_in_every_size():
-    sizes = Bundle(target="dev", variables=resolve(VALUES, VALUES)).resolve_variable(
+def test_the_shared_cluster_is_a_valid_cluster_spec_for_every_job():
+    entries = Bundle(target="dev", variables=resolve(VALUES, VALUES)).resolve_variable(
         Variable(path="var.job_cluster", type=dict[str, ClusterSpec]))
-    assert {name: type(size) for name, size in sizes.items()} == \
-        {"streaming": ClusterSpec, "small": ClusterSpec, "batch": ClusterSpec}
+    assert {name: type(entry) for name, entry in entries.items()} == {
+        name: ClusterSpec for name in
+        ("ingest", "features", "reconcile", "backfill", "recompute_late", "rehydrate", "training")}
 
 
-def test_the_features_job_runs_with_the_rocksdb_state_store():
-    assert resolved_cluster("features")["spark_conf"]["spark.sql.streaming.stateStore.providerClass"] == ROCKSDB_PROVIDER
+@pytest.mark.parametrize("name", sorted(JOB_NAMES))
+def test_every_job_runs_with_the_rocksdb_state_store(name):
+    assert resolved_cluster(name)["spark_conf"]["spark.sql.streaming.stateStore.providerClass"] == ROCKSDB_PROVIDER
 
 
-def test_every_job_cluster_gets_the_secrets_any_job_reads():
-    assert {name: sorted(resolved_cluster(name)["spark_env_vars"]) for name in JOBS} == \
-        {name: ["KAFKA_SASL_PASSWORD", "REDIS_PASSWORD", "SCHEMA_REGISTRY_BASIC_AUTH"] for name in JOB_NAMES}
+def test_each_job_cluster_gets_only_the_secrets_its_job_reads():
+    kafka, registry, redis = "KAFKA_SASL_PASSWORD", "SCHEMA_REGISTRY_BASIC_AUTH", "REDIS_PASSWORD"
+    assert {name: sorted(resolved_cluster(name)["spark_env_vars"]) for name in JOBS} == {
+        "ingest": sorted([kafka, registry]),  # the topics and their DLQ topics; Avro schema ids
+        "features": sorted([kafka, redis]),
+        "reconcile": [kafka],
+        "backfill": sorted([kafka, registry, redis]),  # Kafka replays of Avro topics, Redis restated
+        "recompute_late": [redis],
+        "rehydrate": [redis],
+        "build_training_set": [],
+        "rebuild_training_set": [],
+    }
 
 
 def test_cluster_secrets_are_read_from_the_bundle_secret_scope():
-    assert resolved_cluster("ingest")["spark_env_vars"] == {
+    assert resolved_cluster("backfill")["spark_env_vars"] == {
         "KAFKA_SASL_PASSWORD": "{{secrets/feature-platform/kafka-sasl-password}}",
         "SCHEMA_REGISTRY_BASIC_AUTH": "{{secrets/feature-platform/schema-registry-basic-auth}}",
         "REDIS_PASSWORD": "{{secrets/feature-platform/redis-password}}",
     }
 
 
-def test_secrets_come_from_the_secret_scope_not_the_bundle():
-    files = [PROJECT_ROOT / "databricks.yml", *JOB_FILES.values()]
-    values = [value.strip().strip('"') for path in files
-              for value in re.findall(r"(?:PASSWORD|SECRET)\w*:\s*(.+)", path.read_text())]
-    assert values, "no secret-bearing setting found: the check would prove nothing"
-    assert [value for value in values if not value.startswith("{{secrets/")] == []
+def test_every_secret_a_cluster_gets_is_a_secret_scope_reference():
+    values = [value for name in JOBS for value in resolved_cluster(name)["spark_env_vars"].values()]
+    assert len(values) == 10
+    assert [value for value in values if not re.fullmatch(r"\{\{secrets/feature-platform/[\w-]+\}\}", value)] == []
 
 
 def test_job_names_name_their_target():
@@ -232,9 +241,11 @@ def test_wheel_tasks_run_entry_points_this_package_declares():
         [(package, True)] * len(JOB_NAMES)
 
 
-def test_wheel_tasks_pass_the_bundle_environment_first():
-    assert {name: [task["python_wheel_task"]["parameters"][:2] for task in spec["tasks"]]
-            for name, spec in JOBS.items()} == {name: [["--env", "${var.env}"]] for name in JOB_NAMES}
+def test_wheel_tasks_pass_the_bundle_environment_and_its_synced_conf_first():
+    # ${workspace.file_path} starts with /Workspace already (the CLI adds it to the root path).
+    assert {name: [task["python_wheel_task"]["parameters"][:4] for task in spec["tasks"]]
+            for name, spec in JOBS.items()} == \
+        {name: [["--env", "${var.env}", "--conf-dir", "${workspace.file_path}/conf"]] for name in JOB_NAMES}
 
 
 def test_wheel_libraries_are_the_wheel_the_bundle_builds():

@@ -11,7 +11,8 @@ import pytest
 from pipelines.contracts.validation import ERROR_CLASSES, RecordValidator, ValidationRules
 from pipelines.core.contract_spec import load_contracts
 from pipelines.core.settings import PROJECT_ROOT
-from pipelines.local.generator import GeneratorSpec, generate
+from pipelines.ingest.reconcile import SentSummary
+from pipelines.local.generator import GeneratorSpec, GeneratorSummary, generate
 from tests.support import utc
 
 END = utc("2026-11-23 12:00:00")
@@ -101,3 +102,25 @@ def test_rates_outside_zero_to_one_are_rejected():
 def test_unknown_bad_class_is_rejected():
     with pytest.raises(ValueError, match="unknown error classes"):
         GeneratorSpec(bad_classes=("typo",))
+
+
+def test_a_summary_file_reads_back_as_the_counts_the_generator_kept(tmp_path):
+    summary = GeneratorSummary()
+    for record in generate(SPEC):
+        summary.add(record.topic, record.kind)
+    path = tmp_path / "sent.json"
+    path.write_text(json.dumps(summary.to_dict()))
+    read = SentSummary.read(path)
+    for topic in ("transactions", "labels", "never-sent"):
+        assert (read.sent(topic), read.expected_bronze(topic), read.duplicates(topic),
+                dict(read.expected_dead_letters(topic))) == \
+            (summary.sent(topic), summary.expected_bronze(topic), summary.duplicates(topic),
+             summary.expected_dead_letters(topic))
+    assert read.sent("transactions") > 0 and read.duplicates("transactions") > 0
+
+
+def test_a_summary_file_without_its_counts_is_refused_naming_the_topic(tmp_path):
+    path = tmp_path / "sent.json"
+    path.write_text(json.dumps({"transactions": {"sent": 3, "by_kind": {"valid": 3}}}))
+    with pytest.raises(ValueError, match="transactions: missing expected_bronze, duplicates, expected_dead_letters"):
+        SentSummary.read(path)

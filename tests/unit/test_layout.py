@@ -1,6 +1,7 @@
 """The layering holds because `make lint` fails when it breaks: on a copy of the code, an import
 inside a function, an import from a later stage and a cycle inside one stage each fail the lint,
-naming the rule; the code as it is passes. And the online read path loads without Spark."""
+naming the rule; the code as it is passes. And the online read path, the contract gate and the
+generator load without Spark (a cluster-less machine installs the wheel without its [local] extra)."""
 
 from __future__ import annotations
 
@@ -82,9 +83,9 @@ def test_a_cycle_between_two_modules_of_one_stage_fails_the_lint(tmp_path):
     assert "pipelines.ingest" in imports.stdout
 
 
-@pytest.mark.parametrize("module", ["pipelines.online", "pipelines.online.serving", "pipelines.core.settings",
-                                    "pipelines.training.reader"])
-def test_the_read_path_imports_without_spark(module):
+@pytest.mark.parametrize("module", ["pipelines.online.serving", "pipelines.core.settings", "pipelines.training.reader",
+                                    "jobs.contracts", "jobs.generate", "jobs.online"])
+def test_the_read_path_the_gate_and_the_generator_import_without_spark(module):
     code = BLOCK_SPARK + f"""
 import {module}
 from pipelines.core.settings import load_settings

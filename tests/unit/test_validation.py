@@ -149,6 +149,14 @@ def test_event_beyond_future_tolerance_is_quarantined():
     )
 
 
+def test_reasons_give_a_fractional_gap_in_whole_seconds():
+    verdict = check(encode(transaction(event_time="2026-11-23T12:07:02.703Z")))
+    assert verdict.reason == (
+        "event_time 2026-11-23T12:07:02.703000+00:00 is 7m 2s ahead of the batch time 2026-11-23T12:00:00+00:00, "
+        "beyond the tolerance of 5m"
+    )
+
+
 def test_event_exactly_at_future_tolerance_is_valid():
     assert check(encode(transaction(event_time="2026-11-23T12:05:00Z"))).is_valid
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 import pytest
 
 from pipelines.core.config import build
-from pipelines.core.contract_spec import load_contracts
+from pipelines.core.contract_spec import load_contracts, parse_contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.view_spec import FeatureView, check_view, parse_schema
@@ -84,3 +84,37 @@ def test_declared_schemas_parse_without_spark():
     assert schema == [("account_id", "string"), ("amount", "decimal(10,2)"), ("seen_at", "timestamp"), ("n", "bigint")]
     with pytest.raises(ConfigError, match=r"k: column 'tags' has type 'array<string>'"):
         parse_schema("account_id string, tags array<string>", "k")
+
+
+PATH_SOURCE = {"path": "/data/history", "format": "parquet",
+               "schema": "account_id string, event_time timestamp, n long, price decimal(10, 2), day date, flag boolean"}
+
+
+@pytest.mark.parametrize("column, functions", [("n", ["sum", "avg", "min", "max"]), ("price", ["sum", "avg"]),
+                                               ("flag", ["min", "max", "last"]), ("day", ["last", "count"])])
+def test_declared_column_types_allow_the_functions_spark_can_compute(column, functions):
+    checked(source=PATH_SOURCE, aggregations=[{"column": column, "functions": functions, "windows": ["1h"]}])
+
+
+@pytest.mark.parametrize("column, function, message", [
+    ("day", "sum", r"sum needs a numeric column, 'day' is date"),
+    ("flag", "avg", r"avg needs a numeric column, 'flag' is boolean"),
+    ("day", "max", r"max needs a numeric, string, boolean or timestamp column, 'day' is date"),
+])
+def test_a_function_the_column_type_cannot_take_is_refused_naming_spark_type(column, function, message):
+    with pytest.raises(ConfigError, match=rf"test\.aggregations\[0\]: {message}"):
+        checked(source=PATH_SOURCE, aggregations=[{"column": column, "functions": [function], "windows": ["1h"]}])
+
+
+def test_a_long_contract_field_is_numeric_and_a_boolean_one_is_not():
+    contract = parse_contract({
+        "name": "clicks", "version": 1, "key_field": "user", "id_field": "id", "event_time_field": "at",
+        "fields": [{"name": "id", "type": "string"}, {"name": "user", "type": "string"},
+                   {"name": "at", "type": "timestamp"}, {"name": "n", "type": "long"},
+                   {"name": "bot", "type": "boolean"}]}, "clicks.yaml")
+    spec = {"name": "v", "source": {"contract": "clicks"}, "entity": "user", "event_time": "at", "kind": "trailing"}
+    check_view(build(FeatureView, {**spec, "aggregations": [{"column": "n", "functions": ["sum", "avg"], "windows": ["1h"]}]},
+                     "test"), {"clicks": contract}, "test")
+    with pytest.raises(ConfigError, match=r"sum needs a numeric column, 'bot' is boolean"):
+        check_view(build(FeatureView, {**spec, "aggregations": [{"column": "bot", "functions": ["sum"], "windows": ["1h"]}]},
+                         "test"), {"clicks": contract}, "test")

@@ -49,7 +49,7 @@ def watermark_after(spark, folder, transform, steps) -> datetime:
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 def test_a_sub_second_lateness_gives_every_view_kind_the_exact_watermark(spark, tmp_path, kind):
-    latest = datetime(2026, 11, 23, 10, 0, 0)  # naive: Spark reads it in the session zone, UTC
+    latest = datetime(2026, 11, 23, 10, 0, 0, tzinfo=timezone.utc)
     steps = [[("a", latest - timedelta(seconds=30), 1.0), ("b", latest, 2.0)],
              [("a", latest - timedelta(seconds=1), 3.0)]]  # a second batch: it runs under the new watermark
     subject = view(kind)
