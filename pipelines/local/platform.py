@@ -23,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,16 @@ from pipelines.core.settings import LocalPlatformSettings, local_registry_url
 from pipelines.local.jars import fetch, fetch_registry
 
 log = logging.getLogger(__name__)
+
+
+def kraft_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> str:
+    """A KRaft cluster id: 16 random bytes in unpadded base64url (22 characters). Drawn again
+    while it starts with ``-``, as Kafka's own ``Uuid.randomUuid`` does: the storage tool would
+    read such an id as an option (``--cluster-id: expected one argument``), one start in 64."""
+    while True:
+        cluster_id = base64.urlsafe_b64encode(draw()).decode().rstrip("=")
+        if not cluster_id.startswith("-"):
+            return cluster_id
 
 
 class PlatformError(PipelineError):
@@ -262,7 +273,7 @@ class KafkaBroker(_Service):
     def _format_storage(self) -> None:
         if (self.data_dir / "meta.properties").exists():
             return
-        cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        cluster_id = kraft_cluster_id()
         log.info("formatting KRaft storage in %s (cluster %s)", self.data_dir, cluster_id)
         result = subprocess.run(
             self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(self.properties)),
