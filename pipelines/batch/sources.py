@@ -52,6 +52,7 @@ from pipelines.core.times import epoch_micros
 from pipelines.core.view_spec import FILE_FORMATS
 from pipelines.ingest.avro_records import NewWriterSchema, resolve_with_registry
 from pipelines.ingest.bronze import check_records, dead_letter_rows, drop_duplicate_events, table_schemas
+from pipelines.ingest.sources import read_kafka_offsets
 
 log = logging.getLogger(__name__)
 
@@ -197,13 +198,6 @@ def resolve_offsets(topic: str, replay: KafkaReplay, watermarks: Mapping[int, tu
     return ranges
 
 
-def kafka_offsets_json(topic: str, ranges: list[PartitionRange]) -> tuple[str, str]:
-    """Spark's ``startingOffsets``/``endingOffsets`` for ``ranges``."""
-    starts = {topic: {str(r.partition): r.start for r in ranges}}
-    ends = {topic: {str(r.partition): r.end for r in ranges}}
-    return json.dumps(starts), json.dumps(ends)
-
-
 def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[PartitionRange]:
     """Resolve ``replay`` against the topic as it is now (one metadata round trip per bound)."""
     properties = settings.kafka.client_properties()
@@ -224,20 +218,10 @@ def plan_replay(settings: Settings, topic: str, replay: KafkaReplay) -> list[Par
 
 def read_kafka_range(spark: SparkSession, settings: Settings, topic: str, ranges: list[PartitionRange],
                      allow_gap: bool) -> DataFrame:
-    """The records of ``ranges`` (a batch read; the Kafka source's columns, with headers)."""
-    starting, ending = kafka_offsets_json(topic, ranges)
-    reader = (
-        spark.read.format("kafka")
-        .option("subscribe", topic)
-        .option("startingOffsets", starting)
-        .option("endingOffsets", ending)
-        .option("includeHeaders", "true")
-        # Offsets deleted between the plan and the read: fail unless a gap was accepted.
-        .option("failOnDataLoss", str(not allow_gap).lower())
-    )
-    for key, value in settings.kafka.spark_options().items():
-        reader = reader.option(key, value)
-    return reader.load()
+    """The records of ``ranges`` (a batch read; the Kafka source's columns, with headers).
+    Offsets deleted between the plan and the read fail the read unless a gap was accepted."""
+    offsets = {r.partition: (r.start, r.end) for r in ranges}
+    return read_kafka_offsets(spark, settings.kafka, topic, offsets, fail_on_data_loss=not allow_gap)
 
 
 def replay_validated(records: DataFrame, contract: Contract, settings: Settings, topic: str) -> DataFrame:

@@ -1,6 +1,10 @@
-"""The ingest's reader: the Kafka topic as a stream. Transforms never read; the job calls this at the edge."""
+"""Kafka readers: a topic as a stream (the ingest), and a fixed range of its offsets as a batch
+(reconciliation, Kafka replays). Transforms never read; jobs call these at the edge."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Mapping
 
 from pyspark.sql import DataFrame, SparkSession
 
@@ -22,6 +26,26 @@ def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ing
         .option("maxOffsetsPerTrigger", str(ingest.max_offsets_per_trigger))
         .option("failOnDataLoss", str(ingest.fail_on_data_loss).lower())
         .option("includeHeaders", "true")
+    )
+    for key, value in kafka.spark_options().items():
+        reader = reader.option(key, value)
+    return reader.load()
+
+
+def read_kafka_offsets(spark: SparkSession, kafka: KafkaSettings, topic: str, offsets: Mapping[int, tuple[int, int]],
+                       fail_on_data_loss: bool = True) -> DataFrame:
+    """The records of ``topic`` at ``offsets`` (partition -> ``[start, end)``), as a batch: the
+    Kafka source's columns, with headers. ``fail_on_data_loss``: fail if offsets in the range
+    were deleted (retention) between the caller's look at the topic and this read."""
+    starting = {topic: {str(p): start for p, (start, _) in offsets.items()}}
+    ending = {topic: {str(p): end for p, (_, end) in offsets.items()}}
+    reader = (
+        spark.read.format("kafka")
+        .option("subscribe", topic)
+        .option("startingOffsets", json.dumps(starting))
+        .option("endingOffsets", json.dumps(ending))
+        .option("includeHeaders", "true")
+        .option("failOnDataLoss", str(fail_on_data_loss).lower())
     )
     for key, value in kafka.spark_options().items():
         reader = reader.option(key, value)

@@ -1,11 +1,14 @@
-"""Crash safety: the ingest and the features jobs are SIGKILLed (driver and JVM together)
-mid-stream, twice, at different points, and restarted; every table ends up with every row
-exactly once, and Redis with the latest values of the feature tables."""
+"""Crash safety: the ingest (six times: a chosen instant and five random ones) and the features
+job (twice) are SIGKILLed, driver and JVM together, mid-stream, and restarted; every table ends
+up with every row exactly once, the reconciliation job exits 0, and Redis holds the latest
+values of the feature tables."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -53,23 +56,35 @@ def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
     job.wait()
 
 
-def test_sigkill_twice_mid_stream_then_restart_loses_and_duplicates_nothing(spark, isolated, tmp_path):
+def test_sigkilled_at_random_points_the_ingest_loses_and_duplicates_nothing_and_reconciles(spark, isolated,
+                                                                                           tmp_path):
     settings = isolated(ingest={"max_offsets_per_trigger": 300, "trigger_interval": "1s"})
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
-    spec = GeneratorSpec(count=5000, seed=21, span=timedelta(hours=12), bad_rate=0.04, duplicate_rate=0.03,
+    spec = GeneratorSpec(count=6000, seed=21, span=timedelta(hours=12), bad_rate=0.04, duplicate_rate=0.03,
                          label_rate=0.3, label_delay=(timedelta(minutes=5), timedelta(hours=6)))
     records = list(generate(spec))
     sent = produce(records, settings.kafka.client_properties(), topic_names=topic_names(settings))
     tx_topic = settings.ingest.topics[0]
     bronze_path, dlq_path = settings.storage.bronze_path(tx_topic), settings.storage.dead_letter_path
     log = tmp_path / "ingest.log"
+    kills = 0
 
-    # Kill 1: right after the second data commit to bronze, the next batch in flight.
-    kill_when(start_job("ingest", conf_dir, log), lambda: delta_versions(bronze_path) >= 3)
-    # Kill 2: in the restarted job, the instant a dead-letter commit lands: between the DLQ write
-    # of one batch and its commit to the checkpoint.
+    # The instant a dead-letter commit lands: between one batch's DLQ write and its checkpoint commit.
     dlq_before = delta_versions(dlq_path)
     kill_when(start_job("ingest", conf_dir, log), lambda: delta_versions(dlq_path) >= dlq_before + 2)
+    kills += 1
+    # Five random instants once a restarted job commits again (seeded: reproducible).
+    rng = random.Random(7)
+    for _ in range(5):
+        before = delta_versions(bronze_path)
+        job = start_job("ingest", conf_dir, log)
+        kill_when(job, lambda: delta_versions(bronze_path) > before)
+        time.sleep(rng.uniform(0.0, 2.5))
+        if job.poll() is None:
+            os.killpg(job.pid, signal.SIGKILL)
+        job.wait()
+        kills += 1
+    assert kills >= 5
     # Restart and run to the end of the topics.
     final = start_job("ingest", conf_dir, log, "--available-now")
     assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
@@ -82,6 +97,14 @@ def test_sigkill_twice_mid_stream_then_restart_loses_and_duplicates_nothing(spar
         assert dead.select("kafka_partition", "kafka_offset").distinct().count() == dead.count()
         assert Counter({r.error_class: r["count"] for r in dead.groupBy("error_class").count().collect()}) == \
             Counter(sent.expected_dead_letters(topic))
+    # The operator's check: the reconciliation job, against what was sent, exits 0.
+    summary = tmp_path / "sent.json"
+    summary.write_text(json.dumps(sent.to_dict()))
+    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "reconcile.py"), "--env", "local",
+                           "--conf-dir", str(conf_dir), "--expect", str(summary)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (status,) = [line.split() for line in done.stdout.splitlines() if line.startswith("status")]
+    assert status == ["status", "OK", "OK"]
 
 
 def feature_rows(spark, settings, view) -> Counter:

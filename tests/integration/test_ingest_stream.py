@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 
+from delta.tables import DeltaTable
 from pyspark.sql import functions as F
 
 from pipelines.ingest.reconcile import reconcile
@@ -29,7 +31,9 @@ def test_generated_events_reconcile_exactly_across_many_batches(spark, isolated)
 
     results = reconcile(spark, settings, sent=sent)
     assert [(r.topic, r.unaccounted, r.mismatches) for r in results] == [(t, 0, ()) for t in settings.ingest.topics]
+    assert [r.duplicates_dropped for r in results] == [sent.duplicates(t) for t in settings.ingest.topics]
     tx_topic = settings.ingest.topics[0]
+
     bronze = spark.read.format("delta").load(settings.storage.bronze_path(tx_topic))
     assert bronze.count() == bronze.select("transaction_id").distinct().count() == sent.expected_bronze(tx_topic)
     # Each dead letter holds the exact bytes that were sent.
@@ -37,6 +41,23 @@ def test_generated_events_reconcile_exactly_across_many_batches(spark, isolated)
     stored = Counter(bytes(r.kafka_value) for r in dead_letters.select("kafka_value").collect())
     injected = Counter(r.value for r in records if r.topic == "transactions" and r.kind not in ("valid", "late", "out_of_order", "duplicate"))
     assert stored == injected
+
+    # The accounting can fail: a bronze row lost, and then one written twice, are each named.
+    path = settings.storage.bronze_path(tx_topic)
+    redelivered = {json.loads(r.value)["transaction_id"] for r in records
+                   if r.topic == "transactions" and r.kind == "duplicate"}
+    victim = (spark.read.format("delta").load(path).filter(~F.col("transaction_id").isin(*redelivered))
+              .orderBy("kafka_partition", "kafka_offset").first())  # an event sent once: only it goes missing
+    DeltaTable.forPath(spark, path).delete(
+        (F.col("kafka_partition") == victim.kafka_partition) & (F.col("kafka_offset") == victim.kafka_offset))
+    (lost,) = reconcile(spark, settings, topics=[tx_topic])
+    assert (lost.ok, lost.lost, lost.unaccounted) == (False, 1, 1)
+    assert lost.mismatches == (f"{tx_topic}: 1 records are in no table and repeat no bronze event "
+                               f"(e.g. partition {victim.kafka_partition} offset {victim.kafka_offset})",)
+    schema = spark.read.format("delta").load(path).schema
+    spark.createDataFrame([victim, victim], schema).write.format("delta").mode("append").save(path)
+    (doubled,) = reconcile(spark, settings, topics=[tx_topic])
+    assert (doubled.ok, doubled.lost, doubled.doubled, doubled.unaccounted) == (False, 0, 1, -1)
 
 
 def test_future_event_does_not_make_later_valid_events_late(spark, isolated):
