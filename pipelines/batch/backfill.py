@@ -309,8 +309,6 @@ def backfill(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
     ranges = sorted(ranges)
     by_topic: dict[str, list[FeatureView]] = {}
     for view in views:
-        if view.source.contract is None:
-            raise BadSourceArguments(f"view {view.name}: backfills read contract sources (its source is a path)")
         by_topic.setdefault(settings.source_topic(view), []).append(view)
     if isinstance(source, FileSource) and len(by_topic) > 1:
         raise BadSourceArguments(f"a file source holds one contract's events: choose views of one topic "

@@ -270,12 +270,10 @@ class Settings:
         return self.contracts[self.kafka.topics[topic].contract]
 
     def source_topic(self, view: FeatureView) -> str:
-        """The ingested topic whose contract is ``view``'s source; a ValueError naming the view
-        when there is not exactly one (a path source, or a contract no ingested topic carries)."""
-        topics = [t for t in self.ingest.topics if self.kafka.topics[t].contract == view.source.contract]
-        if view.source.contract is None or len(topics) != 1:
-            raise ValueError(f"view {view.name!r}: its source must be the contract of exactly one ingested topic")
-        return topics[0]
+        """The ingested topic whose contract is ``view``'s source (exactly one: checked when the
+        settings load)."""
+        (topic,) = _topics_of(self, view.source.contract)
+        return topic
 
 
 def default_conf_dir() -> Path:
@@ -338,6 +336,11 @@ def local_registry_url(port: int) -> str:
     return f"http://127.0.0.1:{port}/apis/ccompat/v7"
 
 
+def _topics_of(settings: Settings, contract: str) -> list[str]:
+    """The ingested topics whose values follow ``contract``."""
+    return [t for t in settings.ingest.topics if t in settings.kafka.topics and settings.kafka.topics[t].contract == contract]
+
+
 def _check_references(settings: Settings, source: Path) -> None:
     for topic in settings.ingest.topics:
         if topic not in settings.kafka.topics:
@@ -377,4 +380,13 @@ def _check_references(settings: Settings, source: Path) -> None:
             raise ConfigError(
                 f"{source}: schema_registry.url: not set, and topic {name!r} carries Avro "
                 f"(contract {topic.contract!r} has format: avro)"
+            )
+    for name, view in settings.views.items():
+        topics = _topics_of(settings, view.source.contract)
+        if len(topics) != 1:
+            # A view no job could compute fails here, not inside the first job that meets it.
+            raise ConfigError(
+                f"{source}: view {name!r} reads contract {view.source.contract!r}, which "
+                + (f"{len(topics)} ingested topics carry ({', '.join(topics)}): a view reads one topic"
+                   if topics else f"no topic of ingest.topics carries ({', '.join(settings.ingest.topics)})")
             )

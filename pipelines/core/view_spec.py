@@ -18,8 +18,8 @@ Output names are derived as ``{function}_{column}_{window}`` (``count_{window}``
 ``column: "*"``; sliding and session views drop the ``_{window}`` suffix), and can be
 overridden per aggregation with ``names: {derived: chosen}``.
 
-Column types are Spark SQL type names (``string``, ``bigint``, ``decimal(10,2)``...), so views
-load, and the online store reads them, without Spark.
+Column types are Spark SQL type names (``string``, ``bigint``...), so views load, and the
+online store reads them, without Spark.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.times import format_duration
 
 KINDS = ("trailing", "sliding", "session")
-#: The file formats the platform reads: a path source of a view, a backfill's files, a spine.
+#: The file formats the platform reads: a backfill's files, a spine.
 FILE_FORMATS = ("parquet", "csv", "json")
 FUNCTIONS = ("count", "sum", "avg", "min", "max", "approx_count_distinct", "last")
 _NUMERIC_ONLY = {"sum", "avg"}
@@ -65,13 +65,11 @@ class CountBy:
 
 @dataclass(frozen=True)
 class SourceSpec:
-    """Where a view's events come from: a contract's bronze table, or any Delta table or file
-    path with its own schema (a Spark DDL string)."""
+    """Where a view's events come from: the bronze table of the ingested topic whose contract
+    this is (the stream, backfills and the late recompute all read it; files reach a view
+    through ``fp-backfill --source files``)."""
 
-    contract: str | None = None
-    path: str | None = None
-    format: str = "delta"
-    schema: str | None = None
+    contract: str
 
 
 @dataclass(frozen=True)
@@ -164,15 +162,10 @@ def feature_names(view: FeatureView) -> list[str]:
 #: Spark SQL type names by what a function can do with them.
 _NUMERIC_TYPES = ("tinyint", "smallint", "int", "bigint", "float", "double")
 _ORDERABLE_TYPES = ("string", "timestamp", "boolean")
-_SIMPLE_TYPES: Mapping[str, str] = {
-    "string": "string", "double": "double", "float": "float", "bigint": "bigint", "long": "bigint",
-    "int": "int", "integer": "int", "boolean": "boolean", "timestamp": "timestamp", "date": "date",
-}
-_DECIMAL = re.compile(r"^decimal\((\d+),\s*(\d+)\)$")
 
 
 def _numeric(type_name: str) -> bool:
-    return type_name in _NUMERIC_TYPES or type_name.startswith("decimal(")
+    return type_name in _NUMERIC_TYPES
 
 
 def _usable(function: str, type_name: str) -> bool:
@@ -184,49 +177,11 @@ def _usable(function: str, type_name: str) -> bool:
 
 
 def source_columns(view: FeatureView, contracts: Mapping[str, Contract], where: str) -> dict[str, str]:
-    """The columns a view can reference, name -> Spark SQL type name: the contract's fields, or
-    the declared schema of a path source."""
-    source = view.source
-    if (source.contract is None) == (source.path is None):
-        raise ConfigError(f"{where}.source: give exactly one of 'contract' or 'path'")
-    if source.contract is not None:
-        if source.contract not in contracts:
-            raise ConfigError(
-                f"{where}.source.contract: no contract {source.contract!r} ({', '.join(sorted(contracts))})"
-            )
-        return {f.name: f.sql_type for f in contracts[source.contract].fields}
-    if source.format not in ("delta", *FILE_FORMATS):
-        accepted = ", ".join(("delta", *FILE_FORMATS[:-1])) + f" or {FILE_FORMATS[-1]}"
-        raise ConfigError(f"{where}.source.format: {source.format!r} is not {accepted}")
-    if not source.schema:
-        raise ConfigError(f"{where}.source.schema: a path source needs its schema (Spark DDL)")
-    return dict(parse_schema(source.schema, f"{where}.source.schema"))
-
-
-def parse_schema(ddl: str, key: str) -> list[tuple[str, str]]:
-    """``"account_id string, amount decimal(10,2), event_time timestamp"`` ->
-    ``[("account_id", "string"), ("amount", "decimal(10,2)"), ("event_time", "timestamp")]``.
-
-    Flat schemas of the types above (and ``decimal(p,s)``) only: a view's source columns are
-    scalars. Type names come back as Spark spells them (``long`` -> ``bigint``), so the DDL
-    ``", ".join(f"{n} {t}" ...)`` of the result is what Spark reads.
-    """
-    columns = []
-    for part in re.split(r",(?![^(]*\))", ddl):
-        words = part.strip().split(None, 1)
-        if len(words) != 2:
-            raise ConfigError(f"{key}: {part.strip()!r} is not 'name type'")
-        name, type_name = words[0].strip("`"), words[1].strip().lower()
-        decimal = _DECIMAL.match(type_name)
-        if decimal:
-            columns.append((name, f"decimal({int(decimal.group(1))},{int(decimal.group(2))})"))
-        elif type_name in _SIMPLE_TYPES:
-            columns.append((name, _SIMPLE_TYPES[type_name]))
-        else:
-            raise ConfigError(
-                f"{key}: column {name!r} has type {type_name!r}; use one of {', '.join(_SIMPLE_TYPES)} or decimal(p,s)"
-            )
-    return columns
+    """The columns a view can reference, name -> Spark SQL type name: its contract's fields."""
+    contract = view.source.contract
+    if contract not in contracts:
+        raise ConfigError(f"{where}.source.contract: no contract {contract!r} ({', '.join(sorted(contracts))})")
+    return {f.name: f.sql_type for f in contracts[contract].fields}
 
 
 def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str) -> None:
@@ -320,6 +275,13 @@ def load_views(folder: Path, contracts: Mapping[str, Contract]) -> dict[str, Fea
             raise ConfigError(f"{path}: views: expected a list of feature views")
         for i, entry in enumerate(data["views"]):
             where = f"{path}: views[{i}]"
+            source = entry.get("source") if isinstance(entry, Mapping) else None
+            if isinstance(source, Mapping) and "path" in source:
+                # Said plainly, not as an unknown key: the README once documented path sources.
+                raise ConfigError(
+                    f"{where}.source.path: path sources are not supported (no stream, backfill or late "
+                    "recompute could compute the view); declare the events' contract as the source, ingest "
+                    "them through its topic, and load history with fp-backfill --source files")
             view = build(FeatureView, entry, where)
             check_view(view, contracts, where)
             if view.name in views:

@@ -5,12 +5,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+import yaml
 
 from pipelines.core.config import build
 from pipelines.core.contract_spec import load_contracts, parse_contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
-from pipelines.core.view_spec import FeatureView, check_view, parse_schema
+from pipelines.core.view_spec import FeatureView, check_view
+from tests.support import contract_conf
 
 CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
 BASE = {"name": "v", "source": {"contract": "transactions"}, "entity": "account_id", "event_time": "event_time",
@@ -52,7 +54,6 @@ def test_output_names_are_derived_and_can_be_overridden():
         ({"aggregations": [{"column": "amount_usd", "functions": ["sum"]}]},
          r"test\.aggregations\[0\]\.windows: a trailing view needs windows"),
         ({"source": {"contract": "payments"}}, r"test\.source\.contract: no contract 'payments'"),
-        ({"source": {"path": "/data/events"}}, r"test\.source\.schema: a path source needs its schema"),
         ({"kind": "sliding", "aggregations": [{"column": "*", "functions": ["count"]}]},
          r"test\.window: a sliding view needs a positive window"),
         ({"kind": "session", "aggregations": []}, r"test\.gap: a session view needs a positive gap"),
@@ -62,7 +63,7 @@ def test_output_names_are_derived_and_can_be_overridden():
         ({"max_events_per_entity": 0}, r"test\.max_events_per_entity: must be positive"),
     ],
     ids=["unknown-entity", "event-time-not-timestamp", "unknown-kind", "unknown-function", "sum-of-string",
-         "bad-duration", "trailing-without-windows", "unknown-contract", "path-without-schema",
+         "bad-duration", "trailing-without-windows", "unknown-contract",
          "sliding-without-window", "session-without-gap", "duplicate-output", "unknown-key",
          "state-bound-zero"],
 )
@@ -71,50 +72,47 @@ def test_bad_views_fail_naming_the_key(changes, message):
         checked(**changes)
 
 
-def test_a_path_source_is_checked_against_its_declared_schema():
-    view = checked(source={"path": "/data/history", "format": "parquet",
-                           "schema": "account_id string, event_time timestamp, amount_usd double"})
-    assert view.source.format == "parquet"
-    with pytest.raises(ConfigError, match=r"test\.aggregations\[0\]\.column: no column 'amount_usd'"):
-        checked(source={"path": "/data/history", "schema": "account_id string, event_time timestamp"})
+CLICKS = parse_contract({
+    "name": "clicks", "version": 1, "key_field": "user", "id_field": "id", "event_time_field": "at",
+    "fields": [{"name": "id", "type": "string"}, {"name": "user", "type": "string"}, {"name": "at", "type": "timestamp"},
+               {"name": "n", "type": "long"}, {"name": "score", "type": "double"}, {"name": "bot", "type": "boolean"}]},
+    "clicks.yaml")
 
 
-def test_declared_schemas_parse_without_spark():
-    schema = parse_schema("account_id string, amount decimal(10, 2), seen_at timestamp, n long", "k")
-    assert schema == [("account_id", "string"), ("amount", "decimal(10,2)"), ("seen_at", "timestamp"), ("n", "bigint")]
-    with pytest.raises(ConfigError, match=r"k: column 'tags' has type 'array<string>'"):
-        parse_schema("account_id string, tags array<string>", "k")
+def clicks_view(column: str, functions: list[str]) -> None:
+    spec = {"name": "v", "source": {"contract": "clicks"}, "entity": "user", "event_time": "at", "kind": "trailing",
+            "aggregations": [{"column": column, "functions": functions, "windows": ["1h"]}]}
+    check_view(build(FeatureView, spec, "test"), {"clicks": CLICKS}, "test")
 
 
-PATH_SOURCE = {"path": "/data/history", "format": "parquet",
-               "schema": "account_id string, event_time timestamp, n long, price decimal(10, 2), day date, flag boolean"}
-
-
-@pytest.mark.parametrize("column, functions", [("n", ["sum", "avg", "min", "max"]), ("price", ["sum", "avg"]),
-                                               ("flag", ["min", "max", "last"]), ("day", ["last", "count"])])
-def test_declared_column_types_allow_the_functions_spark_can_compute(column, functions):
-    checked(source=PATH_SOURCE, aggregations=[{"column": column, "functions": functions, "windows": ["1h"]}])
+@pytest.mark.parametrize("column, functions", [("n", ["sum", "avg", "min", "max"]), ("score", ["sum", "last"]),
+                                               ("bot", ["min", "max", "last"]), ("at", ["min", "last", "count"]),
+                                               ("user", ["max", "approx_count_distinct"])])
+def test_each_field_type_allows_the_functions_spark_can_compute(column, functions):
+    clicks_view(column, functions)
 
 
 @pytest.mark.parametrize("column, function, message", [
-    ("day", "sum", r"sum needs a numeric column, 'day' is date"),
-    ("flag", "avg", r"avg needs a numeric column, 'flag' is boolean"),
-    ("day", "max", r"max needs a numeric, string, boolean or timestamp column, 'day' is date"),
+    ("bot", "sum", r"sum needs a numeric column, 'bot' is boolean"),
+    ("at", "avg", r"avg needs a numeric column, 'at' is timestamp"),
+    ("user", "sum", r"sum needs a numeric column, 'user' is string"),
 ])
-def test_a_function_the_column_type_cannot_take_is_refused_naming_spark_type(column, function, message):
+def test_a_function_the_field_type_cannot_take_is_refused_naming_its_spark_type(column, function, message):
     with pytest.raises(ConfigError, match=rf"test\.aggregations\[0\]: {message}"):
-        checked(source=PATH_SOURCE, aggregations=[{"column": column, "functions": [function], "windows": ["1h"]}])
+        clicks_view(column, [function])
 
 
-def test_a_long_contract_field_is_numeric_and_a_boolean_one_is_not():
-    contract = parse_contract({
-        "name": "clicks", "version": 1, "key_field": "user", "id_field": "id", "event_time_field": "at",
-        "fields": [{"name": "id", "type": "string"}, {"name": "user", "type": "string"},
-                   {"name": "at", "type": "timestamp"}, {"name": "n", "type": "long"},
-                   {"name": "bot", "type": "boolean"}]}, "clicks.yaml")
-    spec = {"name": "v", "source": {"contract": "clicks"}, "entity": "user", "event_time": "at", "kind": "trailing"}
-    check_view(build(FeatureView, {**spec, "aggregations": [{"column": "n", "functions": ["sum", "avg"], "windows": ["1h"]}]},
-                     "test"), {"clicks": contract}, "test")
-    with pytest.raises(ConfigError, match=r"sum needs a numeric column, 'bot' is boolean"):
-        check_view(build(FeatureView, {**spec, "aggregations": [{"column": "bot", "functions": ["sum"], "windows": ["1h"]}]},
-                         "test"), {"clicks": contract}, "test")
+def test_a_path_source_fails_when_the_config_loads_naming_the_key(tmp_path):
+    conf = contract_conf(tmp_path / "conf", transactions_format="json")
+    views = conf / "features" / "payments.yaml"
+    data = yaml.safe_load(views.read_text())
+    data["views"][0]["source"] = {"path": "/data/history", "format": "parquet", "schema": "account_id string"}
+    views.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"payments\.yaml: views\[0\]\.source\.path: path sources are not supported"):
+        load_settings("local", conf)
+
+
+def test_a_view_whose_contract_no_ingested_topic_carries_fails_when_the_config_loads():
+    with pytest.raises(ConfigError, match=r"view 'account_fraud_history' reads contract 'labels', which no topic of "
+                                          r"ingest\.topics carries \(transactions\)"):
+        load_settings("local", overrides={"ingest": {"topics": ["transactions"]}})
