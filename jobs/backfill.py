@@ -26,7 +26,7 @@ from pipelines.batch.sources import BronzeSnapshot, FileSource, KafkaReplay
 from pipelines.core.cli import (
     add_settings_arguments,
     configure_logging,
-    run_batch_job,
+    run_job,
     settings_from_args,
     views_from_args,
 )
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         backfill(spark, settings, views, [days], source, args.restate_online, session_history)
         return 0
 
-    return run_batch_job("backfill", run)
+    return run_job("backfill", run)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pipelines.core.cli import (
     add_settings_arguments,
     configure_logging,
-    run_batch_job,
+    run_job,
     settings_from_args,
     views_from_args,
 )
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
               f"MLflow run {result.run_id}; content hash {result.content_hash}")
         return 0
 
-    return run_batch_job("build_training_set", run)
+    return run_job("build_training_set", run)
 
 
 if __name__ == "__main__":

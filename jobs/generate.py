@@ -16,7 +16,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
+from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import parse_duration
 from pipelines.local.generator import ALL_ERROR_CLASSES, AvroEncoder, GeneratorSpec, generate, produce
@@ -51,8 +51,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(logging.INFO)
+    return run_job("generate", lambda: generate_and_send(args))
+
+
+def generate_and_send(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
     try:
-        settings = settings_from_args(args)
         count = args.count
         if args.duration is not None:
             if args.rate <= 0:
@@ -65,7 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         contracts = {logical: settings.contract_for(physical if physical in settings.kafka.topics else logical)
                      for logical, physical in topic_names.items()}
         avro = {t: c for t, c in contracts.items() if c.format == "avro"}
-        encoder = AvroEncoder(settings.schema_registry, avro, topic_names) if avro else None
         spec = GeneratorSpec(
             count=count, accounts=args.accounts, merchants=args.merchants, seed=args.seed,
             end=args.end, span=parse_duration(args.span, "--span"), rate=args.rate,
@@ -78,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
             future_tolerance=settings.ingest.future_tolerance,
             max_value_bytes=settings.ingest.max_value_bytes,
         )
-    except (ConfigError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    except ValueError as exc:  # GeneratorSpec checks its rates and classes
+        raise ConfigError(str(exc)) from exc
+    encoder = AvroEncoder(settings.schema_registry, avro, topic_names) if avro else None
     summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate,
                       topic_names=topic_names, encoder=encoder)
     print(summary.table())

@@ -11,8 +11,7 @@ import argparse
 import logging
 import sys
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
-from pipelines.core.errors import ConfigError
+from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, topics_from_args
 from pipelines.core.session import build_session
 from pipelines.ingest.stream import run_ingest
 
@@ -30,14 +29,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(logging.INFO)
-    try:
+
+    def run() -> int:
         settings = settings_from_args(args)
         topics = topics_from_args(args.topics, settings)
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    spark = build_session(settings.spark)
-    return run_ingest(spark, settings, topics, available_now=args.available_now, timeout=args.timeout)
+        spark = build_session(settings.spark)
+        return run_ingest(spark, settings, topics, available_now=args.available_now, timeout=args.timeout)
+
+    return run_job("ingest", run)
 
 
 if __name__ == "__main__":

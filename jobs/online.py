@@ -11,7 +11,7 @@ import argparse
 import json
 import sys
 
-from pipelines.core.cli import add_settings_arguments, settings_from_args
+from pipelines.core.cli import add_settings_arguments, run_job, settings_from_args
 from pipelines.core.errors import ConfigError
 from pipelines.online.serving import get_online_features
 
@@ -28,13 +28,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        if args.view not in settings.views:
-            raise ConfigError(f"--view: {args.view!r} is not declared in conf/features ({', '.join(settings.views)})")
-    except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_job("online", lambda: print_online(args))
+
+
+def print_online(args: argparse.Namespace) -> int:
+    settings = settings_from_args(args)
+    if args.view not in settings.views:
+        raise ConfigError(f"--view: {args.view!r} is not declared in conf/features ({', '.join(settings.views)})")
     entities = [e.strip() for e in args.entity.split(",") if e.strip()]
     rows = get_online_features(settings, args.view, entities)
     if args.json:

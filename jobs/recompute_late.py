@@ -21,7 +21,7 @@ from pipelines.batch.late import recompute_late
 from pipelines.core.cli import (
     add_settings_arguments,
     configure_logging,
-    run_batch_job,
+    run_job,
     settings_from_args,
     views_from_args,
 )
@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         recompute_late(build_session(settings.spark), settings, views, session_history)
         return 0
 
-    return run_batch_job("recompute-late", run)
+    return run_job("recompute-late", run)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args, topics_from_args
+from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, topics_from_args
 from pipelines.core.errors import ConfigError
 from pipelines.core.session import build_session
 from pipelines.ingest.reconcile import SentSummary, format_report, reconcile
@@ -29,17 +29,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(logging.WARNING)
-    try:
+
+    def run() -> int:
         settings = settings_from_args(args)
         topics = topics_from_args(args.topics, settings)
-        sent = SentSummary.read(args.expect) if args.expect else None
-    except (ConfigError, OSError, ValueError, KeyError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    spark = build_session(settings.spark)
-    results = reconcile(spark, settings, topics, sent)
-    print(format_report(results))
-    return 0 if all(r.ok for r in results) else 1
+        try:
+            sent = SentSummary.read(args.expect) if args.expect else None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--expect: {exc}") from exc
+        spark = build_session(settings.spark)
+        results = reconcile(spark, settings, topics, sent)
+        print(format_report(results))
+        return 0 if all(r.ok for r in results) else 1
+
+    return run_job("reconcile", run)
 
 
 if __name__ == "__main__":

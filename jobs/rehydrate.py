@@ -19,7 +19,7 @@ from pipelines.batch.rehydrate import rehydrate
 from pipelines.core.cli import (
     add_settings_arguments,
     configure_logging,
-    run_batch_job,
+    run_job,
     settings_from_args,
     views_from_args,
 )
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         rehydrate(build_session(settings.spark), settings, views)
         return 0
 
-    return run_batch_job("rehydrate", run)
+    return run_job("rehydrate", run)
 
 
 if __name__ == "__main__":

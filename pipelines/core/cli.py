@@ -50,8 +50,8 @@ def configure_logging(level: int = logging.INFO) -> None:
     logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
-def run_batch_job(name: str, body: Callable[[], int]) -> int:
-    """Run a batch job's ``body`` and turn its failure into an exit code and a one-line reason on
+def run_job(name: str, body: Callable[[], int]) -> int:
+    """Run a job's ``body`` and turn its failure into an exit code and a one-line reason on
     stderr (the last line, for schedulers that show only that): a
     :class:`~pipelines.core.errors.PipelineError`'s own ``exit_code`` (2 bad arguments or
     configuration, 3 a source, ...), 1 anything else (with the traceback logged before the

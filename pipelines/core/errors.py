@@ -1,9 +1,9 @@
 """The platform's exceptions: one family, each member carrying the exit code a job reports for it.
 
-A batch job turns a :class:`PipelineError` into its ``exit_code`` and a one-line reason
-(:func:`pipelines.core.cli.run_batch_job`); anything else is a bug or an outage and exits 1 with
-its traceback logged. (The streaming jobs exit 2 for bad arguments or configuration and
-otherwise fail with the query's error.) The codes, as the README's job table documents them:
+Every job turns a :class:`PipelineError` into its ``exit_code`` and a one-line reason
+(:func:`pipelines.core.cli.run_job`); anything else (a streaming query's failure among them) is
+a bug or an outage and exits 1 with its traceback logged. The codes, as the README's job table
+documents them:
 
 ==== ==========================================================================================
 0    success

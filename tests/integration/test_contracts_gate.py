@@ -12,6 +12,7 @@ from confluent_kafka.schema_registry import Schema
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 
 from jobs import contracts as contracts_job
+from jobs import ingest as ingest_job
 from pipelines.contracts.registry import SchemaRegistry, schema_text
 from pipelines.core.settings import load_settings
 from tests.support import contract_conf
@@ -89,3 +90,19 @@ def test_an_unreachable_registry_exits_3(base_overrides, tmp_path, topic, capsys
                                "--set", "schema_registry.url=http://127.0.0.1:9/apis/ccompat/v7"])
     assert code == 3
     assert "schema registry http://127.0.0.1:9/apis/ccompat/v7 unreachable" in capsys.readouterr().err
+
+
+def test_an_ingest_of_an_unregistered_avro_contract_exits_2_naming_it(registry, spark, base_overrides, tmp_path,
+                                                                      topic, capsys):
+    conf = contract_conf(tmp_path / "conf", with_views=False)
+    code = ingest_job.main(["--conf-dir", str(conf), "--available-now",
+                            "--set", f"kafka.topics.{topic}={{contract: transactions}}",
+                            "--set", f"ingest.topics=[{topic}]",
+                            "--set", f"kafka.bootstrap_servers={base_overrides['kafka']['bootstrap_servers']}",
+                            "--set", f"local.registry_port={base_overrides['local']['registry_port']}",
+                            "--set", f"spark.jars_dir={base_overrides['spark']['jars_dir']}",
+                            "--set", f"storage.root={tmp_path / 'lake'}"])
+    assert code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"ingest: error: contract 'transactions' (format avro) is not registered under {topic}-value "
+        "(0 version(s) there): run `fp-contracts register` before deploying it")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from pipelines.contracts.registry import RegistryUnavailable
-from pipelines.core.cli import run_batch_job
+from pipelines.core.cli import run_job
 from pipelines.core.errors import (
     BadSourceArguments,
     ConfigError,
@@ -36,7 +36,7 @@ def test_a_batch_job_exits_with_the_errors_code_and_its_reason_as_the_last_line(
     def body() -> int:
         raise error
 
-    assert run_batch_job("some_job", body) == code
+    assert run_job("some_job", body) == code
     assert capsys.readouterr().err.splitlines()[-1] == f"some_job: error: {error}"
 
 
@@ -44,7 +44,7 @@ def test_an_unexpected_error_exits_1_with_its_first_line(capsys):
     def body() -> int:
         raise RuntimeError("first line\nsecond line")
 
-    assert run_batch_job("some_job", body) == 1
+    assert run_job("some_job", body) == 1
     assert capsys.readouterr().err.splitlines()[-1] == "some_job: error: first line"
 
 
