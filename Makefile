@@ -11,7 +11,7 @@ COUNT  ?= 20000
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e ".[local,dev]"
+	$(PY) -m pip install -q -e ".[local,notebooks,dev]"
 	touch $@
 
 setup: $(VENV)/.installed jars

@@ -19,6 +19,7 @@ setup(
         # C reply parser for redis-py: +24% sink keys/s, -44% read time for 100 entities (BENCHMARKS.md).
         "hiredis==3.5.0",
         "pandas>=2.2,<3",  # pyspark 4.2 does not fully support pandas 3
+        "numpy>=1.26",  # the trailing views' state
         "pyarrow>=15",
         "pyyaml>=6.0",
         "deltalake==1.6.6",  # reads the Delta tables without a JVM (training sets, notebooks)
@@ -37,14 +38,21 @@ setup(
             "pyyaml==6.0.3",
             "matplotlib>=3.9",  # the training-set build's feature histograms
         ],
+        # What the notebooks import beyond the package: the training notebook's model (scikit-learn,
+        # logged by MLflow in the skops format) and the kernel they run on.
+        "notebooks": [
+            "scikit-learn>=1.5",
+            "skops>=0.10",
+            "ipython>=8.20",
+            "ipykernel>=6.29",
+        ],
         "dev": [
             "pytest==9.2.0",
             "ruff==0.17.5",  # make lint: pyflakes' checks, import order, no imports inside functions
             "import-linter==2.16",  # make lint: the stage layers and no import cycles (.importlinter)
             "chispa==0.12.0",
-            "nbformat>=5.10",
+            "nbformat>=5.10",  # the tests execute the notebooks
             "nbclient>=0.10",
-            "ipykernel>=6.29",
             "databricks-bundles==1.22.1",  # typed bundle models: validates databricks.yml in tests
             "duckdb==2.0.0",  # the ASOF JOIN baseline of bench/training_set.py
         ],

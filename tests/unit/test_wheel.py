@@ -4,12 +4,15 @@ need from the repository (the JVM descriptors)."""
 
 from __future__ import annotations
 
+import ast
+import json
 import re
 import shutil
 import subprocess
 import sys
 import zipfile
 from email.parser import Parser
+from importlib.metadata import packages_distributions
 from pathlib import Path
 
 import pytest
@@ -74,3 +77,37 @@ def test_the_wheel_carries_every_stage_package_and_the_jvm_descriptors(wheel):
 def test_the_wheel_installs_on_the_runtimes_python_and_the_local_one(wheel):
     accepted = SpecifierSet(metadata(wheel)["Requires-Python"])
     assert ("3.12.3" in accepted, "3.11.7" in accepted) == (True, True)  # DBR 18 LTS; the local venv
+
+
+def imported_modules() -> dict[str, set[str]]:
+    """Top-level modules imported by the package, the jobs and the notebooks, by where."""
+    found: dict[str, set[str]] = {}
+    for path in [*(PROJECT_ROOT / "pipelines").rglob("*.py"), *(PROJECT_ROOT / "jobs").glob("*.py")]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in names:
+                found.setdefault(name.split(".")[0], set()).add(str(path.relative_to(PROJECT_ROOT)))
+    for notebook in (PROJECT_ROOT / "notebooks").glob("*.ipynb"):
+        for cell in json.loads(notebook.read_text())["cells"]:
+            if cell["cell_type"] == "code":
+                for name in re.findall(r"^\s*(?:from|import)\s+(\w+)", "".join(cell["source"]), re.M):
+                    found.setdefault(name, set()).add(str(notebook.relative_to(PROJECT_ROOT)))
+    return found
+
+
+def test_every_third_party_import_is_a_declared_requirement_or_extra(wheel):
+    declared = {requirement_name(r).replace("_", "-") for r in metadata(wheel).get_all("Requires-Dist")}
+    providers = packages_distributions()
+    undeclared = {}
+    for module, where in imported_modules().items():
+        if module in sys.stdlib_module_names or module in ("pipelines", "jobs", "__future__"):
+            continue
+        names = {d.lower().replace("_", "-") for d in providers.get(module, [])}
+        if not names & declared:
+            undeclared[module] = (sorted(names), sorted(where)[:2])
+    assert undeclared == {}
