@@ -84,6 +84,23 @@ def run_stream_in_steps(spark, folder, schema: str, transform, steps) -> list:
         query.stop()
 
 
+def run_stream_batches(spark, folder, schema: str, transform, steps) -> list[list]:
+    """Like :func:`run_stream_in_steps`, but the rows each micro-batch emitted, batch by batch
+    (a correction is told from the row it corrects by the batch that emitted it)."""
+    folder.mkdir()
+    stream = spark.readStream.schema(schema).option("recursiveFileLookup", "true").parquet(str(folder))
+    batches: dict[int, list] = {}
+    query = transform(stream).writeStream.foreachBatch(
+        lambda batch, batch_id: batches.__setitem__(batch_id, batch.collect())).start()
+    try:
+        for i, rows in enumerate(steps):
+            spark.createDataFrame(rows, schema).coalesce(1).write.parquet(str(folder / f"step{i}"))
+            query.processAllAvailable()
+        return [batches[i] for i in sorted(batches)]
+    finally:
+        query.stop()
+
+
 def contract_conf(dest, transactions_format: str = "avro", renames: dict[str, str] | None = None,
                   drop: tuple[str, ...] = (), add: tuple[str, ...] = (), with_views: bool = True):
     """A copy of the project's conf folder at ``dest`` whose transactions contract has

@@ -354,8 +354,7 @@ def _backfill_view(spark: SparkSession, settings: Settings, view: FeatureView, r
         if restate_online and view.online.enabled:
             table = spark.read.format("delta").option("versionAsOf", outcome.table_version).load(
                 settings.storage.feature_path(view.name))
-            online = write_online(entities_latest_within(rows, table, view, ranges), view, settings.redis,
-                                  outcome.table_version)
+            online = write_online(entities_latest_within(rows, table, view, ranges), view, settings.redis)
     finally:
         rows.unpersist()
     days = [d for r in ranges for d in r.days()]

@@ -3,8 +3,8 @@ lost its data.
 
 For each view, every entity's latest row (as :func:`pipelines.features.sinks.latest_per_entity`
 picks it, the same row the stream leaves in Redis) is written with the same key layout and
-newer-wins compare-and-set as the stream, with the feature table's current version as its
-version, and with what is left of its TTL: the stream set the key to expire ``online.ttl``
+newer-wins compare-and-set as the stream, with its ``computed_at`` as its version (as the stream
+wrote it), and with what is left of its TTL: the stream set the key to expire ``online.ttl``
 after it wrote the row (``computed_at``), so a rehydrated key expires at that same moment
 (give or take the seconds between the job's start and its Redis writes), and an entity whose key would already have expired is not restored (counted, not written).
 Running it again changes nothing: every row is then equal to the stored one (same event time
@@ -74,7 +74,7 @@ def rehydrate(spark: SparkSession, settings: Settings, views: Sequence[FeatureVi
             counts = latest.agg(F.count(F.lit(1)).alias("n"), F.sum(F.when(F.col(_TTL_MS) <= 0, 1).otherwise(0))
                                 .alias("expired")).collect()[0]
             entities, expired = counts["n"], counts["expired"] or 0
-            result = write_online(latest.filter(F.col(_TTL_MS) > 0), view, settings.redis, version, _TTL_MS)
+            result = write_online(latest.filter(F.col(_TTL_MS) > 0), view, settings.redis, _TTL_MS)
         finally:
             latest.unpersist()
         outcome = RehydrateOutcome(view.name, version, entities, expired, result.written,

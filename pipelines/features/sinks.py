@@ -31,19 +31,24 @@ log = logging.getLogger(__name__)
 
 
 def feature_table_rows(features: DataFrame, view: FeatureView) -> DataFrame:
-    """The view's transform output + ``computed_at`` and ``event_date`` (partition column)."""
-    return features.withColumn("computed_at", F.current_timestamp()).withColumn(
-        "event_date", F.to_date(F.col(event_time_column(view)))
-    )
+    """The view's transform output + ``computed_at`` (unless it has one: the stream stamps it with
+    the micro-batch's recorded time, so a replayed batch carries the same) and ``event_date``
+    (the partition column)."""
+    if "computed_at" not in features.columns:
+        features = features.withColumn("computed_at", F.current_timestamp())
+    return features.withColumn("event_date", F.to_date(F.col(event_time_column(view))))
 
 
 def latest_per_entity(features: DataFrame, view: FeatureView) -> DataFrame:
-    """One row per entity: the one with the latest event time (ties: same time, same values
-    for trailing views; the greatest start for overlapping windows)."""
+    """One row per entity: the one with the latest event time; among overlapping windows the
+    greatest start; among rows of one event (a trailing row and its corrections) the latest
+    ``computed_at`` when the rows have one (feature-table rows do)."""
     time_column = event_time_column(view)
     order = [F.col(time_column).desc()]
     if view.kind == "sliding":
         order.append(F.col("window_start").desc())
+    if "computed_at" in features.columns:
+        order.append(F.col("computed_at").desc())
     newest = Window.partitionBy(view.entity).orderBy(*order)
     return features.withColumn("_rank", F.row_number().over(newest)).filter("_rank = 1").drop("_rank")
 
@@ -56,9 +61,12 @@ class OnlineResult:
     newest_event_time: datetime | None
 
 
-def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, version: int,
+def write_online(features: DataFrame, view: FeatureView, store: RedisSettings,
                  ttl_ms_column: str | None = None) -> OnlineResult:
-    """Write each entity's latest row of ``features`` to Redis from the executors.
+    """Write each entity's latest row of ``features`` (feature-table rows, with ``computed_at``)
+    to Redis from the executors. A row's Redis version is its ``computed_at``: for one event
+    time, a later computation (a stream correction, a backfill, the late recompute) replaces an
+    earlier one, and an earlier one never replaces a later one, whoever writes last.
 
     Each partition sends its own latest row per entity, with no shuffle to find the global
     one: the newer-wins compare-and-set makes the newest row win whatever the order of the
@@ -72,6 +80,9 @@ def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, v
     ttl: timedelta = view.online.ttl
     tiebreak = "window_start" if view.kind == "sliding" else time_column
 
+    def newness(values: dict[str, Any]) -> tuple:
+        return values[time_column], values[tiebreak], values["computed_at"]
+
     def write_partition(rows: Iterator[Row]) -> Iterator[tuple[int, int, int | None, int]]:
         latest: dict[Any, dict[str, Any]] = {}
         without_entity = 0
@@ -81,11 +92,11 @@ def write_online(features: DataFrame, view: FeatureView, store: RedisSettings, v
                 without_entity += 1
                 continue
             held = latest.get(values[entity])
-            if held is None or (values[time_column], values[tiebreak]) > (held[time_column], held[tiebreak]):
+            if held is None or newness(values) > newness(held):
                 latest[values[entity]] = values
         if latest:
             writer = OnlineStoreWriter(redis_client(store), store.namespace, view.name, ttl)
-            result = writer.write(latest.values(), entity, time_column, names, version, ttl_ms_column)
+            result = writer.write(latest.values(), entity, time_column, names, "computed_at", ttl_ms_column)
             yield result.written, result.stale, result.newest_written_micros, without_entity
         elif without_entity:
             yield 0, 0, None, without_entity
@@ -112,8 +123,6 @@ class FeatureBatchWriter:
 
     view: FeatureView
     settings: Settings
-    #: Redis version of the stream's writes; restatements (backfills) write higher ones.
-    version: int = 0
     results: dict[int, FeatureBatchResult] = field(default_factory=dict)
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
@@ -128,7 +137,7 @@ class FeatureBatchWriter:
                 write_delta_idempotent(rows, self.settings.storage.feature_path(self.view.name), app_id, batch_id,
                                        ["event_date"])
                 if self.view.online.enabled:
-                    online = write_online(rows, self.view, self.settings.redis, self.version)
+                    online = write_online(rows, self.view, self.settings.redis)
         finally:
             rows.unpersist()
         result = FeatureBatchResult(count, online)

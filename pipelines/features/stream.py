@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 
 from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.core.delta import ensure_delta_table
@@ -37,7 +38,10 @@ def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -
     """The streaming feature rows of ``view``, from its bronze table (README "Where the feature
     streams read" has the measurement behind reading bronze rather than Kafka)."""
     source = bronze_source(spark, settings, view)
-    return trailing_features_stream(source, view) if view.kind == "trailing" else view_features(source, view)
+    rows = trailing_features_stream(source, view) if view.kind == "trailing" else view_features(source, view)
+    # Inside the streaming plan current_timestamp() is the micro-batch's time, recorded in the
+    # checkpoint: a batch replayed after a crash gets the same computed_at (its Redis version).
+    return rows.withColumn("computed_at", F.current_timestamp())
 
 
 def start_features(spark: SparkSession, settings: Settings, views: list[FeatureView],

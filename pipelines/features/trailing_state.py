@@ -18,10 +18,19 @@ State per entity is bounded by ``max_events_per_entity``: beyond it the oldest e
 evicted, and the entity's later features cover only the events kept (each eviction is logged
 with the entity, so the under-count is never silent).
 
+**Corrections.** An event that arrives after later events of its entity (out of order, but
+ahead of the watermark) changes the rows already emitted for those later events: every stored
+event whose interval ``(s - delay - window, s - delay]`` covers a new event's time is emitted
+again, recomputed over everything the entity holds, as a corrected row (the sink gives it the
+batch's ``computed_at``, later than the row it corrects, and Redis takes it as a newer version
+of the same event time). So the latest row of each event is the batch transform's row, whatever
+the arrival order; events at exactly the same time arriving in different micro-batches see each
+other the same way. In-order input emits no correction (no stored event is later than a new
+one).
+
 Events behind the watermark (their interval may reach events already dropped from state) are
-not computed: they are left out, and logged with their count. Events arriving in different
-micro-batches at exactly the same event time do not see each other the way a batch does
-(the first one is already emitted); events of one micro-batch do.
+not computed: they are left out, and logged with their count; the late recompute
+(:mod:`pipelines.batch.late`) rewrites their days from bronze.
 """
 
 from __future__ import annotations
@@ -71,18 +80,39 @@ def _window_values(function: str, values: list, times: list) -> Any:
     raise ValueError(function)
 
 
-def compute_trailing(events: Sequence[tuple], first_new: int, columns: Sequence[str],
+def affected(stored_times: Sequence[int], new_times: Sequence[int], view: FeatureView) -> list[int]:
+    """Indexes of the stored events (times in µs) to emit again with a batch's new events: those
+    whose interval ``(s - delay - max window, s - delay]`` holds some new event's time (their
+    rows change), and those at exactly a new event's time (so that the rows of one entity and
+    event time always come from one batch: the latest ``computed_at`` per entity and time is then
+    every event's latest row)."""
+    if not len(stored_times) or not len(new_times):
+        return []
+    delay, widest = micros(view.delay), max(micros(w) for _, _, _, w in view.outputs())
+    news = np.sort(np.asarray(new_times, dtype=np.int64))
+    times = np.asarray(stored_times, dtype=np.int64)
+    reach = times - delay
+    # The latest new time at or before each stored event's reach; inside the interval if closer than the window.
+    at = news.searchsorted(reach, side="right") - 1
+    hit = (at >= 0) & (reach - news[np.maximum(at, 0)] < widest)
+    same = np.isin(times, news)
+    return [int(i) for i in np.flatnonzero(hit | same)]
+
+
+def compute_trailing(events: Sequence[tuple], targets: Sequence[int], columns: Sequence[str],
                      view: FeatureView) -> list[dict[str, Any]]:
-    """Feature rows of ``events[first_new:]`` over all of ``events`` (one entity, any order).
+    """Feature rows of the events at indexes ``targets`` over all of ``events`` (one entity,
+    any order).
 
     ``events`` are tuples of ``columns`` values followed by the event time in microseconds.
-    Each new event covers the events with time in ``(t - delay - window, t - delay]``: the
+    Each target event covers the events with time in ``(t - delay - window, t - delay]``: the
     half-open interval of the batch transform, ties at ``t`` included.
     """
     order = sorted(range(len(events)), key=lambda i: events[i][-1])
     ordered = [events[i] for i in order]
     times = np.fromiter((e[-1] for e in ordered), dtype=np.int64, count=len(ordered))
-    new_positions = [p for p, i in enumerate(order) if i >= first_new]
+    wanted = set(targets)
+    new_positions = [p for p, i in enumerate(order) if i in wanted]
     event_times = times[new_positions]
     delay = micros(view.delay)
     entity_at, time_at = columns.index(view.entity), columns.index(view.event_time)
@@ -161,7 +191,10 @@ class TrailingProcessor(StatefulProcessor):
             return
         stored = [self._canonical(e) for e in self.events.get()]  # empty for a new entity
         everything = stored + new
-        features = compute_trailing(everything, len(stored), self.columns, self.view)
+        # The new events' rows, and corrected rows of the stored events an earlier arrival changes.
+        corrected = affected([e[-1] for e in stored], [e[-1] for e in new], self.view)
+        targets = corrected + list(range(len(stored), len(everything)))
+        features = compute_trailing(everything, targets, self.columns, self.view)
         horizon = watermark - self.lookback
         expired = sum(1 for e in stored if e[-1] <= horizon)
         limit = self.view.max_events_per_entity

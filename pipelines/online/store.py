@@ -9,8 +9,9 @@ never mix.
 Every write goes through one Lua script, atomically per key: it applies the row only if its
 ``(event time, version)`` is greater than the stored one (event time first, then version),
 replacing the whole hash and setting the view's TTL. So an older event never overwrites a
-newer value, replaying a batch changes nothing, and a restatement with a higher version for
-the same event time does overwrite. Writes are pipelined in chunks; transient Redis errors are
+newer value, replaying a batch changes nothing, and a higher version for the same event time
+does overwrite (the feature sinks use each row's ``computed_at`` as its version, so a later
+computation of an event wins: a stream correction, a backfill). Writes are pipelined in chunks; transient Redis errors are
 retried with bounded backoff (safe: the writes are idempotent), after which the error is
 raised and the batch fails loudly.
 """
@@ -114,9 +115,12 @@ class OnlineStoreWriter:
         self._script = client.register_script(_NEWER_WINS)
 
     def write(self, rows: Iterable[Mapping[str, Any]], entity: str, event_time: str,
-              features: Sequence[str], version: int, ttl_ms_field: str | None = None) -> WriteResult:
+              features: Sequence[str], version: int | str, ttl_ms_field: str | None = None) -> WriteResult:
         """Write ``rows`` (mappings with the entity, event time and feature columns).
 
+        ``version``: one version for every row, or the name of the row field holding each row's
+        (a datetime counts as its microseconds since the epoch: the feature sinks use the row's
+        ``computed_at``, so of two rows for one event time the later computation wins).
         ``ttl_ms_field``: the row field holding that row's TTL in milliseconds (a restore gives
         each key what was left of its TTL); otherwise every key gets the view's TTL.
         """
@@ -132,7 +136,7 @@ class OnlineStoreWriter:
         return WriteResult(written, stale, newest)
 
     def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
-                     features: Sequence[str], version: int, ttl_ms_field: str | None) -> list[int]:
+                     features: Sequence[str], version: int | str, ttl_ms_field: str | None) -> list[int]:
         for attempt in range(1, self.attempts + 1):
             try:
                 pipe = self.client.pipeline(transaction=False)
@@ -140,7 +144,7 @@ class OnlineStoreWriter:
                     ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
                     if ttl_ms <= 0:
                         raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
-                    args: list[Any] = [epoch_micros(row[event_time]), version, ttl_ms]
+                    args: list[Any] = [epoch_micros(row[event_time]), _version(row, version), ttl_ms]
                     for name in features:
                         if row[name] is not None:
                             args += [name, encode_value(row[name])]
@@ -155,6 +159,13 @@ class OnlineStoreWriter:
                 log.warning("Redis write of view %s failed (%s): retry %d in %.1fs", self.view, exc, attempt, pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
+
+
+def _version(row: Mapping[str, Any], version: int | str) -> int:
+    if not isinstance(version, str):
+        return version
+    value = row[version]
+    return epoch_micros(value) if isinstance(value, datetime) else int(value)
 
 
 def _chunks(rows: Iterable[Mapping[str, Any]], size: int) -> Iterator[list[Mapping[str, Any]]]:

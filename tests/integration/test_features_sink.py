@@ -6,8 +6,8 @@ from datetime import datetime, timezone
 
 from pipelines.core.config import build
 from pipelines.core.view_spec import FeatureView, check_view
-from pipelines.features.sinks import FeatureBatchWriter
-from pipelines.features.stream import bronze_source
+from pipelines.features.sinks import FeatureBatchWriter, latest_per_entity
+from pipelines.features.stream import bronze_source, feature_stream
 from pipelines.features.transforms import sliding_features
 from pipelines.ingest.stream import create_tables
 from pipelines.online.store import read_online, redis_client
@@ -63,8 +63,10 @@ def test_closed_windows_reach_the_feature_table_and_the_latest_reaches_redis(spa
 def test_writing_a_feature_batch_twice_changes_nothing(spark, isolated):
     settings = isolated()
     view = hourly_view(settings)
-    batch = spark.createDataFrame([("m9", ts("10:00"), ts("11:00"), 3, 6.0)],
-                                  "merchant_id string, window_start timestamp, window_end timestamp, count long, sum_amount_usd double")
+    # As the stream hands it over: stamped with the micro-batch's time, the same on a replay.
+    batch = spark.createDataFrame([("m9", ts("10:00"), ts("11:00"), 3, 6.0, ts("11:05"))],
+                                  "merchant_id string, window_start timestamp, window_end timestamp, count long, "
+                                  "sum_amount_usd double, computed_at timestamp")
     writer = FeatureBatchWriter(view, settings)
     writer.write_batch(batch, 0, "features:test:app")
     client = redis_client(settings.redis)
@@ -73,3 +75,33 @@ def test_writing_a_feature_batch_twice_changes_nothing(spark, isolated):
     writer.write_batch(batch, 0, "features:test:app")
     assert spark.read.format("delta").load(settings.storage.feature_path(view.name)).collect() == before_table
     assert client.hgetall(key) == before_key
+
+
+def test_redis_shows_an_earlier_event_as_soon_as_the_stream_has_it(spark, isolated, tmp_path):
+    settings = isolated()
+    create_tables(spark, settings, settings.ingest.topics)
+    view = settings.views["account_velocity"]
+    checkpoint = str(tmp_path / "checkpoint")
+
+    def run_stream() -> None:
+        query = (feature_stream(spark, settings, view).writeStream.foreachBatch(FeatureBatchWriter(view, settings))
+                 .option("checkpointLocation", checkpoint).trigger(availableNow=True).start())
+        query.awaitTermination()
+
+    def online() -> tuple:
+        (row,) = read_online(redis_client(settings.redis), settings.redis.namespace, view.name,
+                             ["count_1h", "sum_amount_usd_1h"], ["acct-1"])
+        return row["event_time"], row["count_1h"], row["sum_amount_usd_1h"]
+
+    add_bronze(spark, settings, [("m1", "10:02", 5.0)])
+    run_stream()
+    assert online() == (datetime(2026, 11, 23, 10, 2, tzinfo=timezone.utc), 1, 5.0)
+    add_bronze(spark, settings, [("m2", "10:01", 2.0)])  # earlier, next micro-batch, ahead of the watermark
+    run_stream()
+    assert online() == (datetime(2026, 11, 23, 10, 2, tzinfo=timezone.utc), 2, 7.0)
+    table = spark.read.format("delta").load(settings.storage.feature_path(view.name))
+    # 10:02's first row, its correction (a later computed_at), and 10:01's row.
+    assert sorted((r.event_time, r.count_1h) for r in table.collect()) == [(ts("10:01"), 1), (ts("10:02"), 1),
+                                                                          (ts("10:02"), 2)]
+    corrected = latest_per_entity(table, view).collect()
+    assert [(r.event_time, r.count_1h) for r in corrected] == [(ts("10:02"), 2)]

@@ -13,7 +13,7 @@ from pipelines.core.settings import PROJECT_ROOT
 from pipelines.core.view_spec import FeatureView, check_view
 from pipelines.features.trailing_state import trailing_features_stream
 from pipelines.features.transforms import trailing_features
-from tests.support import run_stream_in_steps
+from tests.support import run_stream_batches, run_stream_in_steps
 
 CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
 SCHEMA = "account_id string, event_time timestamp, amount_usd double, merchant_id string"
@@ -96,3 +96,38 @@ def test_state_per_entity_keeps_only_the_newest_max_events(spark, tmp_path):
         ("a", at(0), 1), ("a", at(1), 2), ("a", at(2), 3), ("a", at(3), 3),
         ("b", at(0), 1), ("b", at(3), 2),
     ]
+
+
+def disordered_steps(seed: int, steps: int = 4, per_step: int = 30):
+    """Events up to 9 minutes behind the stream's clock (inside the view's 10-minute lateness)."""
+    rng = random.Random(seed)
+    clock = datetime(2026, 11, 23, 8, 0)
+    result = []
+    for step in range(steps):
+        # From the second step on, one event of "a" 8 minutes before the last one of the step
+        # before: it lands in rows already emitted, which must be corrected.
+        rows = [("a", clock - timedelta(minutes=8), 1.5, "m9")] if step else []
+        for _ in range(per_step):
+            clock += timedelta(seconds=rng.choice([0, 30, 90, 400]))
+            at = clock - timedelta(seconds=rng.choice([0, 0, 45, 300, 540]))
+            amount = None if rng.random() < 0.1 else round(rng.uniform(1, 100), 2)
+            rows.append((rng.choice(["a", "b", "c"]), at, amount, rng.choice(["m1", "m2", "m3", None])))
+        rows.append(("a", clock, 2.5, "m1"))
+        result.append(rows)
+    return result
+
+
+@pytest.mark.parametrize("seed", [3, 17])
+def test_out_of_order_events_correct_the_rows_already_emitted(spark, tmp_path, seed):
+    steps = disordered_steps(seed)
+    batches = run_stream_batches(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, VIEW), steps)
+    everything = spark.createDataFrame([r for rows in steps for r in rows], SCHEMA)
+    batch = trailing_features(everything, VIEW)
+    columns = batch.columns
+    # Each event's latest rows: those of the last micro-batch that emitted its entity and time.
+    last = {(r.account_id, r.event_time): number for number, rows in enumerate(batches) for r in rows}
+    latest = [r for number, rows in enumerate(batches) for r in rows if last[(r.account_id, r.event_time)] == number]
+    assert rounded(tuple(r[c] for c in columns) for r in latest) == \
+        rounded(tuple(r[c] for c in columns) for r in batch.collect())
+    emitted = sum(len(rows) for rows in batches)
+    assert emitted > sum(len(rows) for rows in steps)  # corrections were emitted
