@@ -3,18 +3,22 @@ arrived after their watermark, recomputed from bronze and restated in Redis.
 
 Bronze keeps every valid event; a feature query leaves out (and counts) events behind its
 watermark. An event is **late** here when its event time is behind the watermark the stream
-could have had when the event reached bronze: the latest event time among rows ingested in
-earlier ingest batches (``ingested_at`` orders them) minus the view's ``allowed_lateness``.
-The stream's real watermark is never ahead of that (it has seen at most those rows), so every
-event the stream dropped is found; an event a slower feature batch still took in may be found
-too, which costs a recompute of its days and changes no row.
+could have had when it read the event: the latest event time among rows ingested in earlier
+ingest batches *and in the event's own batch* (``ingested_at`` orders them) minus the view's
+``allowed_lateness``. The own batch counts because the feature stream reads bronze
+``max_files_per_trigger`` files at a time: one ingest commit can be split across two feature
+micro-batches, the second running under a watermark the first moved with events of the same
+commit. The stream's real watermark is never ahead of that bound (it has seen at most those
+rows), so every event the stream dropped is found; events a feature batch still took in may be
+found too (a batch of history spanning more than the lateness), which costs a recompute of
+their days and changes no row.
 
 Each run, per view: read bronze at its current version, take the rows ingested after the
 previous run's cursor (Delta data skipping on ``ingested_at`` keeps this proportional to the
 new rows, not to the table), find the late ones, and recompute the days they can change (the
 event's own day up to ``max window + delay`` later for trailing views, ``window`` for sliding
 views, ``gap`` for session views) with :func:`pipelines.batch.backfill.backfill` from that bronze
-version, restating Redis (the new feature-table version is the version, so the newer-wins
+version, restating Redis (the rows' ``computed_at`` is their version, so the newer-wins
 compare-and-set takes the corrected values for the same event time). A day the feature stream
 still writes into (its watermark, from ``ops/feature_metrics``, has not passed the day's end)
 is not replaced yet: its rows are not final, and the replace would race the stream's appends
@@ -88,12 +92,12 @@ def influence(view: FeatureView, session_history: timedelta = DEFAULT_SESSION_HI
 
 def mark_late(rows: DataFrame, event_time: str, lateness: timedelta, previous_max: datetime | None) -> DataFrame:
     """``rows`` (bronze rows, with ``ingested_at``) plus ``late``: the event time is behind the
-    latest event time of the rows ingested in earlier ingest batches (or ``previous_max``, the
-    latest before all of ``rows``) minus ``lateness``. Rows of the first batch with no
-    ``previous_max`` are never late."""
+    latest event time of the rows ingested in the same or earlier ingest batches (or
+    ``previous_max``, the latest before all of ``rows``) minus ``lateness``: the most any feature
+    micro-batch reading the row could have seen (see the module docstring)."""
     batches = rows.groupBy("ingested_at").agg(F.max(event_time).alias("_batch_max"))
     # One row per ingest batch: a window over all of them (no partition) is small.
-    earlier = Window.orderBy("ingested_at").rowsBetween(Window.unboundedPreceding, -1)
+    earlier = Window.orderBy("ingested_at").rowsBetween(Window.unboundedPreceding, Window.currentRow)
     prior = F.max("_batch_max").over(earlier)
     if previous_max is not None:
         prior = F.greatest(prior, F.lit(previous_max))  # greatest skips nulls
