@@ -47,7 +47,7 @@ from pipelines.contracts.validation import ValidationRules
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
-from pipelines.core.runner import stop_gracefully
+from pipelines.core.runner import stop_between_batches
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import parse_duration
 from pipelines.features.sinks import FeatureBatchWriter
@@ -207,7 +207,7 @@ def measure_path(spark, settings, path: str, view, client, listener: OnlineWrite
         if not missing:
             break
         time.sleep(1)
-    stop_gracefully(queries)
+    stop_between_batches(queries)
     for q in queries:
         q.awaitTermination()
     spark.streams.removeListener(ingest.listener)

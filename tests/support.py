@@ -1,12 +1,14 @@
 """What tests share: small builders for test data (Kafka-shaped rows and contract events, written
 out by hand), a stream fed step by step, conf folders with a changed contract, free ports, and
-the isolation of one test's topics, lake and Redis namespace."""
+the isolation of one test's topics, lake and Redis namespace, jobs run as subprocesses."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import time
 import uuid
 from datetime import datetime, timezone
@@ -201,3 +203,18 @@ class NoSpark(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, NoSpark())
 """
+
+
+def delta_versions(table: str | Path) -> int:
+    """Commits in a Delta table's log (0 when it does not exist yet)."""
+    return len(list(Path(table, "_delta_log").glob("*.json")))
+
+
+def start_job(job: str, conf_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
+    """``jobs/<job>.py`` as a process group of its own (the driver and, detached below it, the
+    Spark JVM), output appended to ``log``."""
+    out = open(log, "ab")
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "jobs" / f"{job}.py"), "--env", "local", "--conf-dir", str(conf_dir), *extra],
+        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )

@@ -1,4 +1,5 @@
-"""Running streaming queries as a job: until they end, a timeout, or SIGTERM/SIGINT."""
+"""Running streaming queries as a job: until they end, a timeout, or SIGTERM/SIGINT, which stop
+them between two micro-batches."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
+from py4j.protocol import Py4JJavaError
+from pyspark.sql import DataFrame
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
+from pipelines.core.delta import streaming_query_id
 from pipelines.core.times import spark_interval
 
 log = logging.getLogger(__name__)
@@ -24,13 +28,101 @@ def with_trigger(writer: DataStreamWriter, available_now: bool, interval: timede
     return writer.trigger(processingTime=spark_interval(interval))
 
 
-def stop_gracefully(queries: Sequence[StreamingQuery], grace: float = 300.0) -> None:
-    """Stop every query, each between two batches if it gets there within ``grace`` seconds
-    (an interrupted batch is safe too: it is replayed, exactly once, on the next start)."""
+class BatchGate:
+    """Lets a job stop its streaming queries between two micro-batches.
+
+    Spark has no such stop: ``query.stop()`` interrupts the query wherever it is, and a query
+    with a backlog is always inside a batch (the next starts as soon as one commits). So each
+    ``foreachBatch`` handler runs through :meth:`wrap`: once :meth:`close` is called, a batch
+    that starts holds before its handler writes anything, and :func:`stop_between_batches`
+    stops each query when it is idle or held. The batch it was in has finished and committed;
+    the held one (planned in the checkpoint, nothing written) runs again, with the same offsets,
+    on the next start.
+    """
+
+    def __init__(self) -> None:
+        self._closed = threading.Event()
+        self._held: set[str] = set()
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        """From now on every batch that starts holds before writing."""
+        self._closed.set()
+
+    def holds(self, query: StreamingQuery) -> bool:
+        """Whether ``query`` is held at the gate (safe to stop: it has written nothing)."""
+        with self._lock:
+            return query.id in self._held
+
+    def wrap(self, handler: Callable[[DataFrame, int], None]) -> Callable[[DataFrame, int], None]:
+        """``handler`` behind the gate, for ``foreachBatch``."""
+
+        def gated(batch: DataFrame, batch_id: int) -> None:
+            if self._closed.is_set():
+                self._hold(batch, batch_id)
+            handler(batch, batch_id)
+
+        return gated
+
+    def _hold(self, batch: DataFrame, batch_id: int) -> None:
+        spark = batch.sparkSession
+        query_id = streaming_query_id(spark)
+        with self._lock:
+            self._held.add(query_id)
+        log.info("query %s: batch %d held, not run: the job is stopping", query_id, batch_id)
+        # Sleep in the JVM, on the query's own thread (PySpark pins a callback's calls to the
+        # calling thread): query.stop() interrupts it and the sleep throws. Returning instead
+        # would let Spark commit a batch nothing was written for.
+        sleep = spark.sparkContext._jvm.java.lang.Thread.sleep
+        try:
+            while True:
+                sleep(200)
+        except Py4JJavaError as interrupted:
+            if "java.lang.InterruptedException" not in str(interrupted.java_exception):
+                raise
+            # Spark ends a query as stopped, not failed, when stop() was called and the error a
+            # foreachBatch call returns reads as an interrupted Py4J call. It matches that with
+            # a backtracking regex: the Java stack trace would overflow its stack, so the error
+            # it gets is this one line.
+            raise HeldBatchInterrupted(f"{PY4J_INTERRUPTED}: batch {batch_id} held at the gate") from None
+        finally:
+            with self._lock:
+                self._held.discard(query_id)
+
+
+class HeldBatchInterrupted(Exception):
+    """A batch held at a :class:`BatchGate` was interrupted by ``query.stop()`` (an expected stop:
+    the Py4J server's error log of it is dropped)."""
+
+
+#: What Spark's StreamExecution.isInterruptionException recognises in a Python error.
+PY4J_INTERRUPTED = "py4j.protocol.Py4JJavaError: An error occurred while calling Thread.sleep: java.lang.InterruptedException"
+
+
+class _DropHeldBatchErrors(logging.Filter):
+    """Py4J's callback server logs every error a Python callback returns, with its traceback;
+    a held batch's interruption is how a job stops, not an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], HeldBatchInterrupted))
+
+
+logging.getLogger("py4j.clientserver").addFilter(_DropHeldBatchErrors())
+
+
+def stop_between_batches(queries: Sequence[StreamingQuery], gate: BatchGate | None = None,
+                         grace: float = 300.0) -> None:
+    """Stop every query between two batches: close ``gate``, then stop each query when it is
+    idle or held at the gate, waiting at most ``grace`` seconds in all for its current batch
+    (after that it is interrupted: also safe, the batch is replayed exactly once on the next
+    start). Without a gate a query is stopped when it is seen idle."""
+    if gate is not None:
+        gate.close()
     deadline = time.monotonic() + grace
     for query in queries:
-        while query.isActive and query.status["isTriggerActive"] and time.monotonic() < deadline:
-            time.sleep(0.2)
+        while (query.isActive and query.status["isTriggerActive"] and not (gate and gate.holds(query))
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
         if query.isActive:
             query.stop()
 
@@ -45,9 +137,11 @@ def raise_failures(queries: Sequence[StreamingQuery]) -> None:
 
 
 def run_queries(queries: list[StreamingQuery], timeout: float | None = None,
-                restart: Callable[[StreamingQuery], StreamingQuery | None] | None = None) -> None:
+                restart: Callable[[StreamingQuery], StreamingQuery | None] | None = None,
+                gate: BatchGate | None = None) -> None:
     """Block until every query has ended (``availableNow``), ``timeout`` seconds pass, or a
-    SIGTERM/SIGINT arrives; then stop them gracefully and raise the first failure.
+    SIGTERM/SIGINT arrives; then stop them between batches (``gate``: the one their handlers
+    run through) and raise the first failure.
 
     ``restart(query)``, called for a query that failed, may return its replacement (started
     from the same checkpoint), which takes its place in ``queries``; None lets it fail."""
@@ -72,7 +166,7 @@ def run_queries(queries: list[StreamingQuery], timeout: float | None = None,
                 break
             for query in queries:
                 query.awaitTermination(0.5)
-        stop_gracefully(queries)
+        stop_between_batches(queries, gate)
         raise_failures(queries)
     finally:
         for signum, handler in previous.items():

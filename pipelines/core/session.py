@@ -8,6 +8,8 @@ import sys
 from collections.abc import Mapping
 from pathlib import Path
 
+from pyspark import SparkConf, SparkContext
+from pyspark.java_gateway import launch_gateway
 from pyspark.sql import SparkSession
 
 from pipelines.core.errors import MissingJarsError
@@ -53,6 +55,19 @@ def local_session_settings(spark: SparkSettings) -> dict[str, str]:
     return settings
 
 
+def launch_detached_gateway(conf: SparkConf):
+    """Start the Spark JVM (and so its Python workers) in a session of its own.
+
+    A terminal's Ctrl-C and ``kill -- -PGID`` signal the whole foreground process group. In
+    it, the JVM would run its shutdown hooks on SIGTERM (the SparkContext stops under the
+    running query: a NullPointerException, exit 1) and the Python workers would raise
+    KeyboardInterrupt on SIGINT mid-task. Detached, only the driver gets the signal, and the
+    job's runner stops the queries between batches. The JVM still ends with the driver: it
+    exits when its stdin, a pipe from the driver, closes (also when the driver is SIGKILLed).
+    """
+    return launch_gateway(conf, popen_kwargs={"start_new_session": True})
+
+
 def build_session(spark: SparkSettings, overrides: Mapping[str, str] | None = None) -> SparkSession:
     """The SparkSession for a job.
 
@@ -69,10 +84,11 @@ def build_session(spark: SparkSettings, overrides: Mapping[str, str] | None = No
         return session
     # The Python side picks the worker interpreter from the environment, not from the conf.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    builder = SparkSession.builder.master(spark.master).appName(spark.app_name)
-    for key, value in {**local_session_settings(spark), **(overrides or {})}.items():
-        builder = builder.config(key, value)
-    session = builder.getOrCreate()
+    conf = SparkConf().setMaster(spark.master).setAppName(spark.app_name)
+    conf.setAll(list({**local_session_settings(spark), **(overrides or {})}.items()))
+    if SparkContext._gateway is None:  # the process's first session starts the JVM
+        SparkContext(conf=conf, gateway=launch_detached_gateway(conf))
+    session = SparkSession.builder.config(conf=conf).getOrCreate()
     session.sparkContext.setLogLevel(spark.log_level)
     log.info("spark %s session on %s", session.version, spark.master)
     return session

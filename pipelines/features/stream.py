@@ -14,7 +14,7 @@ from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.progress import ProgressListener
-from pipelines.core.runner import run_queries, with_trigger
+from pipelines.core.runner import BatchGate, run_queries, with_trigger
 from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView
 from pipelines.features.metrics import FEATURE_METRICS_SCHEMA, FeatureReporter
@@ -45,10 +45,12 @@ def feature_stream(spark: SparkSession, settings: Settings, view: FeatureView) -
 
 
 def start_features(spark: SparkSession, settings: Settings, views: list[FeatureView],
-                   available_now: bool = False) -> tuple[list[StreamingQuery], ProgressListener]:
+                   available_now: bool = False, gate: BatchGate | None = None,
+                   ) -> tuple[list[StreamingQuery], ProgressListener]:
     """One streaming query per view (checkpoint ``_checkpoints/features/<view>``), writing its
     feature table and Redis in ``foreachBatch``; a listener logs each batch and appends it to
-    ``ops/feature_metrics``."""
+    ``ops/feature_metrics``. With a ``gate``, the handlers run through it (a stop request holds
+    each query's next batch before it writes)."""
     ensure_delta_table(spark, settings.storage.feature_metrics_path, FEATURE_METRICS_SCHEMA)
     listener = ProgressListener(spark)
     spark.streams.addListener(listener)
@@ -59,7 +61,7 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
         listener.register(name, FeatureReporter(view.name, handler, settings.storage.feature_metrics_path))
         writer = (
             feature_stream(spark, settings, view).writeStream.queryName(name)
-            .foreachBatch(handler)
+            .foreachBatch(gate.wrap(handler) if gate else handler)
             .option("checkpointLocation", settings.storage.checkpoint_path("features", view.name))
         )
         queries.append(with_trigger(writer, available_now, settings.features.trigger_interval).start())
@@ -69,10 +71,12 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
 
 def run_features(spark: SparkSession, settings: Settings, views: list[FeatureView], available_now: bool = False,
                  timeout: float | None = None) -> int:
-    """Run the views' queries until they end (``available_now``), ``timeout`` or SIGTERM."""
-    queries, listener = start_features(spark, settings, views, available_now)
+    """Run the views' queries until they end (``available_now``), ``timeout`` or SIGTERM/SIGINT
+    (which stop them between batches)."""
+    gate = BatchGate()
+    queries, listener = start_features(spark, settings, views, available_now, gate)
     try:
-        run_queries(queries, timeout)
+        run_queries(queries, timeout, gate=gate)
         listener.drain(queries, timeout=30)
     finally:
         spark.streams.removeListener(listener)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql.streaming import StreamingQuery
@@ -26,7 +26,7 @@ from pipelines.contracts.validation import ValidationRules
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.progress import ProgressListener
-from pipelines.core.runner import run_queries, with_trigger
+from pipelines.core.runner import BatchGate, run_queries, with_trigger
 from pipelines.core.settings import Settings
 from pipelines.core.times import format_duration
 from pipelines.ingest.avro_records import NEW_WRITER_SCHEMA_MARKER
@@ -58,6 +58,7 @@ class IngestRun:
     queries: list[StreamingQuery]
     listener: ProgressListener
     restart: Callable[[StreamingQuery], StreamingQuery | None] = lambda query: None
+    gate: BatchGate = field(default_factory=BatchGate)
 
 
 def create_tables(spark: SparkSession, settings: Settings, topics: Sequence[str]) -> None:
@@ -77,7 +78,8 @@ def start_ingest(
     topics: Sequence[str] | None = None,
     available_now: bool = False,
 ) -> IngestRun:
-    """Start one ingest query per topic (default: ``ingest.topics``).
+    """Start one ingest query per topic (default: ``ingest.topics``), each writing through the
+    run's :class:`BatchGate` (a stop request holds its next batch before it writes).
 
     ``available_now`` processes what is in the topics when the query starts, in batches of at
     most ``max_offsets_per_trigger``, then stops; otherwise a processing-time trigger of
@@ -99,6 +101,7 @@ def start_ingest(
     spark.streams.addListener(listener)
     topic_of: dict[str, str] = {}
     restarts: dict[str, int] = {}
+    gate = BatchGate()
 
     def start(topic: str) -> StreamingQuery:
         contract = settings.contract_for(topic)
@@ -114,7 +117,7 @@ def start_ingest(
         records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest)
         writer = (
             bronze_stream(records, contract, rules, writers).writeStream.queryName(name)
-            .foreachBatch(handler)
+            .foreachBatch(gate.wrap(handler))
             .option("checkpointLocation", settings.storage.checkpoint_path("ingest", topic))
         )
         query = with_trigger(writer, available_now, settings.ingest.trigger_interval).start()
@@ -139,7 +142,7 @@ def start_ingest(
         log.info("%s: a new writer schema was registered; restarting its query to decode with it", topic)
         return start(topic)
 
-    return IngestRun([start(topic) for topic in topics], listener, restart)
+    return IngestRun([start(topic) for topic in topics], listener, restart, gate)
 
 
 def run_ingest(
@@ -153,7 +156,7 @@ def run_ingest(
     SIGTERM/SIGINT asks for a graceful stop (the current batch finishes). Returns 0."""
     run = start_ingest(spark, settings, topics, available_now)
     try:
-        run_queries(run.queries, timeout, restart=run.restart)
+        run_queries(run.queries, timeout, restart=run.restart, gate=run.gate)
         # Progress events reach the listener asynchronously: let it record the last batches.
         run.listener.drain(run.queries, timeout=30)
     finally:

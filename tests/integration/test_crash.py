@@ -1,7 +1,9 @@
-"""Crash safety: the ingest (six times: a chosen instant and five random ones) and the features
-job (twice) are SIGKILLed, driver and JVM together, mid-stream, and restarted; every table ends
-up with every row exactly once, the reconciliation job exits 0, and Redis holds the latest
-values of the feature tables."""
+"""Crash safety and stopping: the ingest (six times: a chosen instant and five random ones) and
+the features job (twice) are SIGKILLed, driver and JVM together, mid-stream, and restarted; each
+is also stopped the way a terminal's Ctrl-C or ``kill -- -PGID`` does (the signal reaches the
+whole process group), which ends it after its current batch with exit 0. Every table ends up
+with every row exactly once, the reconciliation job exits 0, and Redis holds the latest values
+of the feature tables."""
 
 from __future__ import annotations
 
@@ -29,20 +31,7 @@ from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.online.store import read_online, redis_client
-from tests.support import topic_names
-
-
-def delta_versions(table: str) -> int:
-    """Commits in a Delta table's log (0 when it does not exist yet)."""
-    return len(list(Path(table, "_delta_log").glob("*.json")))
-
-
-def start_job(job: str, conf_dir: Path, log: Path, *extra: str) -> subprocess.Popen:
-    out = open(log, "ab")
-    return subprocess.Popen(
-        [sys.executable, str(PROJECT_ROOT / "jobs" / f"{job}.py"), "--env", "local", "--conf-dir", str(conf_dir), *extra],
-        stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )
+from tests.support import delta_versions, start_job, topic_names
 
 
 def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
@@ -56,7 +45,44 @@ def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
     job.wait()
 
 
-def test_sigkilled_at_random_points_the_ingest_loses_and_duplicates_nothing_and_reconciles(spark, isolated,
+def last_batch(checkpoint: str, log: str) -> int:
+    """The highest batch id in a checkpoint's ``offsets`` (planned) or ``commits`` (done) log."""
+    return max((int(p.name) for p in Path(checkpoint, log).iterdir() if p.name.isdigit()), default=-1)
+
+
+def last_written_batch(table: str, query_id: str) -> int:
+    """The highest ``txnVersion`` (batch id) the query committed to a Delta table (-1: none)."""
+    versions = [-1]
+    for commit in Path(table, "_delta_log").glob("*.json"):
+        for line in commit.read_text().splitlines():
+            txn = json.loads(line).get("txn")
+            if txn and query_id in txn["appId"]:
+                versions.append(txn["version"])
+    return max(versions)
+
+
+def signal_group_when(job, signum: int, condition, timeout: float = 240) -> int:
+    """Send ``signum`` to the job's whole process group once ``condition()``; its exit code."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, "the job ended before the signal"
+        assert time.monotonic() < deadline, "the job did not get there in time"
+        time.sleep(0.05)
+    os.killpg(job.pid, signum)
+    return job.wait(timeout=300)
+
+
+def assert_stopped_between_batches(checkpoint: str, *tables: str) -> None:
+    """The query stopped between batches: the last planned batch is committed, or it is the one
+    held at the gate, of which no table has a write."""
+    query_id = json.loads(Path(checkpoint, "metadata").read_text().splitlines()[0])["id"]
+    planned, committed = last_batch(checkpoint, "offsets"), last_batch(checkpoint, "commits")
+    assert committed >= 0 and planned - committed in (0, 1), (checkpoint, planned, committed)
+    for table in tables:
+        assert last_written_batch(table, query_id) <= committed, (table, committed)
+
+
+def test_sigkilled_at_random_points_and_stopped_the_ingest_loses_and_duplicates_nothing_and_reconciles(spark, isolated,
                                                                                            tmp_path):
     settings = isolated(ingest={"max_offsets_per_trigger": 300, "trigger_interval": "1s"})
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
@@ -85,9 +111,19 @@ def test_sigkilled_at_random_points_the_ingest_loses_and_duplicates_nothing_and_
         job.wait()
         kills += 1
     assert kills >= 5
+    # Ctrl-C in a terminal: SIGINT to the process group, mid-stream. The job ends after its batch.
+    before = delta_versions(bronze_path)
+    code = signal_group_when(start_job("ingest", conf_dir, log), signal.SIGINT,
+                             lambda: delta_versions(bronze_path) > before)
+    assert code == 0, log.read_text()[-5000:]
+    for topic in settings.ingest.topics:
+        assert_stopped_between_batches(settings.storage.checkpoint_path("ingest", topic),
+                                       settings.storage.bronze_path(topic), dlq_path)
+    assert spark.read.format("delta").load(bronze_path).count() < sent.expected_bronze(tx_topic)
     # Restart and run to the end of the topics.
     final = start_job("ingest", conf_dir, log, "--available-now")
     assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
+    assert "Traceback" not in log.read_text()
 
     for topic in settings.ingest.topics:
         bronze = spark.read.format("delta").load(settings.storage.bronze_path(topic))
@@ -112,9 +148,9 @@ def feature_rows(spark, settings, view) -> Counter:
     return Counter(tuple(row) for row in table.collect())
 
 
-def test_sigkilled_features_job_restarts_to_exact_tables_and_redis_equal_to_them(spark, isolated, tmp_path):
+def test_sigkilled_and_stopped_features_job_restarts_to_exact_tables_and_redis_equal_to_them(spark, isolated, tmp_path):
     # Few bronze files per micro-batch: the job works through many batches, so it dies mid-stream.
-    settings = isolated(ingest={"max_offsets_per_trigger": 400},
+    settings = isolated(ingest={"max_offsets_per_trigger": 300},
                         features={"max_files_per_trigger": 2, "trigger_interval": "500ms"})
     spec = GeneratorSpec(count=2000, accounts=60, merchants=20, seed=44, span=timedelta(hours=8), label_rate=0.0)
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
@@ -137,6 +173,16 @@ def test_sigkilled_features_job_restarts_to_exact_tables_and_redis_equal_to_them
     # checkpoint commit: the restart must replay the batch without a second Delta append.
     before = delta_versions(velocity)
     kill_when(start_job("features", conf_dir, log, *selected), lambda: delta_versions(velocity) > before)
+    # systemd's stop or kill -- -PGID: SIGTERM to the process group, mid-stream (the trailing
+    # view runs Python workers, the sliding one only the JVM: the signal must reach neither).
+    before = delta_versions(velocity)
+    code = signal_group_when(start_job("features", conf_dir, log, *selected), signal.SIGTERM,
+                             lambda: delta_versions(velocity) > before)
+    assert code == 0, log.read_text()[-5000:]
+    for view in views:
+        assert_stopped_between_batches(settings.storage.checkpoint_path("features", view.name),
+                                       settings.storage.feature_path(view.name))
+    assert sum(feature_rows(spark, settings, views[0]).values()) < sum(feature_rows(spark, reference, views[0]).values())
     final = start_job("features", conf_dir, log, *selected, "--available-now")
     assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
     assert "Traceback" not in log.read_text()
