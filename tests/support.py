@@ -70,13 +70,17 @@ def kafka_row(value: bytes | None, offset: int, partition: int = 0, key: bytes =
     return (key, value, topic, partition, offset, naive(timestamp), headers)
 
 
-def run_stream_in_steps(spark, folder, schema: str, transform, steps) -> list:
+def run_stream_in_steps(spark, folder, schema: str, transform, steps, checkpoint: Path | None = None) -> list:
     """Feed each step's rows to a Parquet file stream as a new file, process it as its own
-    micro-batch through ``transform`` into a memory table, and return every row emitted."""
+    micro-batch through ``transform`` into a memory table, and return every row emitted
+    (``checkpoint``: the query's checkpoint folder, to read its state afterwards)."""
     folder.mkdir()
     stream = spark.readStream.schema(schema).option("recursiveFileLookup", "true").parquet(str(folder))
     name = f"stream_{time.time_ns()}"
-    query = transform(stream).writeStream.format("memory").queryName(name).outputMode("append").start()
+    writer = transform(stream).writeStream.format("memory").queryName(name).outputMode("append")
+    if checkpoint is not None:
+        writer = writer.option("checkpointLocation", str(checkpoint))
+    query = writer.start()
     try:
         for i, rows in enumerate(steps):
             spark.createDataFrame(rows, schema).coalesce(1).write.parquet(str(folder / f"step{i}"))

@@ -98,6 +98,34 @@ def test_state_per_entity_keeps_only_the_newest_max_events(spark, tmp_path):
     ]
 
 
+def test_an_idle_entitys_state_is_cleared_by_its_timer(spark, tmp_path):
+    """A 1-hour count, lateness 10m: "a", last seen at 10:00, needs nothing in state once the
+    watermark passes 11:00, and its timer clears it; "b", still active, keeps its events."""
+    view = build(FeatureView, {
+        "name": "idle", "source": {"contract": "transactions"}, "entity": "account_id",
+        "event_time": "event_time", "kind": "trailing", "allowed_lateness": "10m",
+        "aggregations": [{"column": "*", "functions": ["count"], "windows": ["1h"]}],
+    }, "test")
+    at = lambda hour, minute: datetime(2026, 11, 23, hour, minute)  # noqa: E731
+    # The watermark reaches 11:20 after the second step; a's timer (11:00) fires in the next batch.
+    steps = [[("a", at(10, 0), 1.0, "m1"), ("b", at(10, 0), 1.0, "m1")], [("b", at(11, 30), 1.0, "m1")],
+             [("b", at(11, 40), 1.0, "m1")]]
+    checkpoint = tmp_path / "checkpoint"
+    rows = run_stream_in_steps(spark, tmp_path / "events", SCHEMA, lambda s: trailing_features_stream(s, view), steps,
+                               checkpoint=checkpoint)
+    assert len(rows) == 4
+
+    def entities_in_state(batch_id: int) -> set[str]:
+        state = (spark.read.format("statestore").option("stateVarName", "events").option("batchId", batch_id)
+                 .load(str(checkpoint)))
+        return {r.key[0] for r in state.collect()}
+
+    last_batch = max(int(p.name) for p in (checkpoint / "commits").iterdir() if p.name.isdigit())
+    assert entities_in_state(0) == {"a", "b"}
+    # "a" got no event after the first batch, so only its timer can have removed it.
+    assert entities_in_state(last_batch) == {"b"}
+
+
 def disordered_steps(seed: int, steps: int = 4, per_step: int = 30):
     """Events up to 9 minutes behind the stream's clock (inside the view's 10-minute lateness)."""
     rng = random.Random(seed)
