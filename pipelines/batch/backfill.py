@@ -225,7 +225,8 @@ def load_events(spark: SparkSession, settings: Settings, topic: str,
         description = f"Kafka {topic} ({total} records)"
     elif isinstance(source, BronzeSnapshot):
         everything, version = read_bronze(spark, settings, topic, source)
-        description = f"bronze {topic} @ " + (f"version {version}" if version is not None else source.timestamp)
+        description = f"bronze {topic} @ version {version}" + (
+            f" (as of {source.timestamp.isoformat()})" if source.timestamp is not None else "")
     else:
         everything = read_files(spark, source, contract, needed)
         description = f"{source.format} files {source.path}"

@@ -21,7 +21,7 @@ import json
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timezone
 
 from confluent_kafka import KafkaException
 from delta.tables import DeltaTable
@@ -272,22 +272,37 @@ def merge_dead_letters(spark: SparkSession, settings: Settings, validated: DataF
 
 @dataclass(frozen=True)
 class BronzeSnapshot:
-    """The topic's bronze table, now or as of a Delta version or timestamp (time travel)."""
+    """The topic's bronze table, now or as of a Delta version or a time (aware; time travel)."""
 
     version: int | None = None
-    timestamp: str | None = None
+    timestamp: datetime | None = None
+
+
+def version_at(spark: SparkSession, path: str, moment: datetime, what: str) -> int:
+    """The Delta table's latest version committed at or before ``moment`` (Delta's
+    ``timestampAsOf``), resolved here so a run reports the version it read."""
+    at = moment.astimezone(timezone.utc).replace(tzinfo=None)  # the session's time zone is UTC
+    history = spark.sql(f"DESCRIBE HISTORY delta.`{path}`").select("version", "timestamp").collect()
+    versions = [r.version for r in history if r.timestamp <= at]
+    if not versions:
+        first = min(r.timestamp for r in history)
+        raise SourceError(f"{what}: no version at or before {moment.isoformat()} (the first was committed at "
+                          f"{first.isoformat()} UTC)")
+    return max(versions)
 
 
 def read_bronze(spark: SparkSession, settings: Settings, topic: str,
-                snapshot: BronzeSnapshot) -> tuple[DataFrame, int | None]:
+                snapshot: BronzeSnapshot) -> tuple[DataFrame, int]:
     """The topic's bronze table as of ``snapshot``, and the version read. Without a version or
     timestamp, the current version is pinned, so every read of one run sees the same rows."""
     path = settings.storage.bronze_path(topic)
     if not DeltaTable.isDeltaTable(spark, path):
         raise SourceError(f"bronze table of {topic} not found at {path}: run the ingest first")
-    if snapshot.timestamp is not None and snapshot.version is None:
-        return spark.read.format("delta").option("timestampAsOf", snapshot.timestamp).load(path), None
-    return read_delta_version(spark, path, snapshot.version, f"bronze table of {topic}")
+    version = snapshot.version
+    if snapshot.timestamp is not None and version is None:
+        version = version_at(spark, path, snapshot.timestamp, f"bronze table of {topic}")
+        log.info("bronze table of %s as of %s: version %d", topic, snapshot.timestamp.isoformat(), version)
+    return read_delta_version(spark, path, version, f"bronze table of {topic}")
 
 
 # --------------------------------------------------------------------------- files

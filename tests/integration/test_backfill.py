@@ -1,19 +1,20 @@
-"""Backfills on the real platform: a Kafka replay gives the stream's rows for every view kind;
-re-running gives the same table content; narrower ranges touch only their days."""
+"""Backfills on the real platform: re-running gives the same table content; narrower ranges touch
+only their days; a bronze timestamp reads the bronze of that time; a Kafka replay dead-letters
+each invalid record once. (A Kafka replay and a bronze backfill equal the stream under the
+generator's default disorder: tests/integration/test_disorder.py.)"""
 
 from __future__ import annotations
 
 import hashlib
-from collections import Counter
 from datetime import datetime, time, timedelta, timezone
 
 import pytest
 from pyspark.sql import functions as F
 
+from jobs import backfill as backfill_job
 from pipelines.batch.backfill import DayRange, backfill
 from pipelines.batch.sources import BronzeSnapshot, KafkaReplay
 from pipelines.core.errors import SourceError
-from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from tests.support import topic_names
@@ -32,17 +33,6 @@ def both_days(spec: GeneratorSpec) -> DayRange:
     return DayRange((spec.end - spec.span).date(), spec.end.date() + timedelta(days=1))
 
 
-def table_rows(spark, path, version=None) -> Counter:
-    """The table's rows without ``computed_at``, floats to 9 significant digits, as a multiset."""
-    reader = spark.read.format("delta")
-    if version is not None:
-        reader = reader.option("versionAsOf", version)
-    rows = reader.load(path).drop("computed_at")
-    columns = sorted(rows.columns)
-    return Counter(tuple(float(f"{r[c]:.9g}") if isinstance(r[c], float) else r[c] for c in columns)
-                   for r in rows.select(*columns).collect())
-
-
 def latest_version(spark, path) -> int:
     return spark.sql(f"DESCRIBE HISTORY delta.`{path}` LIMIT 1").collect()[0]["version"]
 
@@ -53,37 +43,6 @@ def content_hash(spark, path, where: str = "true") -> str:
     columns = sorted(table.columns)
     rows = sorted(repr(tuple(r)) for r in table.select(*columns).collect())
     return hashlib.sha256("\n".join(rows).encode()).hexdigest()
-
-
-def stream_in_slices(spark, settings, spec: GeneratorSpec, slices: int) -> None:
-    """Send the records in ``slices`` parts, running the ingest and every view after each: the
-    stream sees the events in several micro-batches, in order (one ingest commit per part,
-    read whole by the feature queries)."""
-    records = list(generate(spec))
-    size = -(-len(records) // slices)
-    for start in range(0, len(records), size):
-        produce(records[start:start + size], settings.kafka.client_properties(), topic_names=topic_names(settings))
-        run_ingest(spark, settings, available_now=True)
-        run_features(spark, settings, list(settings.views.values()), available_now=True)
-
-
-def test_kafka_replay_backfill_gives_exactly_the_stream_rows_for_every_view_kind(spark, isolated):
-    settings = isolated()
-    spec = crossing_midnight_spec()
-    views = list(settings.views.values())
-    assert {v.kind for v in views} == {"trailing", "sliding", "session"}
-    stream_in_slices(spark, settings, spec, slices=4)
-    streamed = {v.name: table_rows(spark, settings.storage.feature_path(v.name)) for v in views}
-    dead_letters = spark.read.format("delta").load(settings.storage.dead_letter_path).count()
-
-    outcomes = backfill(spark, settings, views, [both_days(spec)], KafkaReplay())
-
-    for view in views:
-        assert sum(streamed[view.name].values()) > 20, view.name
-        assert table_rows(spark, settings.storage.feature_path(view.name)) == streamed[view.name], view.name
-    assert {o.view: o.rows for o in outcomes} == {name: sum(rows.values()) for name, rows in streamed.items()}
-    # The stream dead-lettered every invalid record already: the replay adds none.
-    assert spark.read.format("delta").load(settings.storage.dead_letter_path).count() == dead_letters > 0
 
 
 def test_the_same_bronze_backfill_twice_leaves_identical_tables_and_a_narrower_one_only_its_days(spark, isolated):
@@ -117,6 +76,43 @@ def test_the_same_bronze_backfill_twice_leaves_identical_tables_and_a_narrower_o
                                           "delete them"):
         backfill(spark, settings, views[:1], [days], BronzeSnapshot(version=0))
     assert latest_version(spark, velocity) == before
+
+
+def test_a_bronze_timestamp_backfills_the_bronze_of_that_time(spark, isolated, tmp_path, capsys):
+    """``fp-backfill --bronze-timestamp``: more events reach bronze after a first ingest; a
+    backfill as of the first ingest's last commit gives that bronze's rows, a later one all."""
+    settings = isolated()
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    spec = crossing_midnight_spec(count=300)
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    run_ingest(spark, settings, available_now=True)
+    bronze = settings.storage.bronze_path(settings.ingest.topics[0])
+    first = spark.sql(f"DESCRIBE HISTORY delta.`{bronze}` LIMIT 1").first()
+    first_rows = spark.read.format("delta").option("versionAsOf", first.version).load(bronze).count()
+    produce(generate(crossing_midnight_spec(count=100, seed=6)), settings.kafka.client_properties(),
+            topic_names=topic_names(settings))
+    run_ingest(spark, settings, available_now=True)
+    assert spark.read.format("delta").load(bronze).count() > first_rows
+    days = both_days(spec)
+    velocity = settings.storage.feature_path("account_velocity")
+
+    def run_at(moment: datetime) -> int:
+        return backfill_job.main(["--env", "local", "--conf-dir", str(conf_dir), "--views", "account_velocity",
+                                  "--from", str(days.start), "--to", str(days.end),
+                                  "--bronze-timestamp", moment.isoformat()])
+
+    # Just after the first ingest's last commit: its version.
+    at_first = first.timestamp.replace(tzinfo=timezone.utc)
+    assert run_at(at_first + timedelta(milliseconds=1)) == 0
+    assert spark.read.format("delta").load(velocity).count() == first_rows
+    assert run_at(datetime.now(timezone.utc)) == 0
+    assert spark.read.format("delta").load(velocity).count() == spark.read.format("delta").load(bronze).count()
+    # Before the table existed, or without an offset: exit 3 or 2, one line naming why.
+    assert run_at(at_first - timedelta(days=1)) == 3
+    assert "no version at or before" in capsys.readouterr().err.splitlines()[-1]
+    assert backfill_job.main(["--env", "local", "--conf-dir", str(conf_dir), "--from", str(days.start), "--to",
+                              str(days.end), "--bronze-timestamp", "2026-11-20 06:00"]) == 2
+    assert "--bronze-timestamp '2026-11-20 06:00': needs its UTC offset" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_kafka_replay_dead_letters_each_invalid_record_once_however_often_it_runs(spark, isolated):

@@ -1,16 +1,20 @@
-"""The backfill job's file and Kafka sources: a column mapping, fail-fast messages naming the
-column, and Kafka offsets lost to retention (exit code 4, or a logged gap with --allow-gap)."""
+"""The backfill job's file and Kafka sources: a column mapping, the README's files example run as
+written (JSON lines, every view kind), fail-fast messages naming the column, and Kafka offsets
+lost to retention (exit code 4, or a logged gap with --allow-gap)."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
+import shlex
 from datetime import datetime, timedelta, timezone
 
 from confluent_kafka import Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 from jobs import backfill as backfill_job
+from pipelines.core.settings import PROJECT_ROOT
 from tests.support import encode, transaction
 
 FILE_SCHEMA = "acct string, ts timestamp, amt double, merchant_id string, balance_usd double"
@@ -43,6 +47,44 @@ def test_parquet_history_with_other_column_names_backfills_through_a_mapping(spa
                   r.approx_count_distinct_merchant_id_1d, r.last_balance_usd_1d, str(r.event_date)) for r in table.collect())
     assert got == [("a", "10:00", 1, 10.0, 1, 1, 90.0, "2026-11-20"), ("a", "10:30", 2, 30.0, 2, 2, 70.0, "2026-11-20"),
                    ("a", "12:00", 1, 5.0, 3, 2, 65.0, "2026-11-20"), ("b", "23:59", 1, 1.0, 1, 1, 1.0, "2026-11-20")]
+
+
+def readme_files_example() -> list[str]:
+    """The arguments of the README's ``fp-backfill ... --source files`` example, as written."""
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    (command,) = [c for c in re.findall(r"^fp-backfill .*?(?<!\\)$", readme, re.M | re.S) if "--source files" in c]
+    return shlex.split(command.replace("\\\n", " "), comments=True)[1:]
+
+
+def test_the_readmes_files_example_backfills_json_lines_into_every_view_kind(spark, isolated, tmp_path):
+    settings = isolated()
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    args = readme_files_example()
+    assert args[args.index("--format") + 1] == "json"
+    history = tmp_path / "hist" / "tx"
+    history.mkdir(parents=True)
+    events = [("a", "2025-03-10T10:00:00Z", 10.0, "m1"), ("a", "2025-03-10T10:30:00Z", 20.0, "m1"),
+              ("b", "2025-03-10T11:00:00Z", 5.0, "m1"), ("c", "2025-03-10T13:00:00Z", 1.0, "m2")]
+    (history / "part-0.json").write_text("".join(
+        json.dumps({"acct": acct, "ts": ts, "amount": amount, "merchant_id": merchant, "balance_usd": 100.0,
+                    "merchant_category_code": "5411"}) + "\n" for acct, ts, amount, merchant in events))
+    args[args.index("--path") + 1] = str(history)  # the one change: a local folder, not s3://hist/tx/
+
+    assert backfill_job.main(["--env", "local", "--conf-dir", str(conf_dir), *args]) == 0
+
+    def rows(view, *columns):
+        table = spark.read.format("delta").load(settings.storage.feature_path(view))
+        return sorted(tuple(str(v) if isinstance(v, datetime) else v for v in r) for r in table.select(*columns).collect())
+
+    assert rows("account_velocity", "account_id", "event_time", "count_1h", "sum_amount_usd_1h") == [
+        ("a", "2025-03-10 10:00:00", 1, 10.0), ("a", "2025-03-10 10:30:00", 2, 30.0),
+        ("b", "2025-03-10 11:00:00", 1, 5.0), ("c", "2025-03-10 13:00:00", 1, 1.0)]
+    # Closed windows only: the latest event (13:00) minus the 10-minute lateness closes those up to 12:50.
+    hourly = rows("merchant_hourly", "merchant_id", "window_start", "count", "sum_amount_usd")
+    assert ("m1", "2025-03-10 10:00:00", 2, 30.0) in hourly and ("m1", "2025-03-10 10:30:00", 2, 25.0) in hourly
+    assert max(start for _, start, _, _ in hourly) == "2025-03-10 11:00:00"  # the last window holding b@11:00
+    assert rows("account_sessions", "account_id", "session_start", "session_end", "sum_amount_usd") == [
+        ("a", "2025-03-10 10:00:00", "2025-03-10 11:00:00", 30.0), ("b", "2025-03-10 11:00:00", "2025-03-10 11:30:00", 5.0)]
 
 
 def test_a_missing_file_column_fails_fast_naming_it(spark, isolated, tmp_path, capsys):

@@ -2,8 +2,9 @@
 disorder (out-of-order, late and duplicate events, bad records) -> ingest -> every feature view
 streamed a few bronze files at a time (ingest commits split across feature micro-batches) ->
 the late recompute. Then every view's table, taking the latest ``computed_at`` row per entity
-and time, equals a backfill of the same bronze into a separate table, row for row; and Redis
-holds each entity's latest such row."""
+and time, equals a backfill of the same bronze into a separate table, row for row, and a
+backfill replaying the Kafka topics into a third; and Redis holds each entity's latest such
+row."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from datetime import datetime, time, timedelta, timezone
 
 from pipelines.batch.backfill import DayRange, backfill
 from pipelines.batch.late import recompute_late
-from pipelines.batch.sources import BronzeSnapshot
+from pipelines.batch.sources import BronzeSnapshot, KafkaReplay
 from pipelines.core.times import utc_assuming_local
 from pipelines.core.view_spec import event_time_column, feature_names
 from pipelines.features.sinks import latest_per_entity
@@ -68,6 +69,11 @@ def test_stream_and_late_recompute_equal_a_backfill_of_the_same_bronze(spark, is
     names = topic_names(settings)
     produce(generate(spec), settings.kafka.client_properties(), topic_names=names)
     run_ingest(spark, settings, available_now=True)
+    # Bronze commits hold more files than a feature micro-batch reads: commits are split.
+    bronze = settings.storage.bronze_path(names["transactions"])
+    files = [int(r.files) for r in spark.sql(f"DESCRIBE HISTORY delta.`{bronze}`")
+             .filter("operation = 'WRITE'").selectExpr("operationMetrics['numFiles'] AS files").collect()]
+    assert max(files) > settings.features.max_files_per_trigger, files
     run_features(spark, settings, views, available_now=True)
     # The clock moves on, twice: every watermark passes the history, and the second batch runs
     # under it (it closes and emits the last windows and sessions).
@@ -87,6 +93,16 @@ def test_stream_and_late_recompute_equal_a_backfill_of_the_same_bronze(spark, is
     # Late events reach up to 6 hours before the history's start: the day before it too.
     days = DayRange((spec.end - spec.span - spec.late_by[1]).date(), now.date() + timedelta(days=1))
     backfill(spark, reference, views, [days], BronzeSnapshot())
+    # And a replay of the Kafka topics (the ingest's validation and duplicate filter), into a third.
+    replay = dataclasses.replace(
+        settings, storage=dataclasses.replace(settings.storage, root=str(tmp_path / "replay")),
+        redis=dataclasses.replace(settings.redis, namespace=f"replay-{uuid.uuid4().hex[:8]}"))
+    backfill(spark, replay, views, [days], KafkaReplay())
+    # It dead-letters exactly the records the stream did.
+    dead = [spark.read.format("delta").load(s.storage.dead_letter_path).select("kafka_topic", "kafka_partition",
+                                                                               "kafka_offset", "error_class")
+            for s in (settings, replay)]
+    assert sorted(dead[0].collect()) == sorted(dead[1].collect())
 
     client = redis_client(settings.redis)
     for view in views:
@@ -95,6 +111,9 @@ def test_stream_and_late_recompute_equal_a_backfill_of_the_same_bronze(spark, is
                                 columns)
         assert sum(expected.values()) > 20, view.name
         assert streamed == expected, (view.name, streamed - expected, expected - streamed)
+        replayed = rounded_rows(spark.read.format("delta").load(replay.storage.feature_path(view.name)).collect(),
+                                columns)
+        assert replayed == expected, (view.name, replayed - expected, expected - replayed)
         table = spark.read.format("delta").load(settings.storage.feature_path(view.name))
         latest = {r[view.entity]: r for r in latest_per_entity(table, view).collect()}
         for value in read_online(client, settings.redis.namespace, view.name, feature_names(view), sorted(latest)):
