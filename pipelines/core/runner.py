@@ -10,7 +10,6 @@ import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from py4j.protocol import Py4JJavaError
 from pyspark.sql import DataFrame
 from pyspark.sql.streaming import DataStreamWriter, StreamingQuery
 
@@ -77,8 +76,8 @@ class BatchGate:
         try:
             while True:
                 sleep(200)
-        except Py4JJavaError as interrupted:
-            if "java.lang.InterruptedException" not in str(interrupted.java_exception):
+        except Exception as error:  # noqa: BLE001 - Py4J's error for the JVM's InterruptedException
+            if "java.lang.InterruptedException" not in str(error):
                 raise
             # Spark ends a query as stopped, not failed, when stop() was called and the error a
             # foreachBatch call returns reads as an interrupted Py4J call. It matches that with
