@@ -32,7 +32,7 @@ from pipelines.core.cli import (
 )
 from pipelines.core.errors import BadSourceArguments
 from pipelines.core.session import build_session
-from pipelines.core.times import parse_duration
+from pipelines.core.times import parse_duration, parse_instant
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,8 +44,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--source", choices=("bronze", "kafka", "files"), default="bronze")
     parser.add_argument("--bronze-version", type=int, help="bronze: read this Delta version")
     parser.add_argument("--bronze-timestamp",
-                        help="bronze: read the table as of this time (ISO-8601 with offset; the latest version "
-                             "committed at or before it)")
+                        help="bronze: read the table as of this time (ISO-8601, UTC unless it has an offset; the "
+                             "latest version committed at or before it)")
     parser.add_argument("--starting-offsets", default="earliest",
                         help='kafka: earliest (default), {"topic": {"0": 42, "1": "2026-11-20T00:00Z"}} '
                              '(offsets, -2 earliest, or per-partition timestamps) or one ISO timestamp')
@@ -93,20 +93,8 @@ def source_from_args(args: argparse.Namespace) -> KafkaReplay | BronzeSnapshot |
         return FileSource(args.path, args.format, mapping)
     if args.bronze_version is not None and args.bronze_timestamp:
         raise BadSourceArguments("--bronze-version and --bronze-timestamp exclude each other")
-    return BronzeSnapshot(args.bronze_version, _bronze_timestamp(args.bronze_timestamp))
-
-
-def _bronze_timestamp(text: str | None) -> datetime | None:
-    """``--bronze-timestamp``: an ISO-8601 time with its UTC offset."""
-    if text is None:
-        return None
-    try:
-        moment = datetime.fromisoformat(text)
-    except ValueError as exc:
-        raise BadSourceArguments(f"--bronze-timestamp {text!r}: not an ISO timestamp") from exc
-    if moment.tzinfo is None:
-        raise BadSourceArguments(f"--bronze-timestamp {text!r}: needs its UTC offset (e.g. 2026-11-20T06:00Z)")
-    return moment
+    timestamp = parse_instant(args.bronze_timestamp, "--bronze-timestamp") if args.bronze_timestamp else None
+    return BronzeSnapshot(args.bronze_version, timestamp)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -107,12 +107,12 @@ def test_a_bronze_timestamp_backfills_the_bronze_of_that_time(spark, isolated, t
     assert spark.read.format("delta").load(velocity).count() == first_rows
     assert run_at(datetime.now(timezone.utc)) == 0
     assert spark.read.format("delta").load(velocity).count() == spark.read.format("delta").load(bronze).count()
-    # Before the table existed, or without an offset: exit 3 or 2, one line naming why.
+    # Before the table existed, or not a time: exit 3 or 2, one line naming why.
     assert run_at(at_first - timedelta(days=1)) == 3
     assert "no version at or before" in capsys.readouterr().err.splitlines()[-1]
     assert backfill_job.main(["--env", "local", "--conf-dir", str(conf_dir), "--from", str(days.start), "--to",
-                              str(days.end), "--bronze-timestamp", "2026-11-20 06:00"]) == 2
-    assert "--bronze-timestamp '2026-11-20 06:00': needs its UTC offset" in capsys.readouterr().err.splitlines()[-1]
+                              str(days.end), "--bronze-timestamp", "yesterday"]) == 2
+    assert "--bronze-timestamp: 'yesterday' is not an ISO-8601 time" in capsys.readouterr().err.splitlines()[-1]
 
 
 def test_a_kafka_replay_dead_letters_each_invalid_record_once_however_often_it_runs(spark, isolated):
