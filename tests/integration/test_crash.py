@@ -36,13 +36,7 @@ from tests.support import delta_versions, start_job, topic_names
 
 def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
     """SIGKILL the job's whole process group (Python driver and Spark JVM) once ``condition()``."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert job.poll() is None, "the job ended before the kill point"
-        assert time.monotonic() < deadline, "kill point not reached in time"
-        time.sleep(0.05)
-    os.killpg(job.pid, signal.SIGKILL)
-    job.wait()
+    signal_group_when(job, signal.SIGKILL, condition, timeout)
 
 
 def last_batch(checkpoint: str, log: str) -> int:
