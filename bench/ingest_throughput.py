@@ -1,8 +1,9 @@
 """Ingest throughput: the same events, three ways, in one run on the local platform.
 
-1. **baseline**: one Python process with confluent-kafka: ``json`` parse and the very same
-   :class:`pipelines.contracts.validation.RecordValidator`, duplicates dropped with a set, valid rows and
-   dead letters written to Parquet with pyarrow (no Delta, no exactly-once, no checkpoint).
+1. **baseline**: one Python process with confluent-kafka: ``json`` parse and the contract
+   checks of ``bench/python_validation.py`` (held to the same verdicts as the ingest's Spark SQL
+   checks by a test), duplicates dropped with a set, valid rows and dead letters written to
+   Parquet with pyarrow (no Delta, no exactly-once, no checkpoint).
 2. **spark-copy**: Spark Kafka -> Delta copying the raw records (no parsing): the ceiling of
    Spark + Delta on this machine.
 3. **ingest**: the real ingest query (validate, dedupe with state, bronze + dead letter in
@@ -30,7 +31,11 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.contracts.validation import RecordValidator, ValidationRules
+# The baseline's Python validator, held to the ingest's verdicts by test_validation_parity
+# (bench/ is on sys.path when a benchmark runs as a script).
+from python_validation import RecordValidator
+
+from pipelines.contracts.validation import ValidationRules
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics

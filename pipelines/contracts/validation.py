@@ -1,10 +1,10 @@
-"""Record-level contract validation: raw Kafka bytes in, typed fields or an error class out.
-
-The checks run in Python (``json`` is strict where the JVM's JSON readers are lenient: they
-accept trailing garbage after the first object, which would silently drop half of two
-concatenated events). The same :class:`RecordValidator` serves the Spark transform
-(:func:`pipelines.ingest.json_records.validate_records`, through an Arrow UDF) and the plain-Python
-benchmark baseline, so both do exactly the same work.
+"""Record-level contract validation of JSON topics: raw Kafka bytes in, typed fields or an
+error class out. This module names the rules and their limits; they are implemented once, in
+Spark SQL expressions (:func:`pipelines.ingest.json_records.validate_records`), which the bronze
+ingest, backfills and the online path all run, so every path rejects exactly the same records.
+JSON is strict: trailing data after the object, ``NaN``/``Infinity``, duplicate keys, comments
+and single quotes are all ``not_json`` (Spark's JSON readers alone would accept trailing data and
+silently drop half of two concatenated events; see that module for how it is refused).
 
 Error classes, in the order they are decided (a record gets the first that applies; its
 reason lists every problem found at that stage):
@@ -18,7 +18,9 @@ renamed_field       required fields are missing and at least as many undeclared 
 missing_field       a required field is missing
 unknown_field       an undeclared field is present and the contract is strict
 null_field          a required field is null
-wrong_type          a value of the wrong JSON type (no coercion: ``"12.5"`` is not a number)
+wrong_type          a value of the wrong JSON type (no coercion: ``"12.5"`` is not a number), a
+                    number beyond the type's range, or a timestamp text not in
+                    :data:`pipelines.ingest.json_records.TIMESTAMP_PATTERN`
 negative_value      a ``non_negative`` field below zero
 future_event_time   event time later than batch time + ``future_tolerance``
 stale_event_time    event time earlier than batch time - ``max_event_age``
@@ -31,16 +33,10 @@ replayed after a crash classifies every record exactly as the first attempt did.
 
 from __future__ import annotations
 
-import json
-import math
-from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import Any
+from datetime import timedelta
 
-from pipelines.core.contract_spec import Contract, ContractField
 from pipelines.core.settings import IngestSettings
-from pipelines.core.times import SECOND, describe_duration
 
 ERROR_CLASSES = (
     "oversize",
@@ -56,9 +52,6 @@ ERROR_CLASSES = (
     "stale_event_time",
 )
 
-_INT64 = (-(2**63), 2**63 - 1)
-_SNIPPET = 40
-
 
 @dataclass(frozen=True)
 class ValidationRules:
@@ -73,208 +66,3 @@ class ValidationRules:
         """The rules an environment's ingest settings set."""
         return cls(max_value_bytes=ingest.max_value_bytes, future_tolerance=ingest.future_tolerance,
                    max_event_age=ingest.max_event_age)
-
-
-@dataclass(frozen=True)
-class Verdict:
-    """The outcome for one record: ``values`` when valid, else ``error_class`` and ``reason``."""
-
-    values: Mapping[str, Any] | None
-    error_class: str | None = None
-    reason: str | None = None
-
-    @property
-    def is_valid(self) -> bool:
-        return self.error_class is None
-
-
-class _DuplicateKey(ValueError):
-    pass
-
-
-def _object_without_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    obj = dict(pairs)
-    if len(obj) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise _DuplicateKey(key)
-            seen.add(key)
-    return obj
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a JSON number")
-
-
-_decoder = json.JSONDecoder(object_pairs_hook=_object_without_duplicates, parse_constant=_reject_constant)
-
-
-def _snippet(value: Any) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else json.dumps(value)
-    return text if len(text) <= _SNIPPET else text[: _SNIPPET - 3] + "..."
-
-
-def _json_type(value: Any) -> str:
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, (int, float)):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
-
-
-def parse_timestamp(text: str) -> datetime | None:
-    """ISO-8601 with an explicit offset (``Z`` or ``+hh:mm``) -> aware UTC datetime; else None."""
-    if len(text) < 16 or text[4:5] != "-" or "T" not in text.upper():
-        return None
-    try:
-        parsed = datetime.fromisoformat(text)
-    except ValueError:
-        return None
-    if parsed.tzinfo is None:
-        return None
-    return parsed.astimezone(timezone.utc)
-
-
-class RecordValidator:
-    """Validates raw record values against one contract. Stateless and cheap to call."""
-
-    def __init__(self, contract: Contract, rules: ValidationRules):
-        self.contract = contract
-        self.rules = rules
-        self._fields: tuple[ContractField, ...] = contract.fields
-        self._declared = frozenset(contract.field_names)
-        self._required = tuple(f.name for f in contract.fields if f.required)
-
-    def validate(self, value: bytes | None, batch_time: datetime) -> Verdict:
-        """Classify one record value; ``batch_time`` is the aware UTC time of the batch."""
-        if value is None:
-            return Verdict(None, "not_json", "value is null (a tombstone), expected a JSON object")
-        if len(value) > self.rules.max_value_bytes:
-            return Verdict(
-                None,
-                "oversize",
-                f"value is {len(value)} bytes, over the limit of {self.rules.max_value_bytes} bytes",
-            )
-        try:
-            text = value.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return Verdict(None, "not_utf8", f"value is not UTF-8: invalid byte at position {exc.start}")
-        if not text.strip():
-            return Verdict(None, "not_json", "value is empty, expected a JSON object")
-        try:
-            obj = _decoder.decode(text)
-        except _DuplicateKey as exc:
-            return Verdict(None, "not_json", f"value has the key {str(exc)!r} twice")
-        except json.JSONDecodeError as exc:
-            return Verdict(
-                None, "not_json", f"value is not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
-            )
-        except ValueError as exc:
-            return Verdict(None, "not_json", f"value is not JSON: {exc}")
-        if not isinstance(obj, dict):
-            return Verdict(None, "not_json", f"value is a JSON {_json_type(obj)}, expected an object")
-        return self._check_object(obj, batch_time)
-
-    def _check_object(self, obj: dict[str, Any], batch_time: datetime) -> Verdict:
-        missing = [name for name in self._required if name not in obj]
-        unknown = [key for key in obj if key not in self._declared]
-        if missing:
-            problems = [f"required field {m!r} is missing" for m in missing]
-            # As many undeclared fields as missing ones: the shape of an upstream rename.
-            if unknown and len(missing) <= len(unknown):
-                problems += [f"undeclared field {u!r} is present (renamed upstream?)" for u in unknown]
-                return Verdict(None, "renamed_field", "; ".join(problems))
-            problems += [f"undeclared field {u!r} is present" for u in unknown]
-            return Verdict(None, "missing_field", "; ".join(problems))
-        if unknown and self.contract.strict:
-            return Verdict(
-                None,
-                "unknown_field",
-                "; ".join(
-                    f"undeclared field {u!r} (contract {self.contract.name!r} "
-                    f"v{self.contract.version} is strict)"
-                    for u in unknown
-                ),
-            )
-        nulls = [name for name in self._required if obj[name] is None]
-        if nulls:
-            return Verdict(None, "null_field", "; ".join(f"required field {n!r} is null" for n in nulls))
-
-        values: dict[str, Any] = {}
-        type_errors: list[str] = []
-        negatives: list[str] = []
-        for f in self._fields:
-            raw = obj.get(f.name)
-            if raw is None:
-                values[f.name] = None
-                continue
-            typed = self._typed(f, raw)
-            if typed is None:
-                type_errors.append(self._type_message(f, raw))
-                continue
-            if f.non_negative and typed < 0:
-                negatives.append(f"field {f.name!r} must not be negative, got {_snippet(raw)}")
-            values[f.name] = typed
-        if type_errors:
-            return Verdict(None, "wrong_type", "; ".join(type_errors))
-        if negatives:
-            return Verdict(None, "negative_value", "; ".join(negatives))
-
-        name = self.contract.event_time_field
-        event_time: datetime = values[name]
-        # Reasons give durations in whole seconds, as they always have (a DLQ row's text is stable).
-        if event_time > batch_time + self.rules.future_tolerance:
-            ahead = describe_duration(event_time - batch_time, SECOND)
-            return Verdict(
-                None,
-                "future_event_time",
-                f"{name} {event_time.isoformat()} is {ahead} ahead of the batch time {batch_time.isoformat()}, "
-                f"beyond the tolerance of {describe_duration(self.rules.future_tolerance, SECOND)}",
-            )
-        if event_time < batch_time - self.rules.max_event_age:
-            behind = describe_duration(batch_time - event_time, SECOND)
-            return Verdict(
-                None,
-                "stale_event_time",
-                f"{name} {event_time.isoformat()} is {behind} behind the batch time {batch_time.isoformat()}, "
-                f"beyond the horizon of {describe_duration(self.rules.max_event_age, SECOND)}",
-            )
-        return Verdict(values)
-
-    @staticmethod
-    def _typed(f: ContractField, raw: Any) -> Any:
-        """The typed value of ``raw`` for field ``f``, or None if its JSON type is wrong."""
-        kind = f.type
-        if kind == "string":
-            return raw if isinstance(raw, str) else None
-        if isinstance(raw, bool):
-            return raw if kind == "boolean" else None
-        if kind == "double":
-            if not isinstance(raw, (int, float)):
-                return None
-            try:
-                number = float(raw)
-            except OverflowError:  # an integer literal beyond double range
-                return None
-            return number if math.isfinite(number) else None
-        if kind == "long":
-            return raw if isinstance(raw, int) and _INT64[0] <= raw <= _INT64[1] else None
-        if kind == "timestamp":
-            return parse_timestamp(raw) if isinstance(raw, str) else None
-        return None  # boolean field, non-boolean value
-
-    @staticmethod
-    def _type_message(f: ContractField, raw: Any) -> str:
-        expected = {
-            "string": "a string",
-            "double": "a finite number",
-            "long": "a 64-bit integer",
-            "boolean": "true or false",
-            "timestamp": "an ISO-8601 timestamp string with a UTC offset",
-        }[f.type]
-        return f"field {f.name!r} must be {expected}, got {_json_type(raw)} {_snippet(raw)}"

@@ -7,13 +7,15 @@ from collections import Counter
 from datetime import timedelta
 
 import pytest
+from pyspark.sql import functions as F
 
-from pipelines.contracts.validation import ERROR_CLASSES, RecordValidator, ValidationRules
+from pipelines.contracts.validation import ERROR_CLASSES, ValidationRules
 from pipelines.core.contract_spec import load_contracts
 from pipelines.core.settings import PROJECT_ROOT
+from pipelines.ingest.json_records import validate_records
 from pipelines.ingest.reconcile import SentSummary
 from pipelines.local.generator import GeneratorSpec, GeneratorSummary, generate
-from tests.support import utc
+from tests.support import KAFKA_SCHEMA, kafka_row, utc
 
 END = utc("2026-11-23 12:00:00")
 SPEC = GeneratorSpec(count=3000, seed=11, end=END, bad_rate=0.05, duplicate_rate=0.02, label_rate=0.3)
@@ -35,19 +37,24 @@ def test_bad_records_are_spread_evenly_over_the_classes():
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
-def test_every_record_is_classified_as_its_kind_says():
-    """An independent check: the validator, at a batch time just after the generator's end,
-    puts every generated record in the class the generator says it injected."""
+def test_every_record_is_classified_as_its_kind_says(spark):
+    """An independent check: the ingest's validation, at a batch time just after the
+    generator's end, puts every generated record in the class the generator says it injected."""
     rules = ValidationRules(max_value_bytes=SPEC.max_value_bytes, future_tolerance=SPEC.future_tolerance,
                             max_event_age=SPEC.max_event_age)
-    validators = {name: RecordValidator(contract, rules) for name, contract in CONTRACTS.items()}
     batch_time = END + timedelta(seconds=30)
+    records = list(generate(SPEC))
     mismatched = []
-    for record in generate(SPEC):
-        verdict = validators[record.topic].validate(record.value, batch_time)
-        expected = None if record.kind in ("valid", "late", "out_of_order", "duplicate") else record.kind
-        if verdict.error_class != expected:
-            mismatched.append((record.kind, verdict.error_class, verdict.reason))
+    for topic, contract in CONTRACTS.items():
+        sent = [r for r in records if r.topic == topic]
+        frame = spark.createDataFrame([kafka_row(r.value, i, topic=topic) for i, r in enumerate(sent)], KAFKA_SCHEMA)
+        rows = validate_records(frame, contract, rules, batch_time=F.lit(batch_time)).collect()
+        for row in rows:
+            record = sent[row.kafka_offset]
+            expected = None if record.kind in ("valid", "late", "out_of_order", "duplicate") else record.kind
+            if row.error_class != expected:
+                mismatched.append((record.kind, row.error_class, row.error_reason))
+        assert len(rows) == len(sent)
     assert mismatched == []
 
 
