@@ -163,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     base = settings_from_args(args)
     overrides = deep_merge(parse_overrides(args.set), {
         "kafka": {"topics": {topic: {"contract": "transactions", "partitions": args.partitions, "replication_factor": 1}}},
-        "ingest": {"topics": [topic], "max_offsets_per_trigger": args.max_offsets_per_trigger, "publish_dlq_topic": True},
+        # The labels topic keeps the labels views computable (every view needs its topic).
+        "ingest": {"topics": [topic, "labels"], "max_offsets_per_trigger": args.max_offsets_per_trigger,
+                   "publish_dlq_topic": True},
         "storage": {"root": str(root / "lake")},
     })
     settings = load_settings(base.env, args.conf_dir, overrides)

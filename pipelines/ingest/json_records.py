@@ -30,10 +30,13 @@ from pipelines.core.contract_spec import Contract, ContractField
 from pipelines.core.times import SECOND, describe_duration, micros
 from pipelines.ingest.records import kafka_records
 
-#: Event-time text accepted for a ``timestamp`` field (RFC 3339 with minutes-only time and a
-#: compact offset allowed): date, ``T``, ``HH:MM[:SS[.fraction]]`` (fraction of 1-9 digits,
-#: ``.`` or ``,``; cut to microseconds), then ``Z`` or an offset ``+HH:MM``, ``+HHMM`` or ``+HH``.
-TIMESTAMP_PATTERN = r"^(\d{4}-\d{2}-\d{2})T(\d{2}):(\d{2})(?::(\d{2})(?:[.,](\d{1,9}))?)?(Z|[+-]\d{2}(?::?\d{2})?)$"
+#: Event-time text accepted for a ``timestamp`` field (RFC 3339, with minutes-only times and
+#: compact offsets allowed): date, ``T``, ``HH:MM[:SS[.fraction]]`` (a fraction of 1-9 digits,
+#: cut to microseconds), then ``Z`` or an offset ``+HH:MM``, ``+HHMM`` or ``+HH``.
+TIMESTAMP_PATTERN = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?(Z|[+-]\d{2}(:?\d{2})?)$"
+#: The same shape for Spark's (strict) datetime parser, which also refuses impossible dates and
+#: times: February 30, hour 24, second 60.
+_TIMESTAMP_FORMAT = "yyyy-MM-dd'T'HH:mm[:ss][.SSSSSSSSS][XXX][XX][X]"
 _SNIPPET = 40
 _INTEGRAL = ("TINYINT", "SMALLINT", "INT", "BIGINT")
 _EXPECTED = {
@@ -106,33 +109,19 @@ def _isoformat(moment: Column) -> Column:
 
 def parse_timestamp(text: Column) -> Column:
     """A timestamp text in :data:`TIMESTAMP_PATTERN` -> UTC timestamp; null for any other text
-    or an impossible date or time (February 30, hour 24, second 60)."""
-    def group(i: int) -> Column:
-        return F.regexp_extract(text, TIMESTAMP_PATTERN, i)
-
-    date, second, fraction, offset = group(1), group(4), group(5), group(6)
-    offset_text = (F.when(offset == "Z", F.lit("+00:00"))
-                   .when(F.length(offset) == 3, F.concat(offset, F.lit(":00")))
-                   .when(F.length(offset) == 5, F.concat(F.substring(offset, 1, 3), F.lit(":"), F.substring(offset, 4, 2)))
-                   .otherwise(offset))
-    whole = F.when(second == "", F.lit("00")).otherwise(second)
-    seconds = F.concat(whole, F.lit("."), F.rpad(F.substring(fraction, 1, 6), 6, "0")).cast("decimal(8,6)")
-    parsed = F.call_function(
-        "try_make_timestamp",
-        F.substring(date, 1, 4).cast("int"), F.substring(date, 6, 2).cast("int"), F.substring(date, 9, 2).cast("int"),
-        group(2).cast("int"), group(3).cast("int"), seconds, offset_text,
-    )
-    return F.when(text.rlike(TIMESTAMP_PATTERN) & (whole.cast("int") < 60), parsed)
+    or an impossible date or time (February 30, hour 24, second 60). Spark's own cast parses
+    the usual shapes fast; the datetime parser takes the rest (times without seconds)."""
+    return F.when(text.rlike(TIMESTAMP_PATTERN), F.coalesce(
+        text.try_cast("timestamp"), F.call_function("try_to_timestamp", text, F.lit(_TIMESTAMP_FORMAT))))
 
 
 def _not_utf8_position(value: Column) -> Column:
-    """The byte offset of the first invalid UTF-8 sequence of ``value`` (where the bytes of its
-    repaired form, ``make_valid_utf8``, first differ from the original)."""
-    original = F.regexp_extract_all(F.hex(value), F.lit("(..)"), 1)
-    repaired = F.regexp_extract_all(
-        F.hex(F.encode(F.call_function("make_valid_utf8", value.cast("string")), "UTF-8")), F.lit("(..)"), 1)
-    same = F.zip_with(original, repaired, lambda a, b: F.coalesce(a == b, F.lit(False)))
-    return F.array_position(same, False) - 1
+    """The byte offset of the first invalid UTF-8 sequence of ``value``: the UTF-8 length of
+    what precedes the first replacement character of its repaired form (``make_valid_utf8``).
+    A U+FFFD already in the text before the invalid bytes would be found first."""
+    repaired = F.call_function("make_valid_utf8", value.cast("string"))
+    before = F.substring(repaired, F.lit(1), F.instr(repaired, "\ufffd") - 1)
+    return F.octet_length(before)
 
 
 def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRules,
@@ -146,53 +135,52 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
     utf8 = F.call_function("is_valid_utf8", raw)
     text = F.when(raw.isNotNull() & (size <= rules.max_value_bytes) & utf8, raw.cast("string"))
     parsed = with_text.withColumn("_json_text", text).withColumn(
-        "_json_doc", F.call_function("try_parse_json", F.concat(F.lit("["), F.col("_json_text"), F.lit("\n,1]"))))
+        "_json_doc", F.call_function("try_parse_json", F.concat(F.lit("["), F.col("_json_text"), F.lit('\n,"~"]'))))
     text, doc = F.col("_json_text"), F.col("_json_doc")
 
     def at(path: str, type_name: str = "variant") -> Column:
         return F.call_function("try_variant_get", doc, F.lit(path), F.lit(type_name))
 
-    single = doc.isNotNull() & (at("$[1]", "int") == 1) & at("$[2]").isNull()
+    single = doc.isNotNull() & (at("$[1]", "string") == "~") & at("$[2]").isNull()
     unforgeable = F.when(~text.contains("]"), F.lit(True)).otherwise(
         F.call_function("try_variant_get", F.call_function(
-            "try_parse_json", F.concat(F.lit("["), text, F.lit("\n,2]"))), F.lit("$[1]"), F.lit("int")) == 2)
-    first_char = F.regexp_extract(text, r"^[ \t\r\n]*(.)", 1)
-    is_object = first_char == "{"
-
+            "try_parse_json", F.concat(F.lit("["), text, F.lit('\n,"~~"]'))), F.lit("$[1]"), F.lit("string")) == "~~")
+    # Per field: its JSON type from the strict parse (schema_of_variant of the value: STRING,
+    # BIGINT, DECIMAL(3,1), DOUBLE, BOOLEAN, VOID for null...), its value from Spark's JSON
+    # reader with the contract's types (codegen'd; variant_get's casts build a literal per row
+    # and run ten times slower). The reader's leniency does not matter: a value is only used
+    # when the strict parse accepted the record and the JSON type is the field's.
     fields = contract.fields
     slots = {f.name: f"_json_v_{i}" for i, f in enumerate(fields)}
-    keys = F.call_function("json_object_keys", text)
     declared = F.array(*[F.lit(n) for n in contract.field_names])
+    first = F.regexp_extract(text, r"^[ \t\r\n]*(.)", 1)
     checked = parsed.withColumns({
         "_json_single": single & F.coalesce(unforgeable, F.lit(False)),
-        "_json_object": is_object,
-        "_json_first": first_char,
-        **{slots[f.name]: at(f"$[0]['{f.name}']") for f in fields},
-    }).withColumn(
-        "_json_keys", F.when(F.col("_json_single") & F.col("_json_object"), keys))
-    present = {f.name: F.col(slots[f.name]).isNotNull() for f in fields}
-    kind = {f.name: F.call_function("schema_of_variant", F.col(slots[f.name])) for f in fields}
-    checked = checked.withColumns({f"{slots[f.name]}_type": kind[f.name] for f in fields})
+        "_json_object": first == "{",
+        **{f"{slots[f.name]}_type": F.call_function("schema_of_variant", at(f"$[0]['{f.name}']")) for f in fields},
+    }).withColumn("_json_read", F.when(F.col("_json_single") & F.col("_json_object"),
+                                       F.from_json(text, "map<string,string>")))
     kind = {f.name: F.col(f"{slots[f.name]}_type") for f in fields}
+    present = {f.name: kind[f.name].isNotNull() for f in fields}
+    keys = F.call_function("json_object_keys", text)
 
     required = [f for f in fields if f.required]
-    unknown = F.filter(F.col("_json_keys"), lambda k: ~F.array_contains(declared, k))
+    unknown = F.filter(keys, lambda k: ~F.array_contains(declared, k))
     missing = [f for f in required]
 
     def typed(f: ContractField) -> Column:
-        slot = F.col(slots[f.name])
+        read = F.element_at(F.col("_json_read"), F.lit(f.name))  # the value's text (a string unquoted)
         if f.type == "string":
-            return F.when(kind[f.name] == "STRING", F.call_function("try_variant_get", slot, F.lit("$"), F.lit("string")))
+            return F.when(kind[f.name] == "STRING", read)
+        if f.type == "timestamp":
+            return F.when(kind[f.name] == "STRING", parse_timestamp(read))
         if f.type == "boolean":
-            return F.when(kind[f.name] == "BOOLEAN", F.call_function("try_variant_get", slot, F.lit("$"), F.lit("boolean")))
+            return F.when(kind[f.name] == "BOOLEAN", read == "true")
         if f.type == "long":
-            return F.when(kind[f.name].isin(*_INTEGRAL), F.call_function("try_variant_get", slot, F.lit("$"), F.lit("bigint")))
-        if f.type == "double":
-            number = F.call_function("try_variant_get", slot, F.lit("$"), F.lit("double"))
-            numeric = kind[f.name].isin(*_INTEGRAL, "DOUBLE", "FLOAT") | kind[f.name].startswith("DECIMAL")
-            return F.when(numeric & ~F.isnan(number) & (F.abs(number) != float("inf")), number)
-        return F.when(kind[f.name] == "STRING",
-                      parse_timestamp(F.call_function("try_variant_get", slot, F.lit("$"), F.lit("string"))))
+            return F.when(kind[f.name].isin(*_INTEGRAL), read.try_cast("bigint"))
+        number = read.try_cast("double")
+        numeric = kind[f.name].isin(*_INTEGRAL, "DOUBLE", "FLOAT") | kind[f.name].startswith("DECIMAL")
+        return F.when(numeric & ~F.isnan(number) & (F.abs(number) != float("inf")), number)
 
     values = checked.withColumns({f"{slots[f.name]}_typed": typed(f) for f in fields})
     typed_value = {f.name: F.col(f"{slots[f.name]}_typed") for f in fields}
@@ -200,7 +188,7 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
 
     def shown(f: ContractField) -> Column:
         """The value as the reasons quote it: its JSON text (a non-finite number as written)."""
-        as_json = F.call_function("to_json", F.col(slots[f.name]))
+        as_json = F.call_function("to_json", at(f"$[0]['{f.name}']"))
         # A fractional literal is a float to Python (``-6.0``); the variant keeps it as a
         # decimal with the trailing zeros dropped (``-6``).
         as_json = F.when(kind[f.name].startswith("DECIMAL") & ~as_json.contains("."),
@@ -216,13 +204,16 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
     event_time = typed_value[event_name]
     now = F.col(batch_time)
     ahead = F.unix_micros(event_time) - F.unix_micros(now)
-    n_unknown = F.coalesce(F.size(unknown), F.lit(0))
+    # The keys are distinct here (a repeated key is not JSON), so the undeclared ones are the
+    # keys less the declared ones present: no per-key lambda on the valid path.
+    n_present = functools.reduce(operator.add, [F.when(present[f.name], 1).otherwise(0) for f in fields], F.lit(0))
+    n_unknown = F.when(F.col("_json_read").isNotNull(), F.size(F.col("_json_read")) - n_present).otherwise(F.lit(0))
     n_missing = functools.reduce(operator.add, [F.when(~present[f.name], 1).otherwise(0) for f in missing], F.lit(0))
     missing_text = _joined([(~present[f.name], F.lit(f"required field {_quoted(f.name)} is missing")) for f in missing])
 
     def unknown_text(suffix: str) -> Column:
-        return F.array_join(F.transform(unknown, lambda k: F.concat(
-            F.lit("undeclared field '"), k, F.lit(f"'{suffix}"))), "; ")
+        return F.concat(F.lit("undeclared field '"), F.array_join(unknown, f"'{suffix}; undeclared field '"),
+                        F.lit(f"'{suffix}"))
 
     def with_unknown(suffix: str) -> Column:
         return F.when(n_unknown > 0, F.concat(missing_text, F.lit("; "), unknown_text(suffix))).otherwise(missing_text)
@@ -232,63 +223,67 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
     repeated = F.filter(keys_read, lambda k, i: F.array_contains(F.slice(keys_read, 1, i), k))
     tolerance_text = describe_duration(rules.future_tolerance, SECOND)
     horizon_text = describe_duration(rules.max_event_age, SECOND)
-    # The conditions first, as plain columns, so that the two CASE chains below stay small
-    # (the optimizer runs again on every micro-batch).
-    flagged = values.withColumns({
-        "_json_c0": raw.isNull(),
-        "_json_c1": size > rules.max_value_bytes,
-        "_json_c2": ~utf8,
-        "_json_c3": text.rlike(r"^\s*$"),
-        "_json_c4": ~F.col("_json_single"),
-        "_json_c5": ~F.col("_json_object"),
-        "_json_n_unknown": n_unknown,
-        "_json_n_missing": n_missing,
-        "_json_c8": _any([~given[f.name] for f in required]),
-        "_json_c9": _any(list(wrong_type.values())),
-        "_json_c10": _any(list(negative.values())),
-        "_json_ahead": ahead,
-    })
-    flag = {i: F.col(f"_json_c{i}") for i in (0, 1, 2, 3, 4, 5, 8, 9, 10)}
-    n_unknown, n_missing, ahead = F.col("_json_n_unknown"), F.col("_json_n_missing"), F.col("_json_ahead")
-    error_class, reason = _first_error([
-        (flag[0], "not_json", F.lit("value is null (a tombstone), expected a JSON object")),
-        (flag[1], "oversize",
-         F.format_string(f"value is %d bytes, over the limit of {rules.max_value_bytes} bytes", size)),
-        (flag[2], "not_utf8", F.format_string("value is not UTF-8: invalid byte at position %d", _not_utf8_position(raw))),
-        (flag[3], "not_json", F.lit("value is empty, expected a JSON object")),
-        (flag[4], "not_json",
-         F.when(F.size(repeated) > 0, F.format_string("value has the key '%s' twice", F.element_at(repeated, 1)))
-         .when(F.call_function("try_parse_json", text).isNotNull(),
-               F.lit("value is not JSON: extra data after the first JSON value"))
-         .otherwise(F.lit("value is not JSON: invalid syntax (or NaN, Infinity, a comment, a control character)"))),
-        (flag[5], "not_json", F.format_string(
-            "value is a JSON %s, expected an object",
-            F.when(F.col("_json_first") == "[", "array").when(F.col("_json_first") == '"', "string")
-            .when(F.col("_json_first").isin("t", "f"), "boolean").when(F.col("_json_first") == "n", "null")
-            .otherwise("number"))),
+    # The class: one CASE over conditions the valid path needs anyway, in one code-generated
+    # stage. The reason: in a projection of its own, only for invalid rows, with lambdas that
+    # keep it out of whole-stage code generation (its text building would push the stage's
+    # generated code past the JVM's 64 KB method limit, and the whole stage would fall back
+    # to slow interpreted evaluation). Its CASE reads error_class many times, so the optimizer
+    # does not merge it into the stage below.
+    classes = [
+        (raw.isNull() | (size > rules.max_value_bytes) | ~utf8 | F.col("_json_read").isNull(),
+         F.when(raw.isNotNull() & (size > rules.max_value_bytes), "oversize")
+         .when(raw.isNotNull() & ~utf8, "not_utf8").otherwise("not_json")),
         # As many undeclared fields as missing ones: the shape of an upstream rename.
-        ((n_missing > 0) & (n_unknown > 0) & (n_missing <= n_unknown), "renamed_field",
-         with_unknown(" is present (renamed upstream?)")),
-        (n_missing > 0, "missing_field", with_unknown(" is present")),
-        (F.lit(contract.strict) & (n_unknown > 0), "unknown_field",
-         unknown_text(f" (contract {_quoted(contract.name)} v{contract.version} is strict)")),
-        (flag[8], "null_field",
-         _joined([(~given[f.name], F.lit(f"required field {_quoted(f.name)} is null")) for f in required])),
-        (flag[9], "wrong_type", _joined([
+        ((n_missing > 0) & (n_unknown > 0) & (n_missing <= n_unknown), F.lit("renamed_field")),
+        (n_missing > 0, F.lit("missing_field")),
+        (F.lit(contract.strict) & (n_unknown > 0), F.lit("unknown_field")),
+        (_any([~given[f.name] for f in required]), F.lit("null_field")),
+        (_any(list(wrong_type.values())), F.lit("wrong_type")),
+        (_any(list(negative.values())), F.lit("negative_value")),
+        (ahead > micros(rules.future_tolerance), F.lit("future_event_time")),
+        (-ahead > micros(rules.max_event_age), F.lit("stale_event_time")),
+    ]
+    error_class = F.lit(None).cast("string")
+    for condition, name in reversed(classes):
+        error_class = F.when(condition, name).otherwise(error_class)
+    classified = values.withColumn("error_class", error_class)
+    error_class = F.col("error_class")
+    reasons = {
+        "oversize": F.format_string(f"value is %d bytes, over the limit of {rules.max_value_bytes} bytes", size),
+        "not_utf8": F.format_string("value is not UTF-8: invalid byte at position %d", _not_utf8_position(raw)),
+        "not_json": F.when(raw.isNull(), F.lit("value is null (a tombstone), expected a JSON object"))
+        .when(text.rlike(r"^\s*$"), F.lit("value is empty, expected a JSON object"))
+        .when(F.size(repeated) > 0, F.format_string("value has the key '%s' twice", F.element_at(repeated, 1)))
+        .when(~F.col("_json_single") & F.call_function("try_parse_json", text).isNotNull(),
+              F.lit("value is not JSON: extra data after the first JSON value"))
+        .when(~F.col("_json_single"),
+              F.lit("value is not JSON: invalid syntax (or NaN, Infinity, a comment, a control character)"))
+        .otherwise(F.format_string(
+            "value is a JSON %s, expected an object",
+            F.when(first == "[", "array").when(first == '"', "string").when(first.isin("t", "f"), "boolean")
+            .when(first == "n", "null").otherwise("number"))),
+        "renamed_field": with_unknown(" is present (renamed upstream?)"),
+        "missing_field": with_unknown(" is present"),
+        "unknown_field": unknown_text(f" (contract {_quoted(contract.name)} v{contract.version} is strict)"),
+        "null_field": _joined([(~given[f.name], F.lit(f"required field {_quoted(f.name)} is null")) for f in required]),
+        "wrong_type": _joined([
             (wrong_type[f.name], F.format_string(f"field {_quoted(f.name)} must be {_EXPECTED[f.type]}, got %s %s",
-                                                 _json_type(kind[f.name]), shown(f))) for f in fields])),
-        (flag[10], "negative_value", _joined([
+                                                 _json_type(kind[f.name]), shown(f))) for f in fields]),
+        "negative_value": _joined([
             (cond, F.format_string(f"field {_quoted(name)} must not be negative, got %s", shown(contract.field(name))))
-            for name, cond in negative.items()])),
-        (ahead > micros(rules.future_tolerance), "future_event_time", F.format_string(
+            for name, cond in negative.items()]),
+        "future_event_time": F.format_string(
             f"{event_name} %s is %s ahead of the batch time %s, beyond the tolerance of {tolerance_text}",
-            _isoformat(event_time), _duration_text(ahead), _isoformat(now))),
-        (-ahead > micros(rules.max_event_age), "stale_event_time", F.format_string(
+            _isoformat(event_time), _duration_text(ahead), _isoformat(now)),
+        "stale_event_time": F.format_string(
             f"{event_name} %s is %s behind the batch time %s, beyond the horizon of {horizon_text}",
-            _isoformat(event_time), _duration_text(-ahead), _isoformat(now))),
-    ])
-    judged = flagged.withColumns({"error_class": error_class, "error_reason": reason})
-    valid = F.col("error_class").isNull()
+            _isoformat(event_time), _duration_text(-ahead), _isoformat(now)),
+    }
+    reason = F.lit(None).cast("string")
+    for name, message in reversed(list(reasons.items())):
+        reason = F.when(error_class == name, message).otherwise(reason)
+    judged = classified.withColumn("error_reason", reason)
+    valid = error_class.isNull()
     return judged.select(
         *with_text.columns,
         *[F.when(valid, typed_value[f.name]).cast(spark_type(f)).alias(f.name) for f in fields],
