@@ -63,6 +63,7 @@ setup(
             "fp-generate=jobs.generate:main",
             "fp-reconcile=jobs.reconcile:main",
             "fp-features=jobs.features:main",
+            "fp-live=jobs.live:main",
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",

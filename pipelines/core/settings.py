@@ -126,6 +126,10 @@ class StorageSettings:
         return f"{self.root}/ops/late_recompute"
 
     @property
+    def live_metrics_path(self) -> str:
+        return f"{self.root}/ops/live_metrics"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 
@@ -165,6 +169,22 @@ class FeatureSettings:
     #: At most this many new bronze files per micro-batch (Delta ``maxFilesPerTrigger``): a
     #: restart after an outage catches up in bounded batches instead of one huge one.
     max_files_per_trigger: int = 1000
+
+
+@dataclass(frozen=True)
+class LiveSettings:
+    """The live path (``fp-live``): Kafka straight to Redis for the trailing views, beside the
+    durable path (README "The live path")."""
+
+    #: Pause between micro-batches; ``0s`` starts the next one as soon as the last ends.
+    trigger_interval: timedelta = timedelta(0)
+    #: At most this many records per micro-batch (a restart catches up in bounded batches).
+    max_offsets_per_trigger: int = 20_000
+    #: For a new checkpoint: ``earliest`` rebuilds every window from what Kafka retains (the
+    #: live values are exact only if the entity's events of its longest window are read).
+    starting_offsets: str = "earliest"
+    #: One progress line and one ``ops/live_metrics`` row per interval.
+    report_interval: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -256,6 +276,7 @@ class Settings:
     storage: StorageSettings
     ingest: IngestSettings
     features: FeatureSettings = field(default_factory=FeatureSettings)
+    live: LiveSettings = field(default_factory=LiveSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)

@@ -1,0 +1,42 @@
+"""The live path: trailing features from Kafka straight into Redis within a second, beside the
+durable path (fp-ingest + fp-features), which restates every value it computes.
+
+Usage: spark-submit jobs/live.py --env local [--views account_velocity] [--available-now] [--timeout 600]
+       (console script: fp-live)
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, views_from_args
+from pipelines.core.session import build_session
+from pipelines.features.live_stream import run_live
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="fp-live", description=__doc__.splitlines()[0])
+    add_settings_arguments(parser)
+    parser.add_argument("--views", help="comma-separated trailing views from conf/features (default: all trailing)")
+    parser.add_argument("--available-now", action="store_true", help="process what Kafka holds now, then stop")
+    parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(logging.INFO)
+
+    def run() -> int:
+        settings = settings_from_args(args)
+        views = views_from_args(args.views, settings)
+        spark = build_session(settings.spark)
+        return run_live(spark, settings, views, args.timeout, args.available_now)
+
+    return run_job("live", run)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

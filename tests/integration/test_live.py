@@ -1,0 +1,196 @@
+"""The live path (``fp-live``): Kafka straight to Redis, the same answers as the batch definition.
+
+For every trailing view, an entity's live value is the batch transform applied to the entity's
+valid, de-duplicated events read so far, as of its latest event: the reference here is
+:func:`pipelines.features.transforms.trailing_features` over the ingest's own static validation
+and duplicate filter of the same Kafka records, computed independently in Spark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from pyspark.sql import functions as F
+
+from pipelines.contracts.validation import ValidationRules
+from pipelines.core.settings import Settings
+from pipelines.core.times import utc_assuming_local
+from pipelines.core.view_spec import FeatureView, feature_names
+from pipelines.features.live_stream import run_live
+from pipelines.features.sinks import latest_per_entity
+from pipelines.features.transforms import trailing_features
+from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_events
+from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.local.platform import wait_healthy
+from pipelines.online.live import LiveTrailingView
+from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
+from tests.support import start_job, topic_names
+
+
+def batch_definition(spark, settings: Settings, view: FeatureView) -> dict[Any, dict[str, Any]]:
+    """Entity -> its latest event's row of the batch transform over every valid, de-duplicated
+    event of the view's topic (read from Kafka, checked as the ingest checks)."""
+    topic = settings.source_topic(view)
+    reader = (spark.read.format("kafka").option("subscribe", topic)
+              .option("startingOffsets", "earliest").option("endingOffsets", "latest"))
+    for key, value in settings.kafka.spark_options().items():
+        reader = reader.option(key, value)
+    contract = settings.contract_for(topic)
+    rules = ValidationRules.of(settings.ingest)
+    events = bronze_rows(drop_duplicate_events(check_records(reader.load(), contract, rules), contract, rules), contract)
+    latest = latest_per_entity(trailing_features(events, view), view)
+    return {row[view.entity]: row.asDict() for row in latest.collect()}
+
+
+def mismatches(client, settings: Settings, view: FeatureView, expected: dict[Any, dict[str, Any]]) -> list:
+    """The entities whose live value differs from ``expected`` (doubles to 1e-9, relative)."""
+    names = feature_names(view)
+    wrong = []
+    for value in read_online(client, settings.redis.namespace, view.name, names, sorted(expected)):
+        row = expected[value["entity"]]
+        same_time = value["event_time"] == utc_assuming_local(row[view.event_time])
+        same = all(
+            value[n] == row[n] or (isinstance(row[n], float) and value[n] is not None
+                                   and abs(value[n] - row[n]) <= 1e-9 * max(1.0, abs(row[n])))
+            for n in names
+        )
+        if not (same_time and same):
+            wrong.append((value, {n: row[n] for n in names}, row[view.event_time]))
+    return wrong
+
+
+def disordered(count: int, seed: int, hours: float = 10.0, ago: timedelta = timedelta(hours=1)) -> GeneratorSpec:
+    """The generator's own disorder (5% out of order up to 2 minutes, 2% late by 30 minutes to
+    6 hours, 1% duplicates, 2% bad records), ending ``ago``."""
+    spec = GeneratorSpec(count=count, accounts=30, merchants=10, seed=seed, label_rate=0.4,
+                         end=datetime.now(timezone.utc) - ago, span=timedelta(hours=hours))
+    assert spec.out_of_order_rate > 0 and spec.late_rate > 0 and spec.duplicate_rate > 0 and spec.bad_rate > 0
+    return spec
+
+
+def trailing_views(settings: Settings) -> list[FeatureView]:
+    views = [v for v in settings.views.values() if v.kind == "trailing"]
+    assert {v.source.contract for v in views} == {"transactions", "labels"}
+    return views
+
+
+def test_live_values_equal_the_batch_definition_under_disorder_and_duplicates(spark, isolated):
+    # Small batches: out-of-order events and their duplicates land in later batches than the
+    # events they precede.
+    settings = isolated(live={"max_offsets_per_trigger": 150})
+    spec = disordered(1500, seed=71)
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    views = trailing_views(settings)
+    assert run_live(spark, settings, views, available_now=True) == 0
+    client = redis_client(settings.redis)
+    for view in views:
+        expected = batch_definition(spark, settings, view)
+        assert len(expected) >= 20, view.name
+        assert mismatches(client, settings, view, expected) == [], view.name
+    # The interval's progress went to the ops table.
+    metrics = spark.read.format("delta").load(settings.storage.live_metrics_path)
+    assert metrics.agg(F.sum("events")).first()[0] >= spec.count
+
+
+def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
+    settings = isolated()
+    view = settings.views["account_velocity"]
+    types = {f.name: "double" if f.type == "double" else "string" for f in settings.contract_for(
+        settings.source_topic(view)).fields}
+    client = redis_client(settings.redis)
+    live = LiveTrailingView(client, settings.redis.namespace, view, types)
+    assert live.columns == ["amount_usd", "merchant_id", "balance_usd"]
+    t0 = 1_795_000_000_000_000
+    events = [("acct-1", "tx-1", t0, 10.0, "m-1", 100.0), ("acct-1", "tx-2", t0 + 1_000_000, 5.0, "m-2", 95.0)]
+    first = live.apply(events)
+    assert (first.added, first.written) == (2, 1)
+    before = client.hgetall(f"{settings.redis.namespace}:account_velocity:acct-1")
+    again = live.apply(events + [("acct-1", "tx-1", t0, 99.0, "m-9", 1.0)])  # tx-1 redelivered, other bytes
+    assert (again.added, again.written) == (0, 0)
+    assert client.hgetall(f"{settings.redis.namespace}:account_velocity:acct-1") == before
+    value = read_online(client, settings.redis.namespace, view.name, feature_names(view), ["acct-1"])[0]
+    assert (value["count_1h"], value["sum_amount_usd_1h"], value["max_amount_usd_1d"]) == (2, 15.0, 10.0)
+    assert value["approx_count_distinct_merchant_id_1d"] == 2
+    assert value["last_balance_usd_1d"] == 95.0
+
+
+def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_again(isolated):
+    settings = isolated()
+    view = settings.views["account_velocity"]
+    types = {f.name: "double" if f.type == "double" else "string" for f in settings.contract_for(
+        settings.source_topic(view)).fields}
+    client = redis_client(settings.redis)
+    namespace, names = settings.redis.namespace, feature_names(view)
+    live = LiveTrailingView(client, namespace, view, types)
+    t0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
+    at = int(t0.timestamp() * 1_000_000)
+    live.apply([("acct-7", "tx-1", at, 10.0, "m-1", 100.0)])
+    # The feature stream's row for the same event, computed with a correction: it wins.
+    durable = OnlineStoreWriter(client, namespace, view.name, view.online.ttl)
+    row = {"account_id": "acct-7", "event_time": t0, "computed_at": t0 + timedelta(seconds=20),
+           **{n: None for n in names}, "count_1h": 2, "sum_amount_usd_1h": 30.0}
+    assert durable.write([row], "account_id", "event_time", names, "computed_at").written == 1
+    # An out-of-order live event for the same latest event time does not undo the restatement.
+    live.apply([("acct-7", "tx-0", at - 60_000_000, 1.0, "m-1", 100.0)])
+    value = read_online(client, namespace, view.name, names, ["acct-7"])[0]
+    assert (value["count_1h"], value["sum_amount_usd_1h"]) == (2, 30.0)
+    # A newer event: the live path's value is fresher, and it wins.
+    live.apply([("acct-7", "tx-2", at + 5_000_000, 2.0, "m-2", 98.0)])
+    value = read_online(client, namespace, view.name, names, ["acct-7"])[0]
+    assert value["event_time"] == t0 + timedelta(seconds=5)
+    assert (value["count_1h"], value["sum_amount_usd_1h"]) == (3, 13.0)
+
+
+def committed_batches(checkpoint: str) -> int:
+    commits = os.path.join(checkpoint, "commits")
+    return len([n for n in os.listdir(commits) if n.isdigit()]) if os.path.isdir(commits) else 0
+
+
+def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_the_batch_definition(
+        spark, isolated, platform, tmp_path):
+    settings = isolated(live={"max_offsets_per_trigger": 60, "report_interval": "2s"})
+    spec = disordered(2500, seed=72)
+    produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    log = tmp_path / "live.log"
+    checkpoint = settings.storage.checkpoint_path("live", settings.ingest.topics[0])
+
+    def run_until(condition, timeout: float = 300) -> subprocess.Popen:
+        job = start_job("live", conf_dir, log)
+        deadline = time.monotonic() + timeout
+        while not condition():
+            assert job.poll() is None, log.read_text()[-5000:]
+            assert time.monotonic() < deadline, "the live job did not get there in time"
+            time.sleep(0.05)
+        return job
+
+    # Two SIGKILLs of the whole process group (driver and JVM), each after a few more batches.
+    for target in (3, 8):
+        job = run_until(lambda target=target: committed_batches(checkpoint) >= target)
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    # Restarted; Redis goes down mid-stream (a real restart of the server, AOF on), more events
+    # arrive while it is down, and it comes back.
+    job = run_until(lambda: committed_batches(checkpoint) >= 12)
+    platform.redis.stop()
+    produce(generate(disordered(300, seed=73, hours=0.5, ago=timedelta(minutes=20))),
+            settings.kafka.client_properties(), topic_names=topic_names(settings))
+    time.sleep(3)
+    platform.redis.start()
+    wait_healthy(platform.redis, timeout=60)
+    expected = {view.name: batch_definition(spark, settings, view) for view in trailing_views(settings)}
+    client = redis_client(settings.redis)
+    deadline = time.monotonic() + 300
+    while any(mismatches(client, settings, v, expected[v.name]) for v in trailing_views(settings)):
+        assert job.poll() is None, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, [mismatches(client, settings, v, expected[v.name])[:3]
+                                              for v in trailing_views(settings)]
+        time.sleep(1)
+    os.killpg(job.pid, signal.SIGTERM)
+    assert job.wait(timeout=120) == 0, log.read_text()[-5000:]
+    # The events sent while Redis was down are in the values compared above: nothing was lost.
+    assert "event->redis p50" in log.read_text()
