@@ -1,32 +1,26 @@
-"""Event-to-Redis latency of a trailing view at a fixed input rate, by the path the events take.
+"""Event-to-Redis latency of a trailing view at fixed input rates: the live path (``fp-live``)
+and the durable bronze path (``fp-ingest`` + ``fp-features``), in the same run.
 
-Events are produced at ``--rate`` per second, each stamped with its send time as event time,
-while the streams run. A Redis keyspace subscriber notes the moment each online hash is
+For each rate, events are produced at that rate for ``--seconds``, each stamped with its send
+time as event time, into a fresh topic that both paths read, each writing its own Redis
+namespace. A Redis keyspace subscriber per namespace notes the moment each online hash is
 written and the event time it then holds. An event's latency is the time from its event time
-(= send time) to the first Redis write of its entity holding that event time or a later one:
-how long the online store takes to reflect it. Reported as p50/p95/p99 over the events sent
-after a warm-up, per path:
+(= send time) to the first write of its entity holding that event time or a later one. The
+first ``--warmup`` seconds of events are left out. Reported as p50/p95/p99 per path and rate;
+with ``--alone`` the live path is measured again with the durable path stopped.
 
-* **bronze** (what ``fp-ingest`` + ``fp-features`` do): Kafka -> ingest (validate, dedupe,
-  bronze Delta) -> the view's stream of the bronze table -> feature table + Redis;
-* **kafka** (the alternative, lower bound): Kafka -> the same validation -> the view's stream
-  -> feature table + Redis, in one query; the ingest runs beside it (bronze and the dead-letter
-  table are needed either way). No duplicate filter: Spark allows one watermark per query
-  chain, and the filter's (7 days of event age) and the view's (minutes) cannot both hold, so
-  this path is measured without it: it can only be slower with one.
+Every query runs in one Spark session (``local[2]``) on this machine: the live query, the
+ingest and the view's feature query share the two cores, as they would share a small cluster.
+The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
+...}, "bronze": {...}, "online_alone": {...}}`` (seconds).
 
-Every path runs in one Spark session (``local[2]``), one after the other (bronze first), on a
-fresh topic. Only the bronze path has the feature-metrics listener (a Delta append per batch
-on the same cores): a handicap on the shipped path, not on the alternative. An event counts as
-reflected by the first write of its account holding its event time or a later one, so an
-event superseded within a batch is reflected by that batch's write.
-
-Usage: python bench/feature_latency.py --env local [--rate 100] [--seconds 120] [--trigger 1s]
+Usage: python bench/feature_latency.py --env local [--rates 1000,5000] [--seconds 300] [--alone]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -43,25 +37,19 @@ from datetime import datetime, timezone
 
 import redis
 
-from pipelines.contracts.validation import ValidationRules
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.runner import stop_between_batches
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import parse_duration
-from pipelines.features.sinks import FeatureBatchWriter
+from pipelines.features.live_stream import start_live
 from pipelines.features.stream import start_features
-from pipelines.features.trailing_state import trailing_features_stream
-from pipelines.ingest.bronze import bronze_rows
-from pipelines.ingest.json_records import validate_records
-from pipelines.ingest.sources import read_kafka_stream
 from pipelines.ingest.stream import start_ingest
 from pipelines.online.store import EVENT_TIME_FIELD, redis_client
 
 log = logging.getLogger("bench")
 VIEW = "account_velocity"
-PATHS = ("bronze", "kafka")
 
 
 def now_micros() -> int:
@@ -147,93 +135,92 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def start_kafka_direct(spark, settings, view):
-    """The alternative path: the view's stream straight from Kafka (validation, valid rows only)."""
-    topic = settings.ingest.topics[0]
-    contract = settings.contract_for(topic)
-    records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest)
-    events = bronze_rows(validate_records(records, contract, ValidationRules.of(settings.ingest)), contract)
-    handler = FeatureBatchWriter(view, settings)
-    interval = int(settings.features.trigger_interval.total_seconds() * 1000)
-    return (trailing_features_stream(events, view).writeStream.queryName(f"kafka_direct_{view.name}")
-            .foreachBatch(handler).option("checkpointLocation", settings.storage.checkpoint_path("kafka_direct", view.name))
-            .trigger(processingTime=f"{interval} milliseconds").start())
-
-
-def run_path(spark, base_args, path: str, run_id: str, args) -> dict:
-    topic = f"bench_lat_{path}_{run_id.lower()}"
-    root = PROJECT_ROOT / ".local" / "bench" / f"latency-{run_id}" / path
-    trigger = args.trigger
+def settings_for(base_args, run_id: str, rate: int, namespace: str):
+    topic = f"bench_lat_{rate}_{run_id.lower()}"
+    root = PROJECT_ROOT / ".local" / "bench" / f"latency-{run_id}" / str(rate)
     overrides = deep_merge(parse_overrides(base_args.set), {
         "kafka": {"topics": {topic: {"contract": "transactions", "partitions": 2, "replication_factor": 1}}},
-        "ingest": {"topics": [topic], "trigger_interval": trigger, "starting_offsets": "earliest"},
-        "features": {"trigger_interval": trigger},
+        # The labels topic keeps the labels views computable (every view needs its topic).
+        "ingest": {"topics": [topic, "labels"], "trigger_interval": base_args.trigger, "starting_offsets": "earliest"},
+        "features": {"trigger_interval": base_args.trigger},
+        "live": {"starting_offsets": "earliest"},
         "storage": {"root": str(root / "lake")},
-        "redis": {"namespace": f"bench-latency-{run_id}-{path}"},
+        "redis": {"namespace": namespace},
     })
     settings = load_settings(base_args.env, base_args.conf_dir, overrides)
-    ensure_topics(settings.kafka.client_properties(), [TopicSpec(topic, 2, 1), TopicSpec(settings.kafka.dlq_topic_for(topic), 2, 1)])
-    view = settings.views[VIEW]
-    client = redis_client(settings.redis)
-    listener = OnlineWrites(client, settings.redis.namespace)
-    listener.start()
+    ensure_topics(settings.kafka.client_properties(),
+                  [TopicSpec(topic, 2, 1), TopicSpec(settings.kafka.dlq_topic_for(topic), 2, 1)])
+    return settings, root
 
+
+def measure_rate(spark, args, run_id: str, rate: int, durable: bool) -> dict[str, dict]:
+    """Run the live path (and, if ``durable``, the bronze path beside it) while producing at
+    ``rate``; the latency figures of each."""
+    label = f"{rate}{'' if durable else '-alone'}"
+    live, root = settings_for(args, f"{run_id}-{label}", rate, f"bench-latency-{run_id}-{label}-live")
+    bronze = dataclasses.replace(live, redis=dataclasses.replace(live.redis, namespace=f"bench-latency-{run_id}-{label}-bronze"))
+    view = live.views[VIEW]
+    client = redis_client(live.redis)
+    listeners = {"online": OnlineWrites(client, live.redis.namespace)}
+    if durable:
+        listeners["bronze"] = OnlineWrites(client, bronze.redis.namespace)
+    for listener in listeners.values():
+        listener.start()
+    queries, listeners_to_remove = [], []
+    live_queries, _, table_writer = start_live(spark, live, [view])
+    queries += live_queries
+    if durable:
+        ingest = start_ingest(spark, bronze, topics=[bronze.ingest.topics[0]])
+        feature_queries, feature_listener = start_features(spark, bronze, [view])
+        queries += list(ingest.queries) + feature_queries
+        listeners_to_remove += [ingest.listener, feature_listener]
     try:
-        return measure_path(spark, settings, path, view, client, listener, args)
+        time.sleep(args.settle)  # every query started and ran its first (empty) batches
+        log.info("%s: producing %d events/s for %ds", label, rate, args.seconds)
+        sent = produce_at_rate(live, live.ingest.topics[0], rate, args.seconds, args.accounts, seed=17)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if all(not latencies(sent, listener.writes)[1] for listener in listeners.values()):
+                break
+            time.sleep(1)
     finally:
-        for key in client.scan_iter(f"{settings.redis.namespace}:*", count=1000):
+        stop_between_batches(queries)
+        for query in queries:
+            query.awaitTermination()
+        for listener in listeners_to_remove:
+            spark.streams.removeListener(listener)
+        table_writer.stopping.set()
+        for listener in listeners.values():
+            listener.stop()
+    results = {}
+    for path, listener in listeners.items():
+        measured, missing = latencies(sent[int(args.warmup * rate):], listener.writes)
+        if missing:
+            raise RuntimeError(f"{path} at {rate}/s: {missing} events never reached Redis")
+        results[path] = {"events": len(measured), "p50": round(percentile(measured, 50), 3),
+                         "p95": round(percentile(measured, 95), 3), "p99": round(percentile(measured, 99), 3),
+                         "max": round(max(measured), 3)}
+        log.info("%s %s: %s", path, label, results[path])
+    for namespace in {live.redis.namespace, bronze.redis.namespace}:
+        for key in client.scan_iter(f"{namespace}:*", count=1000):
             client.unlink(key)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def measure_path(spark, settings, path: str, view, client, listener: OnlineWrites, args) -> dict:
-    """Run the path's queries while producing, and the latency of every event after the warm-up."""
-    topic = settings.ingest.topics[0]
-    ingest = start_ingest(spark, settings)
-    queries = list(ingest.queries)
-    if path == "bronze":
-        feature_queries, feature_listener = start_features(spark, settings, [view])
-        queries += feature_queries
-    else:
-        queries.append(start_kafka_direct(spark, settings, view))
-        feature_listener = None
-    time.sleep(args.settle)  # let every query start and run its first (empty) batches
-    log.info("%s: producing %.0f events/s for %ds", path, args.rate, args.seconds)
-    sent = produce_at_rate(settings, topic, args.rate, args.seconds, args.accounts, seed=17)
-    # Wait until every event is reflected in Redis (or give up after a while).
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        measured, missing = latencies(sent, listener.writes)
-        if not missing:
-            break
-        time.sleep(1)
-    stop_between_batches(queries)
-    for q in queries:
-        q.awaitTermination()
-    spark.streams.removeListener(ingest.listener)
-    if feature_listener:
-        spark.streams.removeListener(feature_listener)
-    listener.stop()
-    measured, missing = latencies(sent[int(args.warmup * args.rate):], listener.writes)
-    if missing:
-        raise RuntimeError(f"{path}: {missing} events never reached Redis")
-    return {"events": len(measured), "p50": round(percentile(measured, 50), 2), "p95": round(percentile(measured, 95), 2),
-            "p99": round(percentile(measured, 99), 2), "max": round(max(measured), 2),
-            "mean": round(sum(measured) / len(measured), 2)}
+    shutil.rmtree(root, ignore_errors=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
-    parser.add_argument("--rate", type=float, default=100.0, help="events per second")
-    parser.add_argument("--seconds", type=int, default=120, help="how long to produce")
+    parser.add_argument("--rates", default="1000,5000", help="events per second, comma-separated")
+    parser.add_argument("--seconds", type=int, default=300, help="how long to produce at each rate")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of events left out of the figures")
     parser.add_argument("--settle", type=float, default=30.0, help="seconds between query start and the first event")
-    parser.add_argument("--accounts", type=int, default=1000)
-    parser.add_argument("--trigger", default="1s", help="trigger interval of every query")
-    parser.add_argument("--path", choices=PATHS, action="append", help="run only these paths (default: both)")
+    parser.add_argument("--accounts", type=int, default=500)
+    parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")
+    parser.add_argument("--alone", action="store_true", help="also measure the live path with the durable path stopped")
     args = parser.parse_args(argv)
     parse_duration(args.trigger, "--trigger")
+    rates = [int(r) for r in args.rates.split(",")]
     configure_logging(logging.INFO)
     base = settings_from_args(args)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -244,26 +231,31 @@ def main(argv: list[str] | None = None) -> int:
     control = redis_client(base.redis)
     previous = control.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
     control.config_set("notify-keyspace-events", "Kh")  # keyspace events of hash commands
-    results: dict = {"run": run_id, "rate": args.rate, "seconds": args.seconds, "warmup": args.warmup,
-                     "trigger": args.trigger, "accounts": args.accounts, "view": VIEW,
-                     "machine": {"cpus": os.cpu_count(), "python": host.python_version(), "system": host.platform()}}
+    figures: dict[str, dict[str, dict]] = {"online": {}, "bronze": {}}
     try:
-        for path in args.path or PATHS:
-            results[path] = run_path(spark, args, path, run_id, args)
-            log.info("%s: %s", path, results[path])
+        for rate in rates:
+            for path, result in measure_rate(spark, args, run_id, rate, durable=True).items():
+                figures[path][str(rate)] = result
+        if args.alone:
+            figures["online_alone"] = {str(rate): measure_rate(spark, args, run_id, rate, durable=False)["online"]
+                                       for rate in rates}
     finally:
         control.config_set("notify-keyspace-events", previous)
 
+    results = {"run": run_id, "seconds": args.seconds, "warmup": args.warmup, "trigger": args.trigger,
+               "accounts": args.accounts, "view": VIEW, "figures": figures,
+               "machine": {"cpus": os.cpu_count(), "python": host.python_version(), "system": host.platform()}}
     out = PROJECT_ROOT / "bench" / "results" / f"latency-{run_id}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nevent-to-Redis latency, {VIEW}, {args.rate:.0f} events/s, trigger {args.trigger} (seconds)\n")
-    print("| path | events | p50 | p95 | p99 | max |\n|---|---|---|---|---|---|")
-    for path in PATHS:
-        if path in results:
-            r = results[path]
-            print(f"| {path} | {r['events']:,} | {r['p50']} | {r['p95']} | {r['p99']} | {r['max']} |")
+    print(f"\nevent-to-Redis latency, {VIEW}, {args.seconds}s per rate (seconds)\n")
+    print("| path | events/s | events | p50 | p95 | p99 | max |\n|---|---|---|---|---|---|---|")
+    for path, by_rate in figures.items():
+        for rate, r in by_rate.items():
+            print(f"| {path} | {rate} | {r['events']:,} | {r['p50']} | {r['p95']} | {r['p99']} | {r['max']} |")
     print(f"\nresults: {out}")
+    print(json.dumps({path: {rate: {k: r[k] for k in ("p50", "p95", "p99")} for rate, r in by_rate.items()}
+                      for path, by_rate in figures.items()}))
     return 0
 
 

@@ -199,10 +199,12 @@ class LiveBatchWriter:
         self.metrics = metrics
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        started = time.monotonic()
         table = batch.toArrow()
         if table.num_rows == 0:
             return
         data = table.to_pydict()
+        read = time.monotonic()
         added = written = 0
         for live in self.views:
             view = live.view
@@ -211,6 +213,8 @@ class LiveBatchWriter:
             added += result.added
             written += result.written
         done = time.time_ns() // 1000
+        log.debug("%s batch %d: %d events, read+validate %.3fs, redis %.3fs", self.metrics.query_name, batch_id,
+                  table.num_rows, read - started, time.monotonic() - read)
         self.metrics.record([(done - t) / 1e6 for t in data["_event_micros"]],
                             [(done - t) / 1e6 for t in data["_append_micros"]], added, written)
 
