@@ -96,14 +96,21 @@ def test_live_values_equal_the_batch_definition_under_disorder_and_duplicates(sp
     assert metrics.agg(F.sum("events")).first()[0] >= spec.count
 
 
-def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
-    settings = isolated()
+def velocity_live(settings: Settings) -> tuple[FeatureView, Any, LiveTrailingView]:
+    """``account_velocity``'s live state in the test's Redis namespace; events for it are
+    (entity, id, event µs, amount_usd, merchant_id, balance_usd)."""
     view = settings.views["account_velocity"]
-    types = {f.name: "double" if f.type == "double" else "string" for f in settings.contract_for(
-        settings.source_topic(view)).fields}
+    types = {f.name: "double" if f.type == "double" else "string"
+             for f in settings.contract_for(settings.source_topic(view)).fields}
     client = redis_client(settings.redis)
     live = LiveTrailingView(client, settings.redis.namespace, view, types)
     assert live.columns == ["amount_usd", "merchant_id", "balance_usd"]
+    return view, client, live
+
+
+def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
+    settings = isolated()
+    view, client, live = velocity_live(settings)
     t0 = 1_795_000_000_000_000
     events = [("acct-1", "tx-1", t0, 10.0, "m-1", 100.0), ("acct-1", "tx-2", t0 + 1_000_000, 5.0, "m-2", 95.0)]
     first = live.apply(events)
@@ -120,12 +127,8 @@ def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
 
 def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_again(isolated):
     settings = isolated()
-    view = settings.views["account_velocity"]
-    types = {f.name: "double" if f.type == "double" else "string" for f in settings.contract_for(
-        settings.source_topic(view)).fields}
-    client = redis_client(settings.redis)
+    view, client, live = velocity_live(settings)
     namespace, names = settings.redis.namespace, feature_names(view)
-    live = LiveTrailingView(client, namespace, view, types)
     t0 = datetime(2026, 12, 1, 12, 0, tzinfo=timezone.utc)
     at = int(t0.timestamp() * 1_000_000)
     live.apply([("acct-7", "tx-1", at, 10.0, "m-1", 100.0)])
