@@ -2,17 +2,21 @@
 Spark SQL expressions (no Python per record), giving the typed fields or an error class and
 reason. The rules and their order are those of :mod:`pipelines.contracts.validation`. The Avro
 counterpart is :mod:`pipelines.ingest.avro_records`; both return the same columns, so everything
-downstream is shared (:mod:`pipelines.ingest.bronze`), and the online path
+downstream is shared (:mod:`pipelines.ingest.bronze`), and the live path
 (:mod:`pipelines.features.live_stream`) rejects exactly what the bronze ingest rejects.
 
 How strict JSON is decided in the JVM. Spark's ``parse_json`` (Jackson) rejects duplicate keys,
 ``NaN``/``Infinity``, comments, single quotes, leading zeros and raw control characters, but it
 stops after the first value and ignores whatever follows (``{"a":1}{"b":2}`` would parse as
-``{"a":1}``). So the text is parsed wrapped as ``[<text>\\n,1]``: a value followed by anything
+``{"a":1}``). So the text is parsed wrapped as ``[<text>\\n,"~"]``: a value followed by anything
 but whitespace no longer parses, and the array must hold exactly two elements, the last being the
-sentinel ``1``. A text that itself closes the array early (``{"a":1},1]garbage``) can only do so
-with a ``]``; a text holding one is also parsed as ``[<text>\\n,2]`` and must end in ``2`` there
-too, which no early-closed prefix can do for both sentinels. Element 0 is the record.
+sentinel ``"~"``. A text that itself closes the array early (``{"a":1},"~"]garbage``) can only do
+so with a ``]``; a text holding one is also parsed as ``[<text>\\n,"~~"]`` and must end in ``"~~"``
+there too, which no early-closed prefix can do for both sentinels. Element 0 is the record.
+
+The values themselves come from Spark's JSON reader (``from_json`` into a map of texts) and SQL
+casts, each used only where the strict parse says the JSON type is the field's: casting a
+variant number with ``variant_get`` builds a literal per row in Spark 4.2, several times slower.
 """
 
 from __future__ import annotations
@@ -56,15 +60,6 @@ def _any(conditions: Sequence[Column]) -> Column:
 def _joined(parts: Sequence[tuple[Column, Column]]) -> Column:
     """The messages of the parts whose condition holds, joined with "; " (empty if none)."""
     return F.concat_ws("; ", *[F.when(cond, msg) for cond, msg in parts])
-
-
-def _first_error(checks: Sequence[tuple[Column, str, Column]]) -> tuple[Column, Column]:
-    """(error_class, error_reason) of the first check whose condition holds; nulls if none."""
-    error_class, reason = F.lit(None).cast("string"), F.lit(None).cast("string")
-    for condition, name, message in reversed(checks):
-        error_class = F.when(condition, F.lit(name)).otherwise(error_class)
-        reason = F.when(condition, message).otherwise(reason)
-    return error_class, reason
 
 
 def _quoted(name: str) -> str:
@@ -146,10 +141,10 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
         F.call_function("try_variant_get", F.call_function(
             "try_parse_json", F.concat(F.lit("["), text, F.lit('\n,"~~"]'))), F.lit("$[1]"), F.lit("string")) == "~~")
     # Per field: its JSON type from the strict parse (schema_of_variant of the value: STRING,
-    # BIGINT, DECIMAL(3,1), DOUBLE, BOOLEAN, VOID for null...), its value from Spark's JSON
-    # reader with the contract's types (codegen'd; variant_get's casts build a literal per row
-    # and run ten times slower). The reader's leniency does not matter: a value is only used
-    # when the strict parse accepted the record and the JSON type is the field's.
+    # BIGINT, DECIMAL(3,1), DOUBLE, BOOLEAN, VOID for null...), its text from Spark's JSON reader
+    # (a map of the object's keys to texts, which also counts the keys). The reader's leniency
+    # does not matter: a text is only used when the strict parse accepted the record and the
+    # JSON type is the field's.
     fields = contract.fields
     slots = {f.name: f"_json_v_{i}" for i, f in enumerate(fields)}
     declared = F.array(*[F.lit(n) for n in contract.field_names])
@@ -162,11 +157,11 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
                                        F.from_json(text, "map<string,string>")))
     kind = {f.name: F.col(f"{slots[f.name]}_type") for f in fields}
     present = {f.name: kind[f.name].isNotNull() for f in fields}
+    # Reasons only: the keys as written, in order (json_object_keys builds a parser per call).
     keys = F.call_function("json_object_keys", text)
 
     required = [f for f in fields if f.required]
     unknown = F.filter(keys, lambda k: ~F.array_contains(declared, k))
-    missing = [f for f in required]
 
     def typed(f: ContractField) -> Column:
         read = F.element_at(F.col("_json_read"), F.lit(f.name))  # the value's text (a string unquoted)
@@ -208,8 +203,8 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
     # keys less the declared ones present: no per-key lambda on the valid path.
     n_present = functools.reduce(operator.add, [F.when(present[f.name], 1).otherwise(0) for f in fields], F.lit(0))
     n_unknown = F.when(F.col("_json_read").isNotNull(), F.size(F.col("_json_read")) - n_present).otherwise(F.lit(0))
-    n_missing = functools.reduce(operator.add, [F.when(~present[f.name], 1).otherwise(0) for f in missing], F.lit(0))
-    missing_text = _joined([(~present[f.name], F.lit(f"required field {_quoted(f.name)} is missing")) for f in missing])
+    n_missing = functools.reduce(operator.add, [F.when(~present[f.name], 1).otherwise(0) for f in required], F.lit(0))
+    missing_text = _joined([(~present[f.name], F.lit(f"required field {_quoted(f.name)} is missing")) for f in required])
 
     def unknown_text(suffix: str) -> Column:
         return F.concat(F.lit("undeclared field '"), F.array_join(unknown, f"'{suffix}; undeclared field '"),
@@ -219,8 +214,7 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
         return F.when(n_unknown > 0, F.concat(missing_text, F.lit("; "), unknown_text(suffix))).otherwise(missing_text)
 
     # The first key seen a second time, reading the object from the start.
-    keys_read = F.call_function("json_object_keys", text)
-    repeated = F.filter(keys_read, lambda k, i: F.array_contains(F.slice(keys_read, 1, i), k))
+    repeated = F.filter(keys, lambda k, i: F.array_contains(F.slice(keys, 1, i), k))
     tolerance_text = describe_duration(rules.future_tolerance, SECOND)
     horizon_text = describe_duration(rules.max_event_age, SECOND)
     # The class: one CASE over conditions the valid path needs anyway, in one code-generated

@@ -91,6 +91,7 @@ NOT_JSON = [
     (encode(transaction()) + b" x", EXTRA),
     # A text that closes the wrapping array itself, then appends garbage.
     (encode(transaction()) + b",1]garbage", EXTRA),
+    (encode(transaction()) + b',"~"]garbage', EXTRA),  # ... with the wrapping's own sentinel
     (encode(transaction()) + b"]", EXTRA),
     (encode(transaction()) + b"\n", None),
     (b"[1, 2]", "value is a JSON array, expected an object"),
@@ -107,7 +108,8 @@ NOT_JSON = [
     (b'{"account_id": "a", "account_id": "b"}', "value has the key 'account_id' twice"),
     (b'{"b": 1, "a": 2, "a": 3, "b": 4}', "value has the key 'a' twice"),
 ]
-NOT_JSON_IDS = ["truncated", "two-objects-glued", "trailing-text", "forged-array-close", "trailing-bracket",
+NOT_JSON_IDS = ["truncated", "two-objects-glued", "trailing-text", "forged-array-close", "forged-sentinel",
+                "trailing-bracket",
                 "trailing-newline-is-fine", "array", "string", "number", "empty", "whitespace", "tombstone", "nan",
                 "infinity", "single-quotes", "comment", "control-character", "duplicate-key", "first-repeated-key"]
 
