@@ -9,9 +9,10 @@ written and the event time it then holds. An event's latency is the time from it
 first ``--warmup`` seconds of events are left out. Reported as p50/p95/p99 per path and rate;
 with ``--alone`` the live path is measured again with the durable path stopped.
 
-Every query runs in one Spark session (``local[2]``) on this machine: the live query, the
-ingest and the view's feature query share the two cores, as they would share a small cluster.
-The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
+Each path runs as it is deployed: ``fp-live``, ``fp-ingest`` and ``fp-features`` are job
+processes of their own (each its own Spark driver, ``local[2]``), started with ``--set``
+overrides for the run's topic, lake and Redis namespace; on this machine they share its two
+cores. The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
 ...}, "bronze": {...}, "online_alone": {...}}`` (seconds).
 
 Usage: python bench/feature_latency.py --env local [--rates 1000,5000] [--seconds 300] [--alone]
@@ -20,13 +21,14 @@ Usage: python bench/feature_latency.py --env local [--rates 1000,5000] [--second
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import logging
 import os
 import platform as host
 import random
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -34,18 +36,15 @@ import uuid
 from bisect import bisect_left
 from collections import defaultdict
 from datetime import datetime, timezone
+from pathlib import Path
 
 import redis
 
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
-from pipelines.core.runner import stop_between_batches
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import parse_duration
-from pipelines.features.live_stream import start_live
-from pipelines.features.stream import start_features
-from pipelines.ingest.stream import start_ingest
 from pipelines.online.store import EVENT_TIME_FIELD, redis_client
 
 log = logging.getLogger("bench")
@@ -135,68 +134,101 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
 
 
-def settings_for(base_args, run_id: str, rate: int, namespace: str):
-    topic = f"bench_lat_{rate}_{run_id.lower()}"
-    root = PROJECT_ROOT / ".local" / "bench" / f"latency-{run_id}" / str(rate)
-    overrides = deep_merge(parse_overrides(base_args.set), {
+def overrides_for(args, run_id: str, rate: int, label: str) -> tuple[dict, Path]:
+    """The run's own topic (2 partitions), lake and Redis namespaces, as config overrides."""
+    topic = f"bench_lat_{rate}_{run_id.lower().replace('-', '_')}"
+    root = PROJECT_ROOT / ".local" / "bench" / f"latency-{run_id}" / label
+    overrides = deep_merge(parse_overrides(args.set), {
         "kafka": {"topics": {topic: {"contract": "transactions", "partitions": 2, "replication_factor": 1}}},
         # The labels topic keeps the labels views computable (every view needs its topic).
-        "ingest": {"topics": [topic, "labels"], "trigger_interval": base_args.trigger, "starting_offsets": "earliest"},
-        "features": {"trigger_interval": base_args.trigger},
+        "ingest": {"topics": [topic, "labels"], "trigger_interval": args.trigger, "starting_offsets": "earliest"},
+        "features": {"trigger_interval": args.trigger},
         "live": {"starting_offsets": "earliest"},
         "storage": {"root": str(root / "lake")},
-        "redis": {"namespace": namespace},
+        "redis": {"namespace": f"bench-latency-{run_id}-{label}-live"},
     })
-    settings = load_settings(base_args.env, base_args.conf_dir, overrides)
-    ensure_topics(settings.kafka.client_properties(),
-                  [TopicSpec(topic, 2, 1), TopicSpec(settings.kafka.dlq_topic_for(topic), 2, 1)])
-    return settings, root
+    return overrides, root
 
 
-def measure_rate(spark, args, run_id: str, rate: int, durable: bool) -> dict[str, dict]:
-    """Run the live path (and, if ``durable``, the bronze path beside it) while producing at
-    ``rate``; the latency figures of each."""
+def set_arguments(overrides: dict, prefix: str = "") -> list[str]:
+    """``--set`` arguments that rebuild ``overrides`` (leaves as JSON, which YAML reads)."""
+    result = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            result += set_arguments(value, f"{prefix}{key}.")
+        else:
+            result += ["--set", f"{prefix}{key}={json.dumps(value)}"]
+    return result
+
+
+class Job:
+    """One job process (``python jobs/<name>.py``), in a process group of its own; output to a log."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path):
+        self.name, self.log_path = name, log_path
+        self.process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "jobs" / f"{name}.py"), *args],
+                                        stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+
+    def check(self) -> None:
+        if self.process.poll() is not None:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-20:]
+            raise RuntimeError(f"{self.name} exited with {self.process.returncode}:\n" + "\n".join(tail))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)  # stops the queries between batches
+            try:
+                self.process.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+
+
+def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]:
+    """Run ``fp-live`` (and, if ``durable``, ``fp-ingest`` + ``fp-features`` beside it) while
+    producing at ``rate``; the latency figures of each path."""
     label = f"{rate}{'' if durable else '-alone'}"
-    live, root = settings_for(args, f"{run_id}-{label}", rate, f"bench-latency-{run_id}-{label}-live")
-    bronze = dataclasses.replace(live, redis=dataclasses.replace(live.redis, namespace=f"bench-latency-{run_id}-{label}-bronze"))
-    view = live.views[VIEW]
+    overrides, root = overrides_for(args, run_id, rate, label)
+    live = load_settings(args.env, args.conf_dir, overrides)
+    bronze_overrides = deep_merge(overrides, {"redis": {"namespace": f"bench-latency-{run_id}-{label}-bronze"}})
+    bronze = load_settings(args.env, args.conf_dir, bronze_overrides)
+    topic = live.ingest.topics[0]
+    ensure_topics(live.kafka.client_properties(), [TopicSpec(topic, 2, 1), TopicSpec(live.kafka.dlq_topic_for(topic), 2, 1)])
     client = redis_client(live.redis)
     listeners = {"online": OnlineWrites(client, live.redis.namespace)}
     if durable:
         listeners["bronze"] = OnlineWrites(client, bronze.redis.namespace)
     for listener in listeners.values():
         listener.start()
-    queries, listeners_to_remove = [], []
-    live_queries, _, table_writer = start_live(spark, live, [view])
-    queries += live_queries
+    root.mkdir(parents=True, exist_ok=True)
+    common = ["--env", args.env, *(["--conf-dir", args.conf_dir] if args.conf_dir else [])]
+    jobs = [Job("live", [*common, *set_arguments(overrides), "--views", VIEW], root / "live.log")]
     if durable:
-        ingest = start_ingest(spark, bronze, topics=[bronze.ingest.topics[0]])
-        feature_queries, feature_listener = start_features(spark, bronze, [view])
-        queries += list(ingest.queries) + feature_queries
-        listeners_to_remove += [ingest.listener, feature_listener]
+        jobs += [Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log"),
+                 Job("features", [*common, *set_arguments(bronze_overrides), "--views", VIEW], root / "features.log")]
     try:
-        time.sleep(args.settle)  # every query started and ran its first (empty) batches
-        log.info("%s: producing %d events/s for %ds", label, rate, args.seconds)
-        sent = produce_at_rate(live, live.ingest.topics[0], rate, args.seconds, args.accounts, seed=17)
+        time.sleep(args.settle)  # every job started its session and queries
+        for job in jobs:
+            job.check()
+        log.info("%s: producing %d events/s for %ds (%s)", label, rate, args.seconds, ", ".join(j.name for j in jobs))
+        sent = produce_at_rate(live, topic, rate, args.seconds, args.accounts, seed=17)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
+            for job in jobs:
+                job.check()
             if all(not latencies(sent, listener.writes)[1] for listener in listeners.values()):
                 break
             time.sleep(1)
     finally:
-        stop_between_batches(queries)
-        for query in queries:
-            query.awaitTermination()
-        for listener in listeners_to_remove:
-            spark.streams.removeListener(listener)
-        table_writer.stopping.set()
+        for job in jobs:
+            job.stop()
         for listener in listeners.values():
             listener.stop()
     results = {}
     for path, listener in listeners.items():
         measured, missing = latencies(sent[int(args.warmup * rate):], listener.writes)
         if missing:
-            raise RuntimeError(f"{path} at {rate}/s: {missing} events never reached Redis")
+            raise RuntimeError(f"{path} at {rate}/s: {missing} events never reached Redis (logs: {root})")
         results[path] = {"events": len(measured), "p50": round(percentile(measured, 50), 3),
                          "p95": round(percentile(measured, 95), 3), "p99": round(percentile(measured, 99), 3),
                          "max": round(max(measured), 3)}
@@ -204,7 +236,8 @@ def measure_rate(spark, args, run_id: str, rate: int, durable: bool) -> dict[str
     for namespace in {live.redis.namespace, bronze.redis.namespace}:
         for key in client.scan_iter(f"{namespace}:*", count=1000):
             client.unlink(key)
-    shutil.rmtree(root, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
     return results
 
 
@@ -214,10 +247,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rates", default="1000,5000", help="events per second, comma-separated")
     parser.add_argument("--seconds", type=int, default=300, help="how long to produce at each rate")
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds of events left out of the figures")
-    parser.add_argument("--settle", type=float, default=30.0, help="seconds between query start and the first event")
+    parser.add_argument("--settle", type=float, default=45.0, help="seconds between job start and the first event")
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")
     parser.add_argument("--alone", action="store_true", help="also measure the live path with the durable path stopped")
+    parser.add_argument("--keep", action="store_true", help="keep each run's lake, checkpoints and job logs")
     args = parser.parse_args(argv)
     parse_duration(args.trigger, "--trigger")
     rates = [int(r) for r in args.rates.split(",")]
@@ -225,19 +259,16 @@ def main(argv: list[str] | None = None) -> int:
     base = settings_from_args(args)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
 
-    from pipelines.core.session import build_session
-
-    spark = build_session(base.spark)
     control = redis_client(base.redis)
     previous = control.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
     control.config_set("notify-keyspace-events", "Kh")  # keyspace events of hash commands
     figures: dict[str, dict[str, dict]] = {"online": {}, "bronze": {}}
     try:
         for rate in rates:
-            for path, result in measure_rate(spark, args, run_id, rate, durable=True).items():
+            for path, result in measure_rate(args, run_id, rate, durable=True).items():
                 figures[path][str(rate)] = result
         if args.alone:
-            figures["online_alone"] = {str(rate): measure_rate(spark, args, run_id, rate, durable=False)["online"]
+            figures["online_alone"] = {str(rate): measure_rate(args, run_id, rate, durable=False)["online"]
                                        for rate in rates}
     finally:
         control.config_set("notify-keyspace-events", previous)

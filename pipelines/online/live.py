@@ -1,38 +1,53 @@
 """Live trailing features: each event's effect on its entity's online value, computed inside
 Redis by one atomic server-side script per entity and batch.
 
-The online path (:mod:`pipelines.features.online_path`) hands each micro-batch's valid events
+The live path (:mod:`pipelines.features.live_stream`) hands each micro-batch's valid events
 here. For each view and entity, Redis keeps the entity's events that can still count for its
-latest event, keyed by event id, and the script:
+latest event, keyed by event id, and running aggregates of every window ``w`` of the view over
+its current bounds ``(T - delay - w, T - delay]`` (``T``: the entity's latest event time). The
+script, for one entity and batch:
 
-1. adds the batch's events that are new (``HSETNX`` on the event id: a redelivered event or a
-   replayed batch changes nothing; the first delivery wins, as in bronze);
-2. forgets every event at or before the horizon ``T - delay - longest window`` (``T``: the
-   latest event time of the entity), which can never count for a later event again; an event
-   arriving at or before it is not stored either;
-3. when something was added, recomputes every feature for ``T`` exactly as the batch
-   definition does (:mod:`pipelines.core.view_spec`: window ``(T - delay - w, T - delay]``,
-   the null and empty rules of :mod:`pipelines.features.transforms`) over the stored events,
-   including out-of-order ones;
-4. writes the feature hash with the newer-wins rule of :mod:`pipelines.online.store`. Its
-   version is the entity's own change counter (1, 2, ...), always below the durable path's
-   versions (``computed_at`` in microseconds since the epoch): a newer event time from this
-   path wins at once, and for one event time the feature stream's row (and any correction,
-   backfill or late recompute of it) wins over this path's.
+1. stores the batch's events that are new (``HSETNX`` on the event id: a redelivered event or a
+   replayed batch changes nothing; the first delivery wins, as in bronze). A new event inside a
+   window's current bounds (an out-of-order one) counts there at once;
+2. moves every window to the bounds of the new ``T``: events that leave it are removed from its
+   aggregates, events that enter it (those after the old ``T - delay``) are added. A window
+   whose old and new bounds do not overlap is rebuilt from the stored events;
+3. forgets every event at or before the horizon ``T - delay - longest window``, which can never
+   count for a later event again; an event arriving at or before it is not stored either;
+4. when something was added, writes every feature for ``T`` as the batch definition gives it
+   (:mod:`pipelines.core.view_spec`, the null and empty rules of
+   :mod:`pipelines.features.transforms`) with the newer-wins rule of
+   :mod:`pipelines.online.store`. Its version is the entity's own change counter (1, 2, ...),
+   always below the durable path's versions (``computed_at`` in microseconds since the epoch):
+   a newer event time from this path wins at once, and for one event time the feature
+   stream's row (and any correction, backfill or late recompute of it) wins over this path's.
 
-Keys (beside the feature hash ``{namespace}:{view}:{entity}``):
-``{namespace}:~live:{view}:events:{entity}`` (hash: event id -> JSON array of the event's
-values), ``...:times:{entity}`` (sorted set: event id by event time in µs) and ``...:meta:{entity}``
-(``max_t``, ``seq``); all expire after the view's TTL or its longest window + delay, whichever
-is longer, from the entity's last event.
+The aggregates per window and column: the event count, the non-null count, a compensated
+(Neumaier) sum for ``sum``/``avg`` (reset to exactly 0 when the window holds no value), a
+sorted set for ``max``/``min`` (by value; strings by their bytes, as Spark orders them), and a
+value -> count hash for ``approx_count_distinct`` (exact: its length). ``last`` reads the newest
+events of the window until it finds a non-null value. Numbers are Lua doubles: a bigint above
+2**53 loses precision.
 
-Cost: one script per entity and batch, linear in the entity's events inside its longest
-window. Supported functions are all of :data:`pipelines.core.view_spec.FUNCTIONS` over string,
-double, bigint and boolean columns; a view aggregating a timestamp column is refused at start.
+Keys (beside the feature hash ``{namespace}:{view}:{entity}``), under
+``{namespace}:~live:{view}``: ``events:{entity}`` (hash: event id -> JSON array of the event's
+values), ``times:{entity}`` (sorted set: event id by event time in µs), ``meta:{entity}``
+(``max_t``, ``seq``, and per window its bounds, counts and sums), ``order:{column}:{w}:{entity}``
+and ``distinct:{column}:{w}:{entity}``. All expire after the view's TTL or its longest window +
+delay, whichever is longer, from the entity's last event. ``definition`` holds a digest of the
+layout; a changed view definition is refused at start until its state is cleared.
+
+Cost: one script per entity and batch, proportional to the events that batch adds and those
+entering or leaving a window (each event enters and leaves each window once), plus a log-time
+sorted-set update per ``max``/``min`` column. Supported functions are all of
+:data:`pipelines.core.view_spec.FUNCTIONS` over string, double, bigint and boolean columns; a
+view aggregating a timestamp column is refused at start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import time
@@ -57,40 +72,170 @@ _SCRIPT = r"""
 local spec = cjson.decode(%(spec)s)
 local fkey, evkey, tkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, state_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local null = cjson.null
 local function int(x) return string.format('%%.0f', x) end
+local function num(x) return string.format('%%.17g', x) end
 
-local stored_max = redis.call('HGET', mkey, 'max_t')
-local max_t = stored_max and tonumber(stored_max) or nil
+local meta = {}
+local flat = redis.call('HGETALL', mkey)
+for i = 1, #flat, 2 do meta[flat[i]] = flat[i + 1] end
+local max_t = meta.max_t and tonumber(meta.max_t) or nil
 for i = 0, n - 1 do
   local t = tonumber(ARGV[5 + 3 * i])
   if max_t == nil or t > max_t then max_t = t end
 end
-local horizon = max_t - spec.delay - spec.span
+local hi = max_t - spec.delay
+local horizon = hi - spec.span
+
+-- Each window's aggregates as they stand for its stored bounds (lo, hi]. A window whose
+-- stored bounds do not overlap the new ones (or that has none yet) is rebuilt from the
+-- stored events.
+local W = {}
+for wi, win in ipairs(spec.windows) do
+  local p = wi .. ':'
+  local st = {lo = tonumber(meta['lo:' .. p]), hi = tonumber(meta['hi:' .. p]), nn = {}, s = {}, k = {}}
+  st.fresh = st.lo == nil or st.hi == nil or hi - win.w >= st.hi
+  st.n = st.fresh and 0 or tonumber(meta['n:' .. p])
+  for _, c in ipairs(win.cols) do
+    local q = p .. c.col
+    st.nn[c.col] = st.fresh and 0 or tonumber(meta['nn:' .. q])
+    st.s[c.col] = st.fresh and 0 or tonumber(meta['s:' .. q])
+    st.k[c.col] = st.fresh and 0 or tonumber(meta['k:' .. q])
+  end
+  W[wi] = st
+end
+
+local function escaped(s)  -- order-preserving, and free of NUL (the member's separator)
+  return (string.gsub(s, '[%%z\1]', function(b) return b == '\1' and '\1\2' or '\1\1' end))
+end
+local function unescaped(s)
+  return (string.gsub(s, '\1(.)', function(b) return b == '\1' and '\0' or '\1' end))
+end
+local function distinct_key(v)
+  if type(v) == 'number' then return 'n:' .. num(v) end
+  return type(v) .. ':' .. tostring(v)
+end
+
+-- Add (sign 1) or remove (sign -1) one event's values to or from a window's aggregates.
+local function apply(wi, id, row, sign)
+  local win, st = spec.windows[wi], W[wi]
+  st.n = st.n + sign
+  for _, c in ipairs(win.cols) do
+    local v = row[c.col]
+    if v ~= nil and v ~= null then
+      st.nn[c.col] = st.nn[c.col] + sign
+      if c.sum then  -- Neumaier's compensated sum: adding and removing leaves no drift worth a digit
+        local s, x = st.s[c.col], sign * v
+        local t = s + x
+        if math.abs(s) >= math.abs(x) then st.k[c.col] = st.k[c.col] + ((s - t) + x)
+        else st.k[c.col] = st.k[c.col] + ((x - t) + s) end
+        st.s[c.col] = t
+        if st.nn[c.col] == 0 then st.s[c.col], st.k[c.col] = 0, 0 end  -- an emptied sum is exactly zero
+      end
+      if c.order then
+        local key = KEYS[c.order]
+        if c.type == 'string' then
+          local member = escaped(v) .. '\0' .. id
+          if sign > 0 then redis.call('ZADD', key, 0, member) else redis.call('ZREM', key, member) end
+        else
+          local score = c.type == 'boolean' and (v and 1 or 0) or num(v)
+          if sign > 0 then redis.call('ZADD', key, score, id) else redis.call('ZREM', key, id) end
+        end
+      end
+      if c.distinct then
+        local key, dk = KEYS[c.distinct], distinct_key(v)
+        if redis.call('HINCRBY', key, dk, sign) <= 0 then redis.call('HDEL', key, dk) end
+      end
+    end
+  end
+end
+
+-- Stored events with lo < time <= upper, oldest first, as {id, time, values}; with a limit,
+-- newest first.
+local function events_between(lo, upper, newest_first, offset, limit)
+  local found
+  if newest_first then
+    found = redis.call('ZREVRANGEBYSCORE', tkey, int(upper), '(' .. int(lo), 'WITHSCORES', 'LIMIT', offset, limit)
+  else
+    found = redis.call('ZRANGEBYSCORE', tkey, '(' .. int(lo), int(upper), 'WITHSCORES')
+  end
+  local ids, rows = {}, {}
+  for i = 1, #found, 2 do ids[#ids + 1] = found[i] end
+  for i = 1, #ids, 1000 do
+    local raw = redis.call('HMGET', evkey, unpack(ids, i, math.min(i + 999, #ids)))
+    for j = 1, #raw do
+      local at = i + j - 1
+      rows[at] = {ids[at], tonumber(found[2 * at]), cjson.decode(raw[j])}
+    end
+  end
+  return rows
+end
+
+-- 1. Store the new events; one inside a window's current bounds counts there at once.
 local added = 0
 for i = 0, n - 1 do
-  local id, t = ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i])
-  if t > horizon and redis.call('HSETNX', evkey, id, ARGV[6 + 3 * i]) == 1 then
+  local id, t, values = ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i]), ARGV[6 + 3 * i]
+  if t > horizon and redis.call('HSETNX', evkey, id, values) == 1 then
     redis.call('ZADD', tkey, int(t), id)
     added = added + 1
+    local row = nil
+    for wi, st in ipairs(W) do
+      if not st.fresh and t > st.lo and t <= st.hi then
+        row = row or cjson.decode(values)
+        apply(wi, id, row, 1)
+      end
+    end
   end
 end
 if added == 0 then return {0, 0} end
 
+-- 2. Move every window to (hi - w, hi]: events leaving it are removed, events entering added.
+for wi, win in ipairs(spec.windows) do
+  local st, lo = W[wi], hi - win.w
+  if st.fresh then
+    for _, c in ipairs(win.cols) do
+      if c.order then redis.call('DEL', KEYS[c.order]) end
+      if c.distinct then redis.call('DEL', KEYS[c.distinct]) end
+    end
+    for _, e in ipairs(events_between(lo, hi)) do apply(wi, e[1], e[3], 1) end
+  else
+    if lo > st.lo then for _, e in ipairs(events_between(st.lo, lo)) do apply(wi, e[1], e[3], -1) end end
+    if hi > st.hi then for _, e in ipairs(events_between(st.hi, hi)) do apply(wi, e[1], e[3], 1) end end
+  end
+  st.lo, st.hi = lo, hi
+end
+
+-- 3. Forget the events no later event can count (all are out of every window by now).
 local old = redis.call('ZRANGEBYSCORE', tkey, '-inf', int(horizon))
 for i = 1, #old, 1000 do
   redis.call('HDEL', evkey, unpack(old, i, math.min(i + 999, #old)))
 end
 if #old > 0 then redis.call('ZREMRANGEBYSCORE', tkey, '-inf', int(horizon)) end
-local seq = redis.call('HINCRBY', mkey, 'seq', 1)
-redis.call('HSET', mkey, 'max_t', int(max_t))
-for _, key in ipairs({evkey, tkey, mkey}) do redis.call('PEXPIRE', key, state_ttl) end
 
+local seq = tonumber(meta.seq or '0') + 1
+local fields = {'max_t', int(max_t), 'seq', seq}
+for wi, win in ipairs(spec.windows) do
+  local st, p = W[wi], wi .. ':'
+  for _, kv in ipairs({{'lo:' .. p, int(st.lo)}, {'hi:' .. p, int(st.hi)}, {'n:' .. p, st.n}}) do
+    fields[#fields + 1] = kv[1]; fields[#fields + 1] = kv[2]
+  end
+  for _, c in ipairs(win.cols) do
+    local q = p .. c.col
+    for _, kv in ipairs({{'nn:' .. q, st.nn[c.col]}, {'s:' .. q, num(st.s[c.col])}, {'k:' .. q, num(st.k[c.col])}}) do
+      fields[#fields + 1] = kv[1]; fields[#fields + 1] = kv[2]
+    end
+  end
+end
+redis.call('HSET', mkey, unpack(fields))
+for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], state_ttl) end
+
+-- 4. The features of the latest event, from the windows' aggregates.
 local function number_text(x, kind)
   if x ~= x then return 'NaN' end
   if x == math.huge then return 'Infinity' end
   if x == -math.huge then return '-Infinity' end
   if kind == 'bigint' then return int(x) end
-  local text = string.format('%%.17g', x)
+  local text = num(x)
   if not string.find(text, '[%%.eE]') then text = text .. '.0' end
   return text
 end
@@ -103,55 +248,39 @@ local function less(a, b, kind)
   if kind == 'boolean' then return (not a) and b end
   return a < b
 end
-
-local cache = {}
-local function window_events(w)
-  if cache[w] then return cache[w] end
-  local hi = max_t - spec.delay
-  local pairs_ = redis.call('ZRANGEBYSCORE', tkey, '(' .. int(hi - w), int(hi), 'WITHSCORES')
-  local ids, times = {}, {}
-  for i = 1, #pairs_, 2 do ids[#ids + 1] = pairs_[i]; times[#times + 1] = tonumber(pairs_[i + 1]) end
-  local rows = {}
-  for i = 1, #ids, 1000 do
-    local raw = redis.call('HMGET', evkey, unpack(ids, i, math.min(i + 999, #ids)))
-    for j = 1, #raw do
-      rows[#rows + 1] = {t = times[i + j - 1], v = cjson.decode(raw[j])}
+local function extreme(o)  -- max or min of a column in a window: the end of its ordered set
+  local key = KEYS[o.order]
+  local found
+  if o.fn == 'max' then found = redis.call('ZREVRANGE', key, 0, 0, 'WITHSCORES')
+  else found = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES') end
+  if #found == 0 then return nil end
+  if o.type == 'string' then return unescaped(string.sub(found[1], 1, string.find(found[1], '\0', 1, true) - 1)) end
+  if o.type == 'boolean' then return tonumber(found[2]) == 1 end
+  return tonumber(found[2])
+end
+local function last(o, lo)  -- the non-null value of the latest event in the window (ties: the greatest)
+  local best, best_t, offset = nil, nil, 0
+  while true do
+    local rows = events_between(lo, hi, true, offset, 64)
+    for _, e in ipairs(rows) do
+      if best_t ~= nil and e[2] < best_t then return best end
+      local v = e[3][o.col]
+      if v ~= nil and v ~= null and (best_t == nil or less(best, v, o.type)) then best, best_t = v, e[2] end
     end
+    if #rows < 64 then return best end
+    offset = offset + 64
   end
-  cache[w] = rows
-  return rows
 end
 
 local out = {}
 for _, o in ipairs(spec.outputs) do
-  local rows = window_events(o.window)
-  local result = nil
-  if o.fn == 'count' and o.col == 0 then
-    result = #rows
-  else
-    local count, sum, best, best_t, distinct, seen = 0, 0, nil, nil, 0, {}
-    for _, r in ipairs(rows) do
-      local v = r.v[o.col]
-      if v ~= nil and v ~= cjson.null then
-        count = count + 1
-        if o.fn == 'sum' or o.fn == 'avg' then sum = sum + v
-        elseif o.fn == 'max' then if best == nil or less(best, v, o.type) then best = v end
-        elseif o.fn == 'min' then if best == nil or less(v, best, o.type) then best = v end
-        elseif o.fn == 'last' then
-          if best_t == nil or r.t > best_t or (r.t == best_t and less(best, v, o.type)) then best, best_t = v, r.t end
-        elseif o.fn == 'approx_count_distinct' then
-          local k = type(v) .. ':' .. tostring(v)
-          if type(v) == 'number' then k = 'n:' .. string.format('%%.17g', v) end
-          if not seen[k] then seen[k] = true; distinct = distinct + 1 end
-        end
-      end
-    end
-    if o.fn == 'count' then result = count
-    elseif o.fn == 'sum' then result = sum
-    elseif o.fn == 'avg' then if count > 0 then result = sum / count end
-    elseif o.fn == 'approx_count_distinct' then result = distinct
-    else result = best end
-  end
+  local st, result = W[o.window], nil
+  if o.fn == 'count' then result = o.col == 0 and st.n or st.nn[o.col]
+  elseif o.fn == 'sum' then result = st.s[o.col] + st.k[o.col]
+  elseif o.fn == 'avg' then if st.nn[o.col] > 0 then result = (st.s[o.col] + st.k[o.col]) / st.nn[o.col] end
+  elseif o.fn == 'max' or o.fn == 'min' then result = extreme(o)
+  elseif o.fn == 'last' then result = last(o, st.lo)
+  elseif o.fn == 'approx_count_distinct' then result = redis.call('HLEN', KEYS[o.distinct]) end
   if result ~= nil then
     out[#out + 1] = o.name
     out[#out + 1] = value_text(result, o.out_type)
@@ -179,29 +308,71 @@ def _output_type(function: str, column_type: str) -> str:
     return column_type  # sum keeps a bigint or double column's type; min/max/last the column's
 
 
-def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> tuple[dict[str, Any], list[str]]:
-    """The script's view description (delay, longest window, outputs) and the ordered columns
-    whose values each stored event carries. Raises ConfigError for a view it cannot serve."""
+@dataclass(frozen=True)
+class LiveSpec:
+    """What the script needs of one view. ``script`` is the JSON the script decodes: ``delay``,
+    ``span`` (longest window), ``windows`` (each: ``w`` and the columns aggregated in it, with
+    whether they need a sum and the 1-based index in KEYS of their ordered set or distinct
+    counter) and ``outputs`` (name, function, column, 1-based window). ``columns`` are the
+    event values each stored event carries, in order; ``structures`` name the extra keys, in
+    KEYS order after the four fixed ones: (kind, column, window in µs)."""
+
+    script: dict[str, Any]
+    columns: list[str]
+    structures: list[tuple[str, str, int]]
+
+    @property
+    def digest(self) -> str:
+        """Identifies the stored state's layout: live state built for another definition of the
+        view cannot be read with this one."""
+        text = json.dumps({"script": self.script, "columns": self.columns}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> LiveSpec:
+    """The script's description of ``view``. Raises ConfigError for a view it cannot serve."""
     if view.kind != "trailing":
         raise ConfigError(f"view {view.name}: only trailing views are computed live (kind {view.kind!r})")
     columns: list[str] = []
-    outputs = []
+    outputs: list[tuple[str, str, str, int, str]] = []
     for name, function, column, window in view.outputs():
         assert window is not None
-        if column == "*":
-            index, kind = 0, "bigint"
-        else:
+        if column != "*":
             kind = column_types[column]
             if kind not in _SUPPORTED_TYPES:
                 raise ConfigError(f"view {view.name}: feature {name!r} aggregates {column!r} of type {kind}; "
                                   f"the live path serves {', '.join(_SUPPORTED_TYPES)} columns")
             if column not in columns:
                 columns.append(column)
-            index = columns.index(column) + 1
-        outputs.append({"name": name, "fn": function, "col": index, "window": micros(window),
-                        "type": kind, "out_type": _output_type(function, kind)})
-    spec = {"delay": micros(view.delay), "span": max(o["window"] for o in outputs), "outputs": outputs}
-    return spec, columns
+        outputs.append((name, function, column, micros(window), "bigint" if column == "*" else column_types[column]))
+    windows = sorted({w for *_, w, _ in outputs})
+    structures: list[tuple[str, str, int]] = []
+    window_specs = []
+    for w in windows:
+        cols = []
+        for column in columns:
+            functions = {f for _, f, c, ow, _ in outputs if c == column and ow == w}
+            if not functions:
+                continue
+            entry: dict[str, Any] = {"col": columns.index(column) + 1, "type": column_types[column],
+                                     "sum": bool(functions & {"sum", "avg"})}
+            for kind, needed in (("order", functions & {"max", "min"}), ("distinct", functions & {"approx_count_distinct"})):
+                if needed:
+                    structures.append((kind, column, w))
+                    entry[kind] = 4 + len(structures)
+            cols.append(entry)
+        window_specs.append({"w": w, "cols": cols})
+    script_outputs = []
+    for name, function, column, w, kind in outputs:
+        wi = windows.index(w)
+        out = {"name": name, "fn": function, "col": 0 if column == "*" else columns.index(column) + 1,
+               "window": wi + 1, "type": kind, "out_type": _output_type(function, kind)}
+        if column != "*":
+            col = next(c for c in window_specs[wi]["cols"] if c["col"] == out["col"])
+            out.update({k: col[k] for k in ("order", "distinct") if k in col})
+        script_outputs.append(out)
+    script = {"delay": micros(view.delay), "span": windows[-1], "windows": window_specs, "outputs": script_outputs}
+    return LiveSpec(script, columns, structures)
 
 
 @dataclass(frozen=True)
@@ -215,24 +386,43 @@ class LiveResult:
 
 
 class LiveTrailingView:
-    """Applies events to one trailing view's live state in Redis (see the module docstring)."""
+    """Applies events to one trailing view's live state in Redis (see the module docstring).
+
+    Raises ConfigError when the namespace holds live state of another definition of the view
+    (its aggregates would be misread): that state must be cleared and rebuilt from Kafka."""
 
     def __init__(self, client: redis.Redis, namespace: str, view: FeatureView, column_types: Mapping[str, str],
                  entities_per_round_trip: int = 200, attempts: int = 8, backoff: float = 0.25):
         self.client = client
         self.namespace = namespace
         self.view = view
-        spec, self.columns = view_spec(view, column_types)
+        self.spec = view_spec(view, column_types)
+        self.columns = self.spec.columns
         self.ttl_ms = micros(view.online.ttl) // 1000
-        self.state_ttl_ms = micros(state_ttl(view)) // 1000
+        self.state_ttl_ms = micros(state_ttl(view, self.spec)) // 1000
         self.chunk = entities_per_round_trip
         self.attempts = attempts
         self.backoff = backoff
-        self._script = client.register_script(_SCRIPT % {"spec": _lua_string(json.dumps(spec))})
+        self.prefix = f"{namespace}:~live:{view.name}"
+        self._check_definition()
+        self._script = client.register_script(_SCRIPT % {"spec": _lua_string(json.dumps(self.spec.script))})
+
+    def _check_definition(self) -> None:
+        key = f"{self.prefix}:definition"
+        if self.client.set(key, self.spec.digest, nx=True):
+            return
+        stored = self.client.get(key)
+        if stored is not None and stored.decode() != self.spec.digest:
+            raise ConfigError(
+                f"live: Redis holds live state of view {self.view.name!r} built for another definition "
+                f"({stored.decode()}, now {self.spec.digest}). Delete the keys {self.prefix}:* and the live "
+                f"checkpoint of its topic, then restart fp-live: it rebuilds the state from what Kafka retains")
 
     def state_keys(self, entity: Any) -> list[str]:
-        prefix = f"{self.namespace}:~live:{self.view.name}"
-        return [f"{prefix}:events:{entity}", f"{prefix}:times:{entity}", f"{prefix}:meta:{entity}"]
+        """The entity's live state keys, in the script's KEYS order after the feature hash."""
+        fixed = [f"{self.prefix}:{part}:{entity}" for part in ("events", "times", "meta")]
+        return fixed + [f"{self.prefix}:{kind}:{column}:{w // 1_000_000}s:{entity}"
+                        for kind, column, w in self.spec.structures]
 
     def apply(self, events: Iterable[Sequence[Any]]) -> LiveResult:
         """Apply ``events``: tuples of (entity, event id, event time in µs since the epoch, then
@@ -280,7 +470,6 @@ def _lua_string(text: str) -> str:
     return f"[{'=' * level}[{text}]{'=' * level}]"
 
 
-def state_ttl(view: FeatureView) -> timedelta:
+def state_ttl(view: FeatureView, spec: LiveSpec) -> timedelta:
     """How long an entity's live state outlives its last event."""
-    longest = max(w for agg in view.aggregations for w in agg.windows)
-    return max(view.online.ttl, longest + view.delay + timedelta(minutes=1))
+    return max(view.online.ttl, timedelta(microseconds=spec.script["span"]) + view.delay + timedelta(minutes=1))
