@@ -136,7 +136,7 @@ def percentile(values: list[float], p: float) -> float:
 
 def overrides_for(args, run_id: str, rate: int, label: str) -> tuple[dict, Path]:
     """The run's own topic (2 partitions), lake and Redis namespaces, as config overrides."""
-    topic = f"bench_lat_{rate}_{run_id.lower().replace('-', '_')}"
+    topic = f"bench_lat_{run_id.lower()}_{label.replace('-', '_')}"
     root = PROJECT_ROOT / ".local" / "bench" / f"latency-{run_id}" / label
     overrides = deep_merge(parse_overrides(args.set), {
         "kafka": {"topics": {topic: {"contract": "transactions", "partitions": 2, "replication_factor": 1}}},
@@ -203,10 +203,14 @@ def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]
     root.mkdir(parents=True, exist_ok=True)
     common = ["--env", args.env, *(["--conf-dir", args.conf_dir] if args.conf_dir else [])]
     jobs = [Job("live", [*common, *set_arguments(overrides), "--views", VIEW], root / "live.log")]
-    if durable:
-        jobs += [Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log"),
-                 Job("features", [*common, *set_arguments(bronze_overrides), "--views", VIEW], root / "features.log")]
     try:
+        if durable:
+            jobs.append(Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log"))
+            bronze_log = Path(bronze.storage.bronze_path(topic), "_delta_log")
+            while not any(bronze_log.glob("*.json")):  # fp-features needs the table fp-ingest creates
+                jobs[-1].check()
+                time.sleep(1)
+            jobs.append(Job("features", [*common, *set_arguments(bronze_overrides), "--views", VIEW], root / "features.log"))
         time.sleep(args.settle)  # every job started its session and queries
         for job in jobs:
             job.check()
@@ -246,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     add_settings_arguments(parser)
     parser.add_argument("--rates", default="1000,5000", help="events per second, comma-separated")
     parser.add_argument("--seconds", type=int, default=300, help="how long to produce at each rate")
-    parser.add_argument("--warmup", type=float, default=30.0, help="seconds of events left out of the figures")
+    parser.add_argument("--warmup", type=float, default=60.0,
+                        help="seconds of events left out of the figures (JIT, first plans, catch-up after start)")
     parser.add_argument("--settle", type=float, default=45.0, help="seconds between job start and the first event")
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")

@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.core.delta import ensure_delta_table
+from pipelines.core.errors import SourceError
 from pipelines.core.progress import ProgressListener
 from pipelines.core.runner import BatchGate, run_queries, with_trigger
 from pipelines.core.settings import Settings
@@ -51,6 +53,11 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
     feature table and Redis in ``foreachBatch``; a listener logs each batch and appends it to
     ``ops/feature_metrics``. With a ``gate``, the handlers run through it (a stop request holds
     each query's next batch before it writes)."""
+    for view in views:
+        bronze = settings.storage.bronze_path(settings.source_topic(view))
+        if not DeltaTable.isDeltaTable(spark, bronze):
+            raise SourceError(f"view {view.name}: no bronze table at {bronze} yet; fp-ingest creates it when it "
+                              f"starts on topic {settings.source_topic(view)!r}: start it first")
     ensure_delta_table(spark, settings.storage.feature_metrics_path, FEATURE_METRICS_SCHEMA)
     listener = ProgressListener(spark)
     spark.streams.addListener(listener)

@@ -69,38 +69,49 @@ log = logging.getLogger(__name__)
 _SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
 
 _SCRIPT = r"""
-local spec = cjson.decode(%(spec)s)
+local spec = %(spec)s
 local fkey, evkey, tkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, state_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local null = cjson.null
 local function int(x) return string.format('%%.0f', x) end
 local function num(x) return string.format('%%.17g', x) end
 
-local meta = {}
-local flat = redis.call('HGETALL', mkey)
-for i = 1, #flat, 2 do meta[flat[i]] = flat[i + 1] end
+local stored_meta = redis.call('HMGET', mkey, 'max_t', 'seq', 'windows')
+local meta = {max_t = stored_meta[1], seq = stored_meta[2]}
+local saved = stored_meta[3] and cmsgpack.unpack(stored_meta[3]) or {}
+
+-- The batch's events new to Redis (the first delivery of an id wins, its time included).
+local fresh_events, seen = {}, {}
 local max_t = meta.max_t and tonumber(meta.max_t) or nil
 for i = 0, n - 1 do
-  local t = tonumber(ARGV[5 + 3 * i])
-  if max_t == nil or t > max_t then max_t = t end
+  local id = ARGV[4 + 3 * i]
+  if not seen[id] then
+    seen[id] = true
+    if redis.call('HEXISTS', evkey, id) == 0 then
+      local t = tonumber(ARGV[5 + 3 * i])
+      fresh_events[#fresh_events + 1] = {id, t, ARGV[6 + 3 * i]}
+      if max_t == nil or t > max_t then max_t = t end
+    end
+  end
 end
+if #fresh_events == 0 then return {0, 0} end
 local hi = max_t - spec.delay
 local horizon = hi - spec.span
+local new_events = {}
+for _, e in ipairs(fresh_events) do
+  if e[2] > horizon then new_events[#new_events + 1] = e end  -- older ones can never count
+end
+if #new_events == 0 then return {0, 0} end
 
 -- Each window's aggregates as they stand for its stored bounds (lo, hi]. A window whose
 -- stored bounds do not overlap the new ones (or that has none yet) is rebuilt from the
 -- stored events.
 local W = {}
 for wi, win in ipairs(spec.windows) do
-  local p = wi .. ':'
-  local st = {lo = tonumber(meta['lo:' .. p]), hi = tonumber(meta['hi:' .. p]), nn = {}, s = {}, k = {}}
-  st.fresh = st.lo == nil or st.hi == nil or hi - win.w >= st.hi
-  st.n = st.fresh and 0 or tonumber(meta['n:' .. p])
-  for _, c in ipairs(win.cols) do
-    local q = p .. c.col
-    st.nn[c.col] = st.fresh and 0 or tonumber(meta['nn:' .. q])
-    st.s[c.col] = st.fresh and 0 or tonumber(meta['s:' .. q])
-    st.k[c.col] = st.fresh and 0 or tonumber(meta['k:' .. q])
+  local st = saved[wi]
+  if st == nil or hi - win.w >= st.hi then
+    st = {n = 0, nn = {}, s = {}, k = {}, fresh = true}
+    for _, c in ipairs(win.cols) do st.nn[c.col], st.s[c.col], st.k[c.col] = 0, 0, 0 end
   end
   W[wi] = st
 end
@@ -171,25 +182,8 @@ local function events_between(lo, upper, newest_first, offset, limit)
   return rows
 end
 
--- 1. Store the new events; one inside a window's current bounds counts there at once.
-local added = 0
-for i = 0, n - 1 do
-  local id, t, values = ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i]), ARGV[6 + 3 * i]
-  if t > horizon and redis.call('HSETNX', evkey, id, values) == 1 then
-    redis.call('ZADD', tkey, int(t), id)
-    added = added + 1
-    local row = nil
-    for wi, st in ipairs(W) do
-      if not st.fresh and t > st.lo and t <= st.hi then
-        row = row or cjson.decode(values)
-        apply(wi, id, row, 1)
-      end
-    end
-  end
-end
-if added == 0 then return {0, 0} end
-
--- 2. Move every window to (hi - w, hi]: events leaving it are removed, events entering added.
+-- 1. Move every window over the stored events to (hi - w, hi]: events leaving it are removed,
+-- events entering it (stored while after the old hi - delay) added.
 for wi, win in ipairs(spec.windows) do
   local st, lo = W[wi], hi - win.w
   if st.fresh then
@@ -205,6 +199,21 @@ for wi, win in ipairs(spec.windows) do
   st.lo, st.hi = lo, hi
 end
 
+-- 2. Store the new events; each counts in every window whose bounds hold it.
+for _, e in ipairs(new_events) do
+  local id, t = e[1], e[2]
+  redis.call('HSET', evkey, id, e[3])
+  redis.call('ZADD', tkey, int(t), id)
+  local row = nil
+  for wi, st in ipairs(W) do
+    if t > st.lo and t <= st.hi then
+      row = row or cjson.decode(e[3])
+      apply(wi, id, row, 1)
+    end
+  end
+end
+local added = #new_events
+
 -- 3. Forget the events no later event can count (all are out of every window by now).
 local old = redis.call('ZRANGEBYSCORE', tkey, '-inf', int(horizon))
 for i = 1, #old, 1000 do
@@ -213,20 +222,9 @@ end
 if #old > 0 then redis.call('ZREMRANGEBYSCORE', tkey, '-inf', int(horizon)) end
 
 local seq = tonumber(meta.seq or '0') + 1
-local fields = {'max_t', int(max_t), 'seq', seq}
-for wi, win in ipairs(spec.windows) do
-  local st, p = W[wi], wi .. ':'
-  for _, kv in ipairs({{'lo:' .. p, int(st.lo)}, {'hi:' .. p, int(st.hi)}, {'n:' .. p, st.n}}) do
-    fields[#fields + 1] = kv[1]; fields[#fields + 1] = kv[2]
-  end
-  for _, c in ipairs(win.cols) do
-    local q = p .. c.col
-    for _, kv in ipairs({{'nn:' .. q, st.nn[c.col]}, {'s:' .. q, num(st.s[c.col])}, {'k:' .. q, num(st.k[c.col])}}) do
-      fields[#fields + 1] = kv[1]; fields[#fields + 1] = kv[2]
-    end
-  end
-end
-redis.call('HSET', mkey, unpack(fields))
+local windows = {}
+for wi, st in ipairs(W) do windows[wi] = {lo = st.lo, hi = st.hi, n = st.n, nn = st.nn, s = st.s, k = st.k} end
+redis.call('HSET', mkey, 'max_t', int(max_t), 'seq', seq, 'windows', cmsgpack.pack(windows))
 for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], state_ttl) end
 
 -- 4. The features of the latest event, from the windows' aggregates.
@@ -259,16 +257,16 @@ local function extreme(o)  -- max or min of a column in a window: the end of its
   return tonumber(found[2])
 end
 local function last(o, lo)  -- the non-null value of the latest event in the window (ties: the greatest)
-  local best, best_t, offset = nil, nil, 0
+  local best, best_t, offset, limit = nil, nil, 0, 2
   while true do
-    local rows = events_between(lo, hi, true, offset, 64)
+    local rows = events_between(lo, hi, true, offset, limit)
     for _, e in ipairs(rows) do
       if best_t ~= nil and e[2] < best_t then return best end
       local v = e[3][o.col]
       if v ~= nil and v ~= null and (best_t == nil or less(best, v, o.type)) then best, best_t = v, e[2] end
     end
-    if #rows < 64 then return best end
-    offset = offset + 64
+    if #rows < limit then return best end
+    offset, limit = offset + limit, math.min(limit * 4, 512)
   end
 end
 
@@ -405,7 +403,7 @@ class LiveTrailingView:
         self.backoff = backoff
         self.prefix = f"{namespace}:~live:{view.name}"
         self._check_definition()
-        self._script = client.register_script(_SCRIPT % {"spec": _lua_string(json.dumps(self.spec.script))})
+        self._script = client.register_script(_SCRIPT % {"spec": _lua_literal(self.spec.script)})
 
     def _check_definition(self) -> None:
         key = f"{self.prefix}:definition"
@@ -462,12 +460,23 @@ class LiveTrailingView:
         raise AssertionError("unreachable")
 
 
-def _lua_string(text: str) -> str:
-    """``text`` as a Lua long-bracket string literal (no escapes needed inside)."""
-    level = 0
-    while f"]{'=' * level}]" in text:
-        level += 1
-    return f"[{'=' * level}[{text}]{'=' * level}]"
+def _lua_literal(value: Any) -> str:
+    """``value`` (JSON-like: dicts with identifier keys, lists, strings, numbers, booleans) as a
+    Lua table constructor: the script builds its spec with no decoding on every call."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        level = 0
+        while f"]{'=' * level}]" in value or value.endswith("]" + "=" * level):
+            level += 1
+        return f"[{'=' * level}[{value}]{'=' * level}]"
+    if isinstance(value, list):
+        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {_lua_literal(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no Lua literal for {type(value).__name__}")
 
 
 def state_ttl(view: FeatureView, spec: LiveSpec) -> timedelta:

@@ -47,3 +47,10 @@ def test_generator_duration_needs_a_rate(capsys):
 def test_features_rejects_an_undeclared_view(capsys):
     assert features.main(["--env", "local", "--views", "account_velocity,nope"]) == 2
     assert "--views: nope not declared in conf/features" in capsys.readouterr().err
+
+
+def test_features_before_the_first_ingest_fails_naming_the_missing_bronze_table(capsys, spark, tmp_path):
+    lake = tmp_path / "lake"
+    assert features.main(["--env", "local", "--views", "account_velocity", "--set", f"storage.root={lake}"]) == 3
+    err = capsys.readouterr().err
+    assert f"no bronze table at {lake}/bronze/transactions yet" in err and "start it first" in err
