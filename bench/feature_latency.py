@@ -164,9 +164,10 @@ def set_arguments(overrides: dict, prefix: str = "") -> list[str]:
 class Job:
     """One job process (``python jobs/<name>.py``), in a process group of its own; output to a log."""
 
-    def __init__(self, name: str, args: list[str], log_path: Path):
+    def __init__(self, name: str, args: list[str], log_path: Path, nice: int = 0):
         self.name, self.log_path = name, log_path
-        self.process = subprocess.Popen([sys.executable, str(PROJECT_ROOT / "jobs" / f"{name}.py"), *args],
+        command = [sys.executable, str(PROJECT_ROOT / "jobs" / f"{name}.py"), *args]
+        self.process = subprocess.Popen(["nice", "-n", str(nice), *command] if nice else command,
                                         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
 
     def check(self) -> None:
@@ -205,12 +206,14 @@ def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]
     jobs = [Job("live", [*common, *set_arguments(overrides), "--views", VIEW], root / "live.log")]
     try:
         if durable:
-            jobs.append(Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log"))
+            jobs.append(Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log",
+                            args.durable_nice))
             bronze_log = Path(bronze.storage.bronze_path(topic), "_delta_log")
             while not any(bronze_log.glob("*.json")):  # fp-features needs the table fp-ingest creates
                 jobs[-1].check()
                 time.sleep(1)
-            jobs.append(Job("features", [*common, *set_arguments(bronze_overrides), "--views", VIEW], root / "features.log"))
+            jobs.append(Job("features", [*common, *set_arguments(bronze_overrides), "--views", VIEW], root / "features.log",
+                            args.durable_nice))
         time.sleep(args.settle)  # every job started its session and queries
         for job in jobs:
             job.check()
@@ -257,6 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")
     parser.add_argument("--alone", action="store_true", help="also measure the live path with the durable path stopped")
     parser.add_argument("--keep", action="store_true", help="keep each run's lake, checkpoints and job logs")
+    parser.add_argument("--durable-nice", type=int, default=0, choices=range(0, 20), metavar="0..19",
+                        help="run fp-ingest and fp-features at this OS niceness (the live path's CPU priority)")
     args = parser.parse_args(argv)
     parse_duration(args.trigger, "--trigger")
     rates = [int(r) for r in args.rates.split(",")]
@@ -279,6 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         control.config_set("notify-keyspace-events", previous)
 
     results = {"run": run_id, "seconds": args.seconds, "warmup": args.warmup, "trigger": args.trigger,
+               "durable_nice": args.durable_nice,
                "accounts": args.accounts, "view": VIEW, "figures": figures,
                "machine": {"cpus": os.cpu_count(), "python": host.python_version(), "system": host.platform()}}
     out = PROJECT_ROOT / "bench" / "results" / f"latency-{run_id}.json"

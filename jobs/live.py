@@ -19,7 +19,7 @@ from pipelines.features.live_stream import run_live
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-live", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
-    parser.add_argument("--views", help="comma-separated trailing views from conf/features (default: all trailing)")
+    parser.add_argument("--views", help="comma-separated views from conf/features (default: all served online)")
     parser.add_argument("--available-now", action="store_true", help="process what Kafka holds now, then stop")
     parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
     return parser.parse_args(argv)

@@ -62,19 +62,17 @@ import redis
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
+from pipelines.online.lua import PRELUDE, lua_literal
 from pipelines.online.store import TRANSIENT_ERRORS, OnlineStoreError, entity_key
 
 log = logging.getLogger(__name__)
 
 _SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
 
-_SCRIPT = r"""
+_SCRIPT = r"""%(prelude)s
 local spec = %(spec)s
 local fkey, evkey, tkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, state_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local null = cjson.null
-local function int(x) return string.format('%%.0f', x) end
-local function num(x) return string.format('%%.17g', x) end
 
 local stored_meta = redis.call('HMGET', mkey, 'max_t', 'seq', 'windows')
 local meta = {max_t = stored_meta[1], seq = stored_meta[2]}
@@ -121,10 +119,6 @@ local function escaped(s)  -- order-preserving, and free of NUL (the member's se
 end
 local function unescaped(s)
   return (string.gsub(s, '\1(.)', function(b) return b == '\1' and '\0' or '\1' end))
-end
-local function distinct_key(v)
-  if type(v) == 'number' then return 'n:' .. num(v) end
-  return type(v) .. ':' .. tostring(v)
 end
 
 -- Add (sign 1) or remove (sign -1) one event's values to or from a window's aggregates.
@@ -228,24 +222,6 @@ redis.call('HSET', mkey, 'max_t', int(max_t), 'seq', seq, 'windows', cmsgpack.pa
 for i = 2, #KEYS do redis.call('PEXPIRE', KEYS[i], state_ttl) end
 
 -- 4. The features of the latest event, from the windows' aggregates.
-local function number_text(x, kind)
-  if x ~= x then return 'NaN' end
-  if x == math.huge then return 'Infinity' end
-  if x == -math.huge then return '-Infinity' end
-  if kind == 'bigint' then return int(x) end
-  local text = num(x)
-  if not string.find(text, '[%%.eE]') then text = text .. '.0' end
-  return text
-end
-local function value_text(x, kind)
-  if kind == 'string' then return cjson.encode(x) end
-  if kind == 'boolean' then return x and 'true' or 'false' end
-  return number_text(x, kind)
-end
-local function less(a, b, kind)
-  if kind == 'boolean' then return (not a) and b end
-  return a < b
-end
 local function extreme(o)  -- max or min of a column in a window: the end of its ordered set
   local key = KEYS[o.order]
   local found
@@ -285,15 +261,7 @@ for _, o in ipairs(spec.outputs) do
   end
 end
 
-local stored = redis.call('HMGET', fkey, '_event_time', '_version')
-if stored[1] then
-  local stored_time, stored_version = tonumber(stored[1]), tonumber(stored[2])
-  if max_t < stored_time or (max_t == stored_time and seq <= stored_version) then return {added, 0} end
-end
-redis.call('DEL', fkey)
-redis.call('HSET', fkey, '_event_time', int(max_t), '_version', seq, unpack(out))
-redis.call('PEXPIRE', fkey, ttl)
-return {added, 1}
+return {added, write_newer(fkey, max_t, seq, out, ttl)}
 """
 
 
@@ -403,7 +371,7 @@ class LiveTrailingView:
         self.backoff = backoff
         self.prefix = f"{namespace}:~live:{view.name}"
         self._check_definition()
-        self._script = client.register_script(_SCRIPT % {"spec": _lua_literal(self.spec.script)})
+        self._script = client.register_script(_SCRIPT % {"prelude": PRELUDE, "spec": lua_literal(self.spec.script)})
 
     def _check_definition(self) -> None:
         key = f"{self.prefix}:definition"
@@ -458,25 +426,6 @@ class LiveTrailingView:
                 log.warning("live update of view %s failed (%s): retry %d in %.1fs", self.view.name, exc, attempt, pause)
                 time.sleep(pause)
         raise AssertionError("unreachable")
-
-
-def _lua_literal(value: Any) -> str:
-    """``value`` (JSON-like: dicts with identifier keys, lists, strings, numbers, booleans) as a
-    Lua table constructor: the script builds its spec with no decoding on every call."""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, str):
-        level = 0
-        while f"]{'=' * level}]" in value or value.endswith("]" + "=" * level):
-            level += 1
-        return f"[{'=' * level}[{value}]{'=' * level}]"
-    if isinstance(value, list):
-        return "{" + ", ".join(_lua_literal(v) for v in value) + "}"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{k} = {_lua_literal(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"no Lua literal for {type(value).__name__}")
 
 
 def state_ttl(view: FeatureView, spec: LiveSpec) -> timedelta:

@@ -20,14 +20,15 @@ from pyspark.sql import functions as F
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.settings import Settings
 from pipelines.core.times import utc_assuming_local
-from pipelines.core.view_spec import Aggregation, FeatureView, SourceSpec, feature_names
+from pipelines.core.view_spec import Aggregation, CountBy, FeatureView, SourceSpec, event_time_column, feature_names
 from pipelines.features.live_stream import run_live
 from pipelines.features.sinks import latest_per_entity
-from pipelines.features.transforms import trailing_features
+from pipelines.features.transforms import session_features, sliding_features, trailing_features
 from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_events
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.local.platform import wait_healthy
 from pipelines.online.live import LiveTrailingView
+from pipelines.online.live_windows import LiveWindowView
 from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
 from tests.support import start_job, topic_names
 
@@ -53,14 +54,14 @@ def mismatches(client, settings: Settings, view: FeatureView, expected: dict[Any
     wrong = []
     for value in read_online(client, settings.redis.namespace, view.name, names, sorted(expected)):
         row = expected[value["entity"]]
-        same_time = value["event_time"] == utc_assuming_local(row[view.event_time])
+        same_time = value["event_time"] == utc_assuming_local(row[event_time_column(view)])
         same = all(
             value[n] == row[n] or (isinstance(row[n], float) and value[n] is not None
                                    and abs(value[n] - row[n]) <= 1e-9 * max(1.0, abs(row[n])))
             for n in names
         )
         if not (same_time and same):
-            wrong.append((value, {n: row[n] for n in names}, row[view.event_time]))
+            wrong.append((value, {n: row[n] for n in names}, row[event_time_column(view)]))
     return wrong
 
 
@@ -210,6 +211,123 @@ def test_live_aggregates_equal_the_batch_definition_as_events_enter_and_leave_wi
         expected = {row["user"]: row.asDict() for row in reference.collect()}
         wrong = mismatches(client, settings, view, expected)
         assert wrong == [], f"after {start + len(batch)} deliveries: {wrong}"
+
+
+def windowed_views(gap: timedelta = timedelta(seconds=20)) -> list[FeatureView]:
+    """A sliding and a session view over the edge events' columns, 30 s allowed lateness."""
+    lateness = timedelta(seconds=30)
+    sliding = FeatureView(
+        name="edge_sliding", source=SourceSpec("transactions"), entity="user", event_time="ts", kind="sliding",
+        window=timedelta(seconds=60), slide=timedelta(seconds=20), allowed_lateness=lateness, aggregations=(
+            Aggregation("*", ("count",)),
+            Aggregation("x", ("sum", "avg", "max", "min", "count", "last")),
+            Aggregation("s", ("max", "min", "approx_count_distinct", "last")),
+            Aggregation("b", ("max", "last")),
+            Aggregation("n", ("sum", "max")),
+        ))
+    session = FeatureView(
+        name="edge_session", source=SourceSpec("transactions"), entity="user", event_time="ts", kind="session",
+        gap=gap, allowed_lateness=lateness, aggregations=(
+            Aggregation("x", ("sum", "max")), Aggregation("s", ("last",))),
+        count_by=(CountBy("s", ("a", "é")),))
+    return [sliding, session]
+
+
+WINDOWED = {"sliding": sliding_features, "session": session_features}
+
+
+def test_live_windows_close_with_the_watermark_and_equal_the_batch_definition(spark, isolated):
+    settings = isolated()
+    client = redis_client(settings.redis)
+    types = {"x": "double", "s": "string", "b": "boolean", "n": "bigint"}
+    views = windowed_views(gap=timedelta(seconds=3))  # sessions of a few events each
+    live = [LiveWindowView(client, settings.redis.namespace, view, types) for view in views]
+    lateness = 30_000_000
+    rng = random.Random(8)
+    events = edge_events(seed=8)
+    # Out of order by up to 25 s (< the allowed lateness): no event is late, so the windows the
+    # watermark closed are the static transform's over every event read.
+    order = sorted(events, key=lambda e: e[2] + timedelta(seconds=rng.randrange(26)))
+    delivered: list[tuple] = []
+    compared = {view.name: 0 for view in views}
+    for batch_id, start in enumerate(range(0, len(order), 12)):
+        batch = order[start:start + 12]
+        delivered += batch
+        latest = max(int(e[2].timestamp() * 1_000_000) for e in delivered)
+        for view, window in zip(views, live):
+            result = window.apply(batch_id, [(e[0], e[1], int(e[2].timestamp() * 1_000_000), *e[3:]) for e in batch],
+                                  max(int(e[2].timestamp() * 1_000_000) for e in batch))
+            assert result.late == 0, view.name
+        if batch_id % 4 != 3:
+            continue
+        watermark = datetime.fromtimestamp((latest - lateness) / 1e6, timezone.utc).replace(tzinfo=None)
+        for view in views:
+            rows = WINDOWED[view.kind](spark.createDataFrame(delivered, EDGE_SCHEMA), view)
+            closed = latest_per_entity(rows.filter(F.col(event_time_column(view)) <= F.lit(watermark)), view)
+            expected = {row["user"]: row.asDict() for row in closed.collect()}
+            wrong = mismatches(client, settings, view, expected)
+            assert wrong == [], f"{view.name} after batch {batch_id}: {wrong}"
+            compared[view.name] += len(expected)
+    assert min(compared.values()) >= 12, compared  # several closings of each user and view
+
+
+def test_live_windows_drop_late_events_merge_sessions_and_judge_a_replayed_batch_as_its_first_attempt(isolated):
+    settings = isolated()
+    client = redis_client(settings.redis)
+    types = {"x": "double", "s": "string", "b": "boolean", "n": "bigint"}
+    sliding, session = (LiveWindowView(client, settings.redis.namespace, view, types) for view in windowed_views())
+    t0 = 1_795_000_020_000_000  # a multiple of the 20 s slide: windows [t0 - 40 s, t0 + 20 s), ...
+    s = 1_000_000
+
+    def event(i: int, at: int, x: float, s_value: str = "a") -> tuple:
+        return ("u1", f"e{i}", at, x, s_value, None, None)
+
+    def row(view) -> dict:
+        return read_online(client, settings.redis.namespace, view.view.name, feature_names(view.view), ["u1"])[0]
+
+    # Batch 0: events at t0 and t0 + 10 s; the watermark moves to t0 + 10 s - 30 s: nothing closes.
+    assert sliding.apply(0, [event(1, t0, 1.0), event(2, t0 + 10 * s, 2.0)], t0 + 10 * s).closed == 0
+    # Batch 1: an event at t0 + 100 s moves the watermark to t0 + 70 s: the windows ending at
+    # t0 + 20, 40 and 60 s close; the latest, [t0, t0 + 60 s), holds both events.
+    result = sliding.apply(1, [event(3, t0 + 100 * s, 4.0)], t0 + 100 * s)
+    assert (result.closed, result.written, result.late) == (3, 1, 0)
+    value = row(sliding)
+    assert value["event_time"] == datetime.fromtimestamp((t0 + 60 * s) / 1e6, timezone.utc)
+    assert (value["count"], value["sum_x"], value["last_x"]) == (2, 3.0, 2.0)
+    # Batch 2: an event at t0 + 15 s is behind the watermark for all its windows (they end at
+    # t0 + 20, 40 and 60 s <= t0 + 70 s): dropped. One at t0 + 45 s counts in the two of its
+    # windows still open, [t0 + 20 s, t0 + 80 s) and [t0 + 40 s, t0 + 100 s), not in [t0, t0 + 60 s).
+    result = sliding.apply(2, [event(4, t0 + 15 * s, 8.0), event(5, t0 + 45 * s, 16.0)], t0 + 45 * s)
+    assert (result.added, result.late, result.closed) == (1, 1, 0)
+    # The same batch again (a replay after a crash): judged by the same watermark, nothing new.
+    again = sliding.apply(2, [event(4, t0 + 15 * s, 8.0), event(5, t0 + 45 * s, 16.0)], t0 + 45 * s)
+    assert (again.added, again.late) == (0, 1)
+    # Batch 3: the watermark reaches t0 + 100 s: [t0 + 40 s, t0 + 100 s) closes with e5 alone
+    # (e3 at t0 + 100 s is in the next windows).
+    result = sliding.apply(3, [event(6, t0 + 130 * s, 1.0)], t0 + 130 * s)
+    assert result.closed == 2  # windows ending at t0 + 80 s and t0 + 100 s
+    value = row(sliding)
+    assert value["event_time"] == datetime.fromtimestamp((t0 + 100 * s) / 1e6, timezone.utc)
+    assert (value["count"], value["sum_x"], value["max_x"]) == (1, 16.0, 16.0)
+    # Batch 3 replayed after a crash that hit before u2's script ran in its first attempt: u2's
+    # event at t0 + 50 s is judged by the watermark before batch 3 (t0 + 70 s), not the one
+    # batch 3 set (t0 + 100 s, which would drop it): it counts, and its windows ending at
+    # t0 + 80 s and t0 + 100 s close at once.
+    u2 = ("u2", "e7", t0 + 50 * s, 32.0, "a", None, None)
+    result = sliding.apply(3, [event(6, t0 + 130 * s, 1.0), u2], t0 + 130 * s)
+    assert (result.added, result.late, result.closed, result.written) == (1, 0, 2, 1)
+    value = read_online(client, settings.redis.namespace, "edge_sliding", feature_names(sliding.view), ["u2"])[0]
+    assert (value["count"], value["sum_x"]) == (1, 32.0)
+
+    # Sessions (gap 20 s): two sessions, then an out-of-order event that bridges them.
+    session.apply(0, [event(1, t0, 1.0, "a"), event(2, t0 + 30 * s, 2.0, "é")], t0 + 30 * s)
+    session.apply(1, [event(3, t0 + 15 * s, 4.0, "b")], t0 + 15 * s)
+    result = session.apply(2, [event(4, t0 + 200 * s, 0.5, "a")], t0 + 200 * s)  # watermark t0 + 170 s
+    assert (result.closed, result.written) == (1, 1)
+    value = row(session)
+    assert value["event_time"] == datetime.fromtimestamp((t0 + 50 * s) / 1e6, timezone.utc)  # last event + gap
+    assert (value["event_count"], value["duration_seconds"], value["sum_x"], value["max_x"]) == (3, 30.0, 7.0, 4.0)
+    assert (value["last_s"], value["count_s_a"], value["count_s_é"]) == ("é", 1, 1)
 
 
 def committed_batches(checkpoint: str) -> int:
