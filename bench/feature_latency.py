@@ -9,13 +9,21 @@ written and the event time it then holds. An event's latency is the time from it
 first ``--warmup`` seconds of events are left out. Reported as p50/p95/p99 per path and rate;
 with ``--alone`` the live path is measured again with the durable path stopped.
 
+The live path also serves the sliding and session views of the topic (``merchant_hourly``,
+``account_sessions``), shortened in the run's copy of the conf (:data:`WINDOWED`) so that
+windows close every few seconds. For each, the latency of a window is from the moment the
+watermark passed its end (the send of the first event at or after end + allowed lateness) to
+its first write in Redis.
+
 Each path runs as it is deployed: ``fp-live``, ``fp-ingest`` and ``fp-features`` are job
 processes of their own (each its own Spark driver, ``local[2]``), started with ``--set``
 overrides for the run's topic, lake and Redis namespace; on this machine they share its two
 cores. The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
-...}, "bronze": {...}, "online_alone": {...}}`` (seconds).
+...}, "bronze": {...}, "merchant_hourly": {...}, "account_sessions": {...}, "online_alone":
+{...}}`` (seconds).
 
 Usage: python bench/feature_latency.py --env local [--rates 1000,5000] [--seconds 300] [--alone]
+       [--durable-nice 10]
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform as host
 import random
@@ -39,12 +48,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import redis
+import yaml
 
 from pipelines.core.cli import add_settings_arguments, configure_logging, settings_from_args
 from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
-from pipelines.core.times import parse_duration
+from pipelines.core.times import micros, parse_duration
 from pipelines.online.store import EVENT_TIME_FIELD, redis_client
 
 log = logging.getLogger("bench")
@@ -58,10 +68,10 @@ def now_micros() -> int:
 class OnlineWrites(threading.Thread):
     """Records every write of the view's hashes: (entity, when written, event time held)."""
 
-    def __init__(self, client: redis.Redis, namespace: str):
+    def __init__(self, client: redis.Redis, namespace: str, view: str = VIEW):
         super().__init__(daemon=True)
         self.client = client
-        self.prefix = f"{namespace}:{VIEW}:"
+        self.prefix = f"{namespace}:{view}:"
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe(f"__keyspace@{client.connection_pool.connection_kwargs.get('db', 0)}__:{self.prefix}*")
         self.writes: dict[str, list[tuple[int, int]]] = defaultdict(list)
@@ -129,6 +139,40 @@ def latencies(sent: list[tuple[str, int]], writes: dict[str, list[tuple[int, int
     return result, missing
 
 
+def window_latencies(writes: dict[str, list[tuple[int, int]]], lateness: int, since: int, until: int) -> list[float]:
+    """Seconds from the moment the watermark passed each window's end (the send, = event time,
+    of the first event at or after ``end + lateness``) to the first write of that window, for
+    windows whose end + lateness falls in ``[since, until]``."""
+    result = []
+    for history in writes.values():
+        first: dict[int, int] = {}
+        for seen, held in history:
+            first.setdefault(held, seen)
+        result += [(seen - (end + lateness)) / 1e6 for end, seen in first.items() if since <= end + lateness <= until]
+    return result
+
+
+#: Windowed views measured beside the trailing one, shortened so that windows close every few
+#: seconds at the bench's rates (their conf: the run's copy of conf/features/payments.yaml).
+WINDOWED = {"merchant_hourly": {"window": "1m", "slide": "20s", "allowed_lateness": "5s"},
+            "account_sessions": {"gap": "200ms", "allowed_lateness": "5s"}}
+
+
+def bench_conf(source: Path, dest: Path) -> Path:
+    """A copy of the conf folder whose windowed payments views close within seconds."""
+    shutil.copytree(source, dest)
+    views_file = dest / "features" / "payments.yaml"
+    document = yaml.safe_load(views_file.read_text())
+    for view in document["views"]:
+        view.update(WINDOWED.get(view["name"], {}))
+    views_file.write_text(yaml.safe_dump(document, sort_keys=False, allow_unicode=True))
+    return dest
+
+
+def finite(value: float) -> float | None:
+    return None if math.isinf(value) else value
+
+
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
@@ -190,20 +234,25 @@ def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]
     producing at ``rate``; the latency figures of each path."""
     label = f"{rate}{'' if durable else '-alone'}"
     overrides, root = overrides_for(args, run_id, rate, label)
-    live = load_settings(args.env, args.conf_dir, overrides)
+    root.mkdir(parents=True, exist_ok=True)
+    conf_dir = bench_conf(Path(args.conf_dir) if args.conf_dir else PROJECT_ROOT / "conf", root / "conf")
+    # Relative paths of the copy would resolve against the run's folder: keep the checkout's jars.
+    jars_dir = load_settings(args.env, args.conf_dir, parse_overrides(args.set)).spark.jars_dir
+    overrides = deep_merge(overrides, {"spark": {"jars_dir": jars_dir}} if jars_dir else {})
+    live = load_settings(args.env, conf_dir, overrides)
     bronze_overrides = deep_merge(overrides, {"redis": {"namespace": f"bench-latency-{run_id}-{label}-bronze"}})
-    bronze = load_settings(args.env, args.conf_dir, bronze_overrides)
+    bronze = load_settings(args.env, conf_dir, bronze_overrides)
     topic = live.ingest.topics[0]
     ensure_topics(live.kafka.client_properties(), [TopicSpec(topic, 2, 1), TopicSpec(live.kafka.dlq_topic_for(topic), 2, 1)])
     client = redis_client(live.redis)
     listeners = {"online": OnlineWrites(client, live.redis.namespace)}
+    listeners.update({view: OnlineWrites(client, live.redis.namespace, view) for view in WINDOWED})
     if durable:
         listeners["bronze"] = OnlineWrites(client, bronze.redis.namespace)
     for listener in listeners.values():
         listener.start()
-    root.mkdir(parents=True, exist_ok=True)
-    common = ["--env", args.env, *(["--conf-dir", args.conf_dir] if args.conf_dir else [])]
-    jobs = [Job("live", [*common, *set_arguments(overrides), "--views", VIEW], root / "live.log")]
+    common = ["--env", args.env, "--conf-dir", str(conf_dir)]
+    jobs = [Job("live", [*common, *set_arguments(overrides), "--views", ",".join([VIEW, *WINDOWED])], root / "live.log")]
     try:
         if durable:
             jobs.append(Job("ingest", [*common, *set_arguments(bronze_overrides), "--topics", topic], root / "ingest.log",
@@ -219,11 +268,11 @@ def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]
             job.check()
         log.info("%s: producing %d events/s for %ds (%s)", label, rate, args.seconds, ", ".join(j.name for j in jobs))
         sent = produce_at_rate(live, topic, rate, args.seconds, args.accounts, seed=17)
-        deadline = time.monotonic() + 240
+        deadline = time.monotonic() + args.drain
         while time.monotonic() < deadline:
             for job in jobs:
                 job.check()
-            if all(not latencies(sent, listener.writes)[1] for listener in listeners.values()):
+            if all(not latencies(sent, listeners[path].writes)[1] for path in ("online", "bronze") if path in listeners):
                 break
             time.sleep(1)
     finally:
@@ -232,13 +281,24 @@ def measure_rate(args, run_id: str, rate: int, durable: bool) -> dict[str, dict]
         for listener in listeners.values():
             listener.stop()
     results = {}
-    for path, listener in listeners.items():
-        measured, missing = latencies(sent[int(args.warmup * rate):], listener.writes)
-        if missing:
-            raise RuntimeError(f"{path} at {rate}/s: {missing} events never reached Redis (logs: {root})")
-        results[path] = {"events": len(measured), "p50": round(percentile(measured, 50), 3),
-                         "p95": round(percentile(measured, 95), 3), "p99": round(percentile(measured, 99), 3),
+    since, until = sent[int(args.warmup * rate)][1], sent[-1][1]
+    for view in WINDOWED:
+        measured = window_latencies(listeners[view].writes, micros(live.views[view].allowed_lateness), since, until)
+        if not measured:
+            raise RuntimeError(f"{view} at {rate}/s: no window closed during the run (logs: {root})")
+        results[view] = {"windows": len(measured), **{f"p{q}": round(percentile(measured, q), 3) for q in (50, 95, 99)},
                          "max": round(max(measured), 3)}
+        log.info("%s %s: %s", view, label, results[view])
+    for path in ("online", "bronze"):
+        if path not in listeners:
+            continue
+        measured, missing = latencies(sent[int(args.warmup * rate):], listeners[path].writes)
+        # Events still missing at the drain deadline count as later than every measured one (a
+        # percentile among them is null: unknown, beyond the deadline).
+        ranked = sorted(measured) + [math.inf] * missing
+        results[path] = {"events": len(ranked), "missing": missing,
+                         **{f"p{q}": finite(round(percentile(ranked, q), 3)) for q in (50, 95, 99)},
+                         "max": finite(round(ranked[-1], 3))}
         log.info("%s %s: %s", path, label, results[path])
     for namespace in {live.redis.namespace, bronze.redis.namespace}:
         for key in client.scan_iter(f"{namespace}:*", count=1000):
@@ -259,6 +319,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")
     parser.add_argument("--alone", action="store_true", help="also measure the live path with the durable path stopped")
+    parser.add_argument("--drain", type=float, default=600.0,
+                        help="seconds to wait after the last event for every path to write it")
     parser.add_argument("--keep", action="store_true", help="keep each run's lake, checkpoints and job logs")
     parser.add_argument("--durable-nice", type=int, default=0, choices=range(0, 20), metavar="0..19",
                         help="run fp-ingest and fp-features at this OS niceness (the live path's CPU priority)")
@@ -272,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     control = redis_client(base.redis)
     previous = control.config_get("notify-keyspace-events").get("notify-keyspace-events", "")
     control.config_set("notify-keyspace-events", "Kh")  # keyspace events of hash commands
-    figures: dict[str, dict[str, dict]] = {"online": {}, "bronze": {}}
+    figures: dict[str, dict[str, dict]] = {"online": {}, "bronze": {}, **{view: {} for view in WINDOWED}}
     try:
         for rate in rates:
             for path, result in measure_rate(args, run_id, rate, durable=True).items():
@@ -290,11 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     out = PROJECT_ROOT / "bench" / "results" / f"latency-{run_id}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
-    print(f"\nevent-to-Redis latency, {VIEW}, {args.seconds}s per rate (seconds)\n")
+    print(f"\nevent-to-Redis latency, {VIEW} (online, bronze), and watermark-to-Redis latency of the windowed views, "
+          f"{args.seconds}s per rate (seconds)\n")
     print("| path | events/s | events | p50 | p95 | p99 | max |\n|---|---|---|---|---|---|---|")
     for path, by_rate in figures.items():
         for rate, r in by_rate.items():
-            print(f"| {path} | {rate} | {r['events']:,} | {r['p50']} | {r['p95']} | {r['p99']} | {r['max']} |")
+            count = f"{r['events']:,}" if "events" in r else f"{r['windows']:,} windows"
+            print(f"| {path} | {rate} | {count} | {r['p50']} | {r['p95']} | {r['p99']} | {r['max']} |")
     print(f"\nresults: {out}")
     print(json.dumps({path: {rate: {k: r[k] for k in ("p50", "p95", "p99")} for rate, r in by_rate.items()}
                       for path, by_rate in figures.items()}))

@@ -33,6 +33,7 @@ import queue
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -53,8 +54,8 @@ from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
 from pipelines.ingest.bronze import check_records
 from pipelines.ingest.sources import read_kafka_stream
-from pipelines.online.live import LiveTrailingView
-from pipelines.online.live_windows import LiveWindowView
+from pipelines.online.live import LiveResult, LiveTrailingView
+from pipelines.online.live_windows import LiveWindowView, WindowResult
 from pipelines.online.store import redis_client
 
 log = logging.getLogger(__name__)
@@ -242,6 +243,7 @@ class LiveBatchWriter:
             LiveTrailingView(client, namespace, v, types) if v.kind == "trailing" else LiveWindowView(client, namespace, v, types)
             for v in views
         ]
+        self.pool = ThreadPoolExecutor(max_workers=len(self.views), thread_name_prefix="live-redis")
         self.metrics = metrics
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
@@ -254,16 +256,17 @@ class LiveBatchWriter:
         topic_max = max(data["_event_micros"])
         added = written = closed = late = 0
         closed_ends: list[tuple[int, int]] = []
-        for live in self.views:
+
+        def apply(live: LiveTrailingView | LiveWindowView) -> LiveResult | WindowResult:
             view = live.view
             events = zip(data[view.entity], data["_event_id"], data["_event_micros"], *[data[c] for c in live.columns])
-            if isinstance(live, LiveTrailingView):
-                result = live.apply(events)
-            else:
-                windows = live.apply(batch_id, events, topic_max)
-                closed, late = closed + windows.closed, late + windows.late
-                closed_ends += [(end, live.lateness) for _, end in windows.closed_ends]
-                result = windows
+            return live.apply(events) if isinstance(live, LiveTrailingView) else live.apply(batch_id, events, topic_max)
+
+        # The views at once: one view's scripts run in Redis while the next view's are packed.
+        for live, result in zip(self.views, self.pool.map(apply, self.views)):
+            if isinstance(result, WindowResult):
+                closed, late = closed + result.closed, late + result.late
+                closed_ends += [(end, live.lateness) for _, end in result.closed_ends]
             added += result.added
             written += result.written
         done = time.time_ns() // 1000

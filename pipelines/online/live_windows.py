@@ -216,10 +216,15 @@ if added > 0 then
   redis.call('PEXPIRE', okey, state_ttl)
 end
 local earliest = nil
-local flat = redis.call('HGETALL', okey)
-for i = 1, #flat, 2 do
-  local e = window_end(flat[i], spec.kind == 'session' and cmsgpack.unpack(flat[i + 1]) or nil)
-  if earliest == nil or e < earliest then earliest = e end
+if spec.kind == 'sliding' then  -- a window's end follows from its start, the field
+  for _, field in ipairs(redis.call('HKEYS', okey)) do
+    local e = window_end(field, nil)
+    if earliest == nil or e < earliest then earliest = e end
+  end
+else
+  for _, st in pairs(open) do
+    if st and (earliest == nil or st.last + spec.gap < earliest) then earliest = st.last + spec.gap end
+  end
 end
 return {added, late, earliest and int(earliest) or false}
 """
