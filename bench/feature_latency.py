@@ -155,7 +155,7 @@ def window_latencies(writes: dict[str, list[tuple[int, int]]], lateness: int, si
 #: Windowed views measured beside the trailing one, shortened so that windows close every few
 #: seconds at the bench's rates (their conf: the run's copy of conf/features/payments.yaml).
 WINDOWED = {"merchant_hourly": {"window": "1m", "slide": "20s", "allowed_lateness": "5s"},
-            "account_sessions": {"gap": "200ms", "allowed_lateness": "5s"}}
+            "account_sessions": {"gap": "1s", "allowed_lateness": "5s"}}
 
 
 def bench_conf(source: Path, dest: Path) -> Path:
