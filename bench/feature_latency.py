@@ -19,8 +19,8 @@ Each path runs as it is deployed: ``fp-live``, ``fp-ingest`` and ``fp-features``
 processes of their own (each its own Spark driver, ``local[2]``), started with ``--set``
 overrides for the run's topic, lake and Redis namespace; on this machine they share its two
 cores. The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
-...}, "bronze": {...}, "merchant_hourly": {...}, "account_sessions": {...}, "online_alone":
-{...}}`` (seconds).
+...}, "bronze": {...}, "merchant_hourly": {...}, "account_sessions": {...}, and with
+``--alone`` the same keys of the live path suffixed ``_alone``}`` (seconds).
 
 Usage: python bench/feature_latency.py --env local [--rates 1000,5000] [--seconds 300] [--alone]
        [--durable-nice 10]
@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> int:
             for path, result in measure_rate(args, run_id, rate, durable=True).items():
                 figures[path][str(rate)] = result
         if args.alone:
-            figures["online_alone"] = {str(rate): measure_rate(args, run_id, rate, durable=False)["online"]
-                                       for rate in rates}
+            for rate in rates:
+                for path, result in measure_rate(args, run_id, rate, durable=False).items():
+                    figures.setdefault(f"{path}_alone", {})[str(rate)] = result
     finally:
         control.config_set("notify-keyspace-events", previous)
 
