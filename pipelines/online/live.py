@@ -50,7 +50,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import time
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -63,11 +62,11 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
 from pipelines.online.lua import PRELUDE, lua_literal
-from pipelines.online.store import TRANSIENT_ERRORS, OnlineStoreError, entity_key
+from pipelines.online.store import entity_key, retry_transient
 
 log = logging.getLogger(__name__)
 
-_SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
+SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
 
 _SCRIPT = r"""%(prelude)s
 local spec = %(spec)s
@@ -265,7 +264,20 @@ return {added, write_newer(fkey, max_t, seq, out, ttl)}
 """
 
 
-def _output_type(function: str, column_type: str) -> str:
+def column_index(view: FeatureView, column_types: Mapping[str, str], columns: list[str], column: str, why: str) -> int:
+    """The 1-based position of ``column`` among the values each stored event carries
+    (``columns``, appended to when new). Raises ConfigError for a type the live path does not
+    serve; ``why`` names the column's use in the message."""
+    kind = column_types[column]
+    if kind not in SUPPORTED_TYPES:
+        raise ConfigError(f"view {view.name}: {why} {column!r} is of type {kind}; "
+                          f"the live path serves {', '.join(SUPPORTED_TYPES)} columns")
+    if column not in columns:
+        columns.append(column)
+    return columns.index(column) + 1
+
+
+def output_type(function: str, column_type: str) -> str:
     """The Spark type of a trailing feature (as the batch transform gives it)."""
     if function in ("count", "approx_count_distinct"):
         return "bigint"
@@ -304,12 +316,7 @@ def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> LiveSpec:
     for name, function, column, window in view.outputs():
         assert window is not None
         if column != "*":
-            kind = column_types[column]
-            if kind not in _SUPPORTED_TYPES:
-                raise ConfigError(f"view {view.name}: feature {name!r} aggregates {column!r} of type {kind}; "
-                                  f"the live path serves {', '.join(_SUPPORTED_TYPES)} columns")
-            if column not in columns:
-                columns.append(column)
+            column_index(view, column_types, columns, column, f"feature {name!r} aggregates")
         outputs.append((name, function, column, micros(window), "bigint" if column == "*" else column_types[column]))
     windows = sorted({w for *_, w, _ in outputs})
     structures: list[tuple[str, str, int]] = []
@@ -332,7 +339,7 @@ def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> LiveSpec:
     for name, function, column, w, kind in outputs:
         wi = windows.index(w)
         out = {"name": name, "fn": function, "col": 0 if column == "*" else columns.index(column) + 1,
-               "window": wi + 1, "type": kind, "out_type": _output_type(function, kind)}
+               "window": wi + 1, "type": kind, "out_type": output_type(function, kind)}
         if column != "*":
             col = next(c for c in window_specs[wi]["cols"] if c["col"] == out["col"])
             out.update({k: col[k] for k in ("order", "distinct") if k in col})
@@ -409,23 +416,16 @@ class LiveTrailingView:
         return LiveResult(added, written, kept)
 
     def _run(self, entities: list[Any], by_entity: Mapping[Any, list[Any]]) -> list[tuple[int, int]]:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                for entity in entities:
-                    args = by_entity[entity]
-                    self._script(keys=[entity_key(self.namespace, self.view.name, entity), *self.state_keys(entity)],
-                                 args=[self.ttl_ms, self.state_ttl_ms, len(args) // 3, *args], client=pipe)
-                return [(int(r[0]), int(r[1])) for r in pipe.execute()]
-            except TRANSIENT_ERRORS as exc:
-                # Safe to repeat: an event already stored is not added again.
-                if attempt == self.attempts:
-                    raise OnlineStoreError(
-                        f"live update of view {self.view.name!r} failed {self.attempts} times: {exc}") from exc
-                pause = min(self.backoff * 2 ** (attempt - 1), 8.0)
-                log.warning("live update of view %s failed (%s): retry %d in %.1fs", self.view.name, exc, attempt, pause)
-                time.sleep(pause)
-        raise AssertionError("unreachable")
+        def run() -> list[tuple[int, int]]:
+            pipe = self.client.pipeline(transaction=False)
+            for entity in entities:
+                args = by_entity[entity]
+                self._script(keys=[entity_key(self.namespace, self.view.name, entity), *self.state_keys(entity)],
+                             args=[self.ttl_ms, self.state_ttl_ms, len(args) // 3, *args], client=pipe)
+            return [(int(r[0]), int(r[1])) for r in pipe.execute()]
+
+        # Safe to repeat: an event already stored is not added again.
+        return retry_transient(run, f"live update of view {self.view.name!r}", self.attempts, self.backoff)
 
 
 def state_ttl(view: FeatureView, spec: LiveSpec) -> timedelta:

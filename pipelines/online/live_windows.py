@@ -45,10 +45,9 @@ import redis
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView, feature_names
+from pipelines.online.live import column_index, output_type
 from pipelines.online.lua import PRELUDE, lua_literal
-from pipelines.online.store import entity_key
-
-_SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
+from pipelines.online.store import entity_key, retry_transient
 
 #: Aggregates of one window or session: first/last event time, the event count, and per column
 #: (by its 1-based index) the non-null count, a compensated sum, max, min, the latest (time,
@@ -266,13 +265,7 @@ def window_spec(view: FeatureView, column_types: Mapping[str, str]) -> tuple[dic
     columns: list[str] = []
 
     def index(column: str, why: str) -> int:
-        kind = column_types[column]
-        if kind not in _SUPPORTED_TYPES:
-            raise ConfigError(f"view {view.name}: {why} {column!r} is of type {kind}; the live path serves "
-                              f"{', '.join(_SUPPORTED_TYPES)} columns")
-        if column not in columns:
-            columns.append(column)
-        return columns.index(column) + 1
+        return column_index(view, column_types, columns, column, why)
 
     outputs, needs = [], defaultdict(set)
     for name, function, column, _ in view.outputs():
@@ -280,8 +273,7 @@ def window_spec(view: FeatureView, column_types: Mapping[str, str]) -> tuple[dic
         col = 0 if column == "*" else index(column, f"feature {name!r} aggregates")
         if col:
             needs[col].add(function)
-        out_type = "bigint" if function in ("count", "approx_count_distinct") else "double" if function == "avg" else kind
-        outputs.append({"name": name, "fn": function, "col": col, "out_type": out_type})
+        outputs.append({"name": name, "fn": function, "col": col, "out_type": output_type(function, kind)})
     cols = [{"col": col, "type": column_types[columns[col - 1]], "sum": bool(fns & {"sum", "avg"}),
              "order": bool(fns & {"max", "min"}), "last": "last" in fns, "distinct": "approx_count_distinct" in fns}
             for col, fns in sorted(needs.items())]
@@ -326,7 +318,7 @@ class LiveWindowView:
     watermark passes (see the module docstring)."""
 
     def __init__(self, client: redis.Redis, namespace: str, view: FeatureView, column_types: Mapping[str, str],
-                 entities_per_round_trip: int = 200):
+                 entities_per_round_trip: int = 200, attempts: int = 8, backoff: float = 0.25):
         self.client = client
         self.namespace = namespace
         self.view = view
@@ -336,6 +328,7 @@ class LiveWindowView:
         reach = timedelta(microseconds=self.spec.get("window", 0) + self.spec.get("gap", 0))
         self.state_ttl_ms = micros(max(view.online.ttl, reach + view.allowed_lateness + timedelta(hours=1))) // 1000
         self.chunk = entities_per_round_trip
+        self.attempts, self.backoff = attempts, backoff
         self.prefix = f"{namespace}:~live:{view.name}"
         self.pending_key = f"{self.prefix}:pending"
         self.watermark_key = f"{self.prefix}:watermark"
@@ -359,12 +352,17 @@ class LiveWindowView:
     def apply(self, batch_id: int, events: Iterable[Sequence[Any]], topic_max_micros: int | None) -> WindowResult:
         """Apply one batch's ``events`` (entity, id, event µs, values of :attr:`columns`), move the
         watermark by ``topic_max_micros`` (the batch's latest valid event time of the view's
-        topic) and close what it passes."""
-        before = self.watermarks(batch_id)
+        topic) and close what it passes. Retried whole on a transient Redis error: every step is
+        idempotent, and the watermark is the one this batch id was first judged by."""
         by_entity: dict[Any, list[Any]] = defaultdict(list)
         for entity, event_id, event_micros, *values in events:
             if entity is not None:
                 by_entity[entity] += [event_id, event_micros, json.dumps(values, separators=(",", ":"))]
+        return retry_transient(lambda: self._apply_batch(batch_id, by_entity, topic_max_micros),
+                               f"live update of view {self.view.name!r}", self.attempts, self.backoff)
+
+    def _apply_batch(self, batch_id: int, by_entity: Mapping[Any, list[Any]], topic_max_micros: int | None) -> WindowResult:
+        before = self.watermarks(batch_id)
         added = late = 0
         entities = list(by_entity)
         for start in range(0, len(entities), self.chunk):

@@ -21,10 +21,10 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 
@@ -58,6 +58,25 @@ TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoading
 
 class OnlineStoreError(PipelineError):
     """Redis stayed unavailable through every retry: the batch must fail (and be replayed)."""
+
+
+T = TypeVar("T")
+
+
+def retry_transient(action: Callable[[], T], what: str, attempts: int, backoff: float, max_pause: float = 8.0) -> T:
+    """``action()``, repeated on a connection error, timeout or a Redis still loading its data
+    (``attempts`` tries in all, ``backoff`` seconds doubling up to ``max_pause`` between them);
+    after the last, OnlineStoreError saying ``what`` failed. ``action`` must be safe to repeat."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except TRANSIENT_ERRORS as exc:
+            if attempt == attempts:
+                raise OnlineStoreError(f"{what} failed {attempts} times: {exc}") from exc
+            pause = min(backoff * 2 ** (attempt - 1), max_pause)
+            log.warning("%s failed (%s): retry %d in %.1fs", what, exc, attempt, pause)
+            time.sleep(pause)
+    raise AssertionError("unreachable")
 
 
 def redis_client(settings: RedisSettings) -> redis.Redis:
@@ -137,28 +156,20 @@ class OnlineStoreWriter:
 
     def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
                      features: Sequence[str], version: int | str, ttl_ms_field: str | None) -> list[int]:
-        for attempt in range(1, self.attempts + 1):
-            try:
-                pipe = self.client.pipeline(transaction=False)
-                for row in chunk:
-                    ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
-                    if ttl_ms <= 0:
-                        raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
-                    args: list[Any] = [epoch_micros(row[event_time]), _version(row, version), ttl_ms]
-                    for name in features:
-                        if row[name] is not None:
-                            args += [name, encode_value(row[name])]
-                    self._script(keys=[entity_key(self.namespace, self.view, row[entity])], args=args, client=pipe)
-                return [int(r) for r in pipe.execute()]
-            except TRANSIENT_ERRORS as exc:
-                if attempt == self.attempts:
-                    raise OnlineStoreError(
-                        f"Redis write of view {self.view!r} failed {self.attempts} times: {exc}"
-                    ) from exc
-                pause = self.backoff * 2 ** (attempt - 1)
-                log.warning("Redis write of view %s failed (%s): retry %d in %.1fs", self.view, exc, attempt, pause)
-                time.sleep(pause)
-        raise AssertionError("unreachable")
+        def write() -> list[int]:
+            pipe = self.client.pipeline(transaction=False)
+            for row in chunk:
+                ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
+                if ttl_ms <= 0:
+                    raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
+                args: list[Any] = [epoch_micros(row[event_time]), _version(row, version), ttl_ms]
+                for name in features:
+                    if row[name] is not None:
+                        args += [name, encode_value(row[name])]
+                self._script(keys=[entity_key(self.namespace, self.view, row[entity])], args=args, client=pipe)
+            return [int(r) for r in pipe.execute()]
+
+        return retry_transient(write, f"Redis write of view {self.view!r}", self.attempts, self.backoff, max_pause=60.0)
 
 
 def _version(row: Mapping[str, Any], version: int | str) -> int:
