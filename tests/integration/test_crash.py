@@ -114,8 +114,8 @@ def test_sigkilled_at_random_points_and_stopped_the_ingest_loses_and_duplicates_
         assert_stopped_between_batches(settings.storage.checkpoint_path("ingest", topic),
                                        settings.storage.bronze_path(topic), dlq_path)
     assert spark.read.format("delta").load(bronze_path).count() < sent.expected_bronze(tx_topic)
-    # Restart and run to the end of the topics.
-    final = start_job("ingest", conf_dir, log, "--available-now")
+    # Restart and run to the end of the topics, in larger batches than before the crashes.
+    final = start_job("ingest", conf_dir, log, "--available-now", "--set", "ingest.max_offsets_per_trigger=100000")
     assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
     assert "Traceback" not in log.read_text()
 

@@ -338,7 +338,7 @@ def committed_batches(checkpoint: str) -> int:
 def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_the_batch_definition(
         spark, isolated, platform, tmp_path):
     settings = isolated(live={"max_offsets_per_trigger": 60, "report_interval": "2s"})
-    spec = disordered(2500, seed=72)
+    spec = disordered(1500, seed=72)
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
     log = tmp_path / "live.log"
