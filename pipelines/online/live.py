@@ -264,6 +264,26 @@ return {added, write_newer(fkey, max_t, seq, out, ttl)}
 """
 
 
+def definition_digest(script_spec: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """Identifies the layout of a view's live state (its script spec and event columns)."""
+    text = json.dumps({"script": script_spec, "columns": list(columns)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def claim_definition(client: redis.Redis, prefix: str, view_name: str, digest: str) -> None:
+    """Record ``digest`` as the layout of the live state under ``prefix``, or raise ConfigError
+    when that state was built for another definition of the view (it would be misread)."""
+    key = f"{prefix}:definition"
+    if client.set(key, digest, nx=True):
+        return
+    stored = client.get(key)
+    if stored is not None and stored.decode() != digest:
+        raise ConfigError(
+            f"live: Redis holds live state of view {view_name!r} built for another definition "
+            f"({stored.decode()}, now {digest}). Delete the keys {prefix}:* and the live "
+            f"checkpoint of its topic, then restart fp-live: it rebuilds the state from what Kafka retains")
+
+
 def column_index(view: FeatureView, column_types: Mapping[str, str], columns: list[str], column: str, why: str) -> int:
     """The 1-based position of ``column`` among the values each stored event carries
     (``columns``, appended to when new). Raises ConfigError for a type the live path does not
@@ -303,8 +323,7 @@ class LiveSpec:
     def digest(self) -> str:
         """Identifies the stored state's layout: live state built for another definition of the
         view cannot be read with this one."""
-        text = json.dumps({"script": self.script, "columns": self.columns}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return definition_digest(self.script, self.columns)
 
 
 def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> LiveSpec:
@@ -377,19 +396,8 @@ class LiveTrailingView:
         self.attempts = attempts
         self.backoff = backoff
         self.prefix = f"{namespace}:~live:{view.name}"
-        self._check_definition()
+        claim_definition(client, self.prefix, view.name, self.spec.digest)
         self._script = client.register_script(_SCRIPT % {"prelude": PRELUDE, "spec": lua_literal(self.spec.script)})
-
-    def _check_definition(self) -> None:
-        key = f"{self.prefix}:definition"
-        if self.client.set(key, self.spec.digest, nx=True):
-            return
-        stored = self.client.get(key)
-        if stored is not None and stored.decode() != self.spec.digest:
-            raise ConfigError(
-                f"live: Redis holds live state of view {self.view.name!r} built for another definition "
-                f"({stored.decode()}, now {self.spec.digest}). Delete the keys {self.prefix}:* and the live "
-                f"checkpoint of its topic, then restart fp-live: it rebuilds the state from what Kafka retains")
 
     def state_keys(self, entity: Any) -> list[str]:
         """The entity's live state keys, in the script's KEYS order after the feature hash."""

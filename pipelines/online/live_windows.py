@@ -28,7 +28,8 @@ inside an open window or session, by time: a redelivered event changes nothing) 
 ``open:{entity}`` (hash: window start, or session first event time -> the msgpack of its
 aggregates). Both expire after the state TTL from the entity's last event. Which entities
 hold an open window, and its earliest end, is the caller's own sorted set (``pending``), so
-that every script touches the keys of one entity only.
+that every script touches the keys of one entity only. ``definition`` holds a digest of the
+layout; a changed view definition is refused at start until its state is cleared.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ import redis
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView, feature_names
-from pipelines.online.live import column_index, output_type
+from pipelines.online.live import claim_definition, column_index, definition_digest, output_type
 from pipelines.online.lua import PRELUDE, lua_literal
 from pipelines.online.store import entity_key, retry_transient
 
@@ -325,13 +326,14 @@ class LiveWindowView:
         self.spec, self.columns = window_spec(view, column_types)
         self.lateness = micros(view.allowed_lateness)
         self.ttl_ms = micros(view.online.ttl) // 1000
-        reach = timedelta(microseconds=self.spec.get("window", 0) + self.spec.get("gap", 0))
+        reach = timedelta(microseconds=self.spec["reach"])
         self.state_ttl_ms = micros(max(view.online.ttl, reach + view.allowed_lateness + timedelta(hours=1))) // 1000
         self.chunk = entities_per_round_trip
         self.attempts, self.backoff = attempts, backoff
         self.prefix = f"{namespace}:~live:{view.name}"
         self.pending_key = f"{self.prefix}:pending"
         self.watermark_key = f"{self.prefix}:watermark"
+        claim_definition(client, self.prefix, view.name, definition_digest(self.spec, self.columns))
         parts = {"prelude": PRELUDE, "spec": lua_literal(self.spec), "aggregates": _AGGREGATES}
         self._apply = client.register_script(_APPLY % parts)
         self._close = client.register_script(_CLOSE % parts)

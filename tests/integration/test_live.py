@@ -7,6 +7,7 @@ and duplicate filter of the same Kafka records, computed independently in Spark.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import signal
@@ -15,9 +16,11 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import pytest
 from pyspark.sql import functions as F
 
 from pipelines.contracts.validation import ValidationRules
+from pipelines.core.errors import ConfigError
 from pipelines.core.settings import Settings
 from pipelines.core.times import utc_assuming_local
 from pipelines.core.view_spec import Aggregation, CountBy, FeatureView, SourceSpec, event_time_column, feature_names
@@ -379,3 +382,20 @@ def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_th
     assert job.wait(timeout=120) == 0, log.read_text()[-5000:]
     # The events sent while Redis was down are in the values compared above: nothing was lost.
     assert "event->redis p50" in log.read_text()
+
+
+def test_live_state_of_another_view_definition_is_refused_at_start(isolated):
+    settings = isolated()
+    client = redis_client(settings.redis)
+    types = {"x": "double", "s": "string", "b": "boolean", "n": "bigint"}
+    _, session = windowed_views(gap=timedelta(seconds=20))
+    LiveWindowView(client, settings.redis.namespace, session, types)
+    LiveWindowView(client, settings.redis.namespace, session, types)  # the same definition again: fine
+    _, wider = windowed_views(gap=timedelta(seconds=30))
+    with pytest.raises(ConfigError, match="built for another definition"):
+        LiveWindowView(client, settings.redis.namespace, wider, types)
+    trailing = edge_view()
+    LiveTrailingView(client, settings.redis.namespace, trailing, types)
+    changed = dataclasses.replace(trailing, delay=timedelta(seconds=6))
+    with pytest.raises(ConfigError, match=f"Delete the keys {settings.redis.namespace}:~live:edge:"):
+        LiveTrailingView(client, settings.redis.namespace, changed, types)
