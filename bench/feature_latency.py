@@ -205,6 +205,20 @@ def set_arguments(overrides: dict, prefix: str = "") -> list[str]:
     return result
 
 
+def lower_session_priority(pid: int, nice: int) -> None:
+    """Give the session of ``pid`` the niceness ``nice`` against other sessions too.
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``), each
+    session is a scheduling group with an equal share of the CPU, and a process's niceness only
+    ranks it inside its group: a job started in a session of its own at ``nice 10`` still gets a
+    full share against the live job's session. The group's own niceness is
+    ``/proc/<pid>/autogroup``."""
+    autogroup = Path(f"/proc/{pid}/autogroup")
+    if autogroup.exists():
+        autogroup.write_text(str(nice))
+        log.info("session of %d: %s", pid, autogroup.read_text().strip())
+
+
 class Job:
     """One job process (``python jobs/<name>.py``), in a process group of its own; output to a log."""
 
@@ -213,6 +227,8 @@ class Job:
         command = [sys.executable, str(PROJECT_ROOT / "jobs" / f"{name}.py"), *args]
         self.process = subprocess.Popen(["nice", "-n", str(nice), *command] if nice else command,
                                         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        if nice:
+            lower_session_priority(self.process.pid, nice)
 
     def check(self) -> None:
         if self.process.poll() is not None:

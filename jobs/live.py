@@ -1,5 +1,5 @@
-"""The live path: trailing features from Kafka straight into Redis within a second, beside the
-durable path (fp-ingest + fp-features), which restates every value it computes.
+"""The live path: each valid event's effect on the online views in Redis within a second, beside
+the durable path (fp-ingest + fp-features), which restates every value it computes.
 
 Usage: spark-submit jobs/live.py --env local [--views account_velocity] [--available-now] [--timeout 600]
        (console script: fp-live)
@@ -13,14 +13,15 @@ import sys
 
 from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, views_from_args
 from pipelines.core.session import build_session
-from pipelines.features.live_stream import run_live
+from pipelines.features.live_stream import live_views, realtime_session_settings, run_live, source_partitions
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-live", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
     parser.add_argument("--views", help="comma-separated views from conf/features (default: all served online)")
-    parser.add_argument("--available-now", action="store_true", help="process what Kafka holds now, then stop")
+    parser.add_argument("--available-now", action="store_true",
+                        help="validate and apply what Kafka holds now, then stop (micro-batches, not real-time mode)")
     parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
     return parser.parse_args(argv)
 
@@ -32,7 +33,11 @@ def main(argv: list[str] | None = None) -> int:
     def run() -> int:
         settings = settings_from_args(args)
         views = views_from_args(args.views, settings)
-        spark = build_session(settings.spark)
+        overrides = {}
+        if not args.available_now:  # real-time mode: one task slot per partition of the live topics
+            partitions = source_partitions(settings, list(live_views(settings, views)))
+            overrides = realtime_session_settings(settings.spark.master, sum(partitions.values()))
+        spark = build_session(settings.spark, overrides)
         return run_live(spark, settings, views, args.timeout, args.available_now)
 
     return run_job("live", run)

@@ -173,18 +173,29 @@ class FeatureSettings:
 
 @dataclass(frozen=True)
 class LiveSettings:
-    """The live path (``fp-live``): Kafka straight to Redis for the trailing views, beside the
-    durable path (README "The live path")."""
+    """The live path (``fp-live``): each valid event's effect on the online views within a
+    second, beside the durable path (README "The live path")."""
 
-    #: Pause between micro-batches; ``0s`` starts the next one as soon as the last ends.
-    trigger_interval: timedelta = timedelta(0)
-    #: At most this many records per micro-batch (a restart catches up in bounded batches).
+    #: Real-time mode batch length of the validation stage: its Kafka offsets are checkpointed
+    #: at the end of each, so a restart validates at most this much again (the repeated events
+    #: reach the events topic twice; the views drop them by event id).
+    checkpoint_interval: timedelta = timedelta(minutes=1)
+    #: The events topic of a source topic is ``{topic}{events_topic_suffix}``: its valid events,
+    #: validated in the JVM, one JSON object each, partition for partition.
+    events_topic_suffix: str = ".live"
+    #: At most this many events per Redis batch (a backlog is applied in batches this large).
+    max_batch_events: int = 5_000
+    #: ``--available-now`` runs: at most this many records per validation micro-batch.
     max_offsets_per_trigger: int = 20_000
-    #: For a new checkpoint: ``earliest`` rebuilds every window from what Kafka retains (the
-    #: live values are exact only if the entity's events of its longest window are read).
+    #: For a new checkpoint of the validation stage: ``earliest`` rebuilds every window from what
+    #: Kafka retains (the live values are exact only if the entity's events of its longest
+    #: window are read).
     starting_offsets: str = "earliest"
     #: One progress line and one ``ops/live_metrics`` row per interval.
     report_interval: timedelta = timedelta(seconds=10)
+
+    def events_topic(self, topic: str) -> str:
+        return f"{topic}{self.events_topic_suffix}"
 
 
 @dataclass(frozen=True)
@@ -378,6 +389,21 @@ def _check_references(settings: Settings, source: Path) -> None:
         raise ConfigError(
             f"{source}: ingest.max_offsets_per_trigger and ingest.max_value_bytes must be positive"
         )
+    live = settings.live
+    if live.starting_offsets not in ("earliest", "latest"):
+        raise ConfigError(f"{source}: live.starting_offsets: {live.starting_offsets!r} is not 'earliest' or 'latest'")
+    for key in ("max_batch_events", "max_offsets_per_trigger"):
+        if getattr(live, key) <= 0:
+            raise ConfigError(f"{source}: live.{key}: must be positive")
+    if live.checkpoint_interval < timedelta(seconds=1):
+        raise ConfigError(f"{source}: live.checkpoint_interval: must be at least 1s (real-time mode batches)")
+    if not live.events_topic_suffix or live.events_topic_suffix.strip() != live.events_topic_suffix:
+        raise ConfigError(f"{source}: live.events_topic_suffix: must be a non-empty name suffix")
+    taken = {*settings.kafka.topics, *(settings.kafka.dlq_topic_for(t) for t in settings.kafka.topics)}
+    clashing = [t for t in settings.kafka.topics if live.events_topic(t) in taken]
+    if clashing:
+        raise ConfigError(f"{source}: live.events_topic_suffix: the events topic of {clashing[0]!r} "
+                          f"({live.events_topic(clashing[0])!r}) is a declared topic or dead-letter topic")
     if settings.features.trigger_interval <= timedelta(0):
         raise ConfigError(f"{source}: features.trigger_interval: must be positive")
     if settings.features.max_files_per_trigger <= 0:

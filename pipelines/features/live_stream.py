@@ -2,41 +2,52 @@
 second, beside the durable path (bronze -> feature streams -> feature tables + Redis), which
 stays the source of truth and restates Redis wherever it computes a row.
 
-One micro-batch query per source topic reads Kafka directly, validates every record with the
-ingest's own checks (:func:`pipelines.ingest.bronze.check_records`: the same records are
-rejected; dead letters stay the ingest's job), and hands the valid events to one object per
-view, each updating its state and features inside Redis with atomic scripts, idempotently by
-event id (a replayed batch changes nothing):
+Two stages per source topic, in one process:
 
-* trailing views: :class:`pipelines.online.live.LiveTrailingView`, the entity's features as of
-  its latest event, written in the batch that reads it;
-* sliding and session views: :class:`pipelines.online.live_windows.LiveWindowView`, windows
-  kept open until the query's watermark (latest event time read - ``allowed_lateness``)
-  passes their end, then written in that same batch.
+1. **Validation, in the JVM, continuously.** A Spark query in real-time mode (Spark 4.2,
+   ``trigger(realTime=...)``: long-running tasks that process each record as it arrives, no
+   micro-batch planning per record) reads the topic, validates every record with the ingest's
+   own checks (:func:`pipelines.ingest.bronze.check_records`, pure Spark SQL: the same records
+   are rejected; dead letters stay the ingest's job) and writes each valid event, the columns
+   its views use as one JSON object, to the events topic ``{topic}{live.events_topic_suffix}``,
+   same key, same partition. At least once: its offsets are checkpointed every
+   ``live.checkpoint_interval``, and a restart validates what followed again.
+2. **Redis, exactly once in effect.** A consumer in the driver
+   (:class:`pipelines.online.live_consumer.LiveConsumer`) applies the events topic in small
+   batches to one object per view, each updating its state and features inside Redis with
+   atomic scripts, idempotently by event id:
 
-No Delta write, no shuffle, no Spark state: the checkpoint holds only Kafka offsets (the
-watermark of each windowed view lives in Redis with its windows, per batch id, so a replayed
-batch is judged as its first attempt was).
+   * trailing views: :class:`pipelines.online.live.LiveTrailingView`, the entity's features as
+     of its latest event, written in the batch that reads it;
+   * sliding and session views: :class:`pipelines.online.live_windows.LiveWindowView`, windows
+     kept open until the watermark (latest event time read - ``allowed_lateness``) passes
+     their end, then written in that same batch.
 
-Each handler also measures, per event, event time -> Redis write and Kafka append -> Redis
-write, and per closed window, watermark passing its end -> Redis write; every
-``live.report_interval`` it logs one progress line and appends one row to ``ops/live_metrics``
-(from a background thread, so a Delta commit never delays a batch).
+Why not one micro-batch query with ``foreachBatch``: on this machine each micro-batch costs
+about a second of planning, Python hand-over and commits before any Redis work, so events
+waited seconds in a busy machine (BENCHMARKS.md, "Event-to-Redis latency"). Real-time mode has
+no ``foreachBatch`` and refuses Python in the query; its Kafka sink is JVM-only, so the Python
+work moved behind a topic, where it costs per event, not per batch.
+
+``--available-now`` (tests, catch-up): the validation stage runs as ``availableNow``
+micro-batches instead, then the consumer applies the events topic up to its end and stops.
+
+Each consumer also measures, per event, event time -> Redis write and Kafka append (of the
+source record) -> Redis write, and per closed window, watermark passing its end -> Redis
+write; every ``live.report_interval`` it logs one progress line and appends one row to
+``ops/live_metrics`` (from a background thread, so a Delta commit never delays an event).
 """
 
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import logging
 import queue
+import re
+import signal
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -48,14 +59,13 @@ from pipelines.contracts.validation import ValidationRules
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import ConfigError
-from pipelines.core.runner import BatchGate, run_queries, with_trigger
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics, topic_offsets
 from pipelines.core.settings import Settings
-from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
 from pipelines.ingest.bronze import check_records
 from pipelines.ingest.sources import read_kafka_stream
-from pipelines.online.live import LiveResult, LiveTrailingView
-from pipelines.online.live_windows import LiveWindowView, WindowResult
+from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews
+from pipelines.online.live_metrics import LiveMetrics
 from pipelines.online.store import redis_client
 
 log = logging.getLogger(__name__)
@@ -108,7 +118,8 @@ def live_views(settings: Settings, views: Sequence[FeatureView]) -> dict[str, li
 
 def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
                 views: Sequence[FeatureView]) -> DataFrame:
-    """Kafka records -> one row per valid record: ``_append_micros`` (Kafka timestamp, µs),
+    """Kafka records -> one row per valid record: ``_partition`` and ``_key`` (the record's),
+    ``_append_micros`` (Kafka timestamp, µs),
     ``_event_micros``, the id and every entity and aggregated column of ``views``. Invalid
     records are left out (the ingest dead-letters them); duplicates are kept (Redis drops
     them by event id). Raises ConfigError for an Avro topic (its writer schemas are resolved
@@ -123,6 +134,8 @@ def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
             if name not in columns:
                 columns.append(name)
     return checked.filter(F.col("error_class").isNull()).select(
+        F.col("kafka_partition").alias("_partition"),
+        F.col("kafka_key").alias("_key"),
         F.unix_micros("kafka_timestamp").alias("_append_micros"),
         F.unix_micros(F.col(contract.event_time_field)).alias("_event_micros"),
         F.col(contract.id_field).cast("string").alias("_event_id"),
@@ -130,85 +143,13 @@ def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
     )
 
 
-def _percentile(ordered: list[float], q: float) -> float | None:
-    """The nearest-rank percentile of an ascending list (None when empty)."""
-    if not ordered:
-        return None
-    rank = max(1, min(len(ordered), int(-(-q * len(ordered) // 1))))
-    return ordered[rank - 1]
-
-
-@dataclass
-class LiveMetrics:
-    """Latencies and counts of one query, reported every ``interval`` seconds."""
-
-    query_name: str
-    interval: float
-    rows: queue.Queue = field(default_factory=queue.Queue)
-    started: float = field(default_factory=time.time)
-    batches: int = 0
-    added: int = 0
-    written: int = 0
-    closed: int = 0
-    late: int = 0
-    event_lags: list[float] = field(default_factory=list)
-    append_lags: list[float] = field(default_factory=list)
-    close_lags: list[float] = field(default_factory=list)
-
-    def record(self, event_lags: list[float], append_lags: list[float], added: int, written: int,
-               closed: int = 0, late: int = 0, close_lags: Sequence[float] = ()) -> None:
-        self.batches += 1
-        self.added += added
-        self.written += written
-        self.closed += closed
-        self.late += late
-        self.event_lags += event_lags
-        self.append_lags += append_lags
-        self.close_lags += close_lags
-        if time.time() - self.started >= self.interval:
-            self.flush()
-
-    def flush(self) -> dict[str, Any] | None:
-        """Log the interval's line, queue its row, start the next interval."""
-        now = time.time()
-        if not self.batches:
-            self.started = now
-            return None
-        seconds = max(now - self.started, 1e-6)
-        event_lags, append_lags, close_lags = sorted(self.event_lags), sorted(self.append_lags), sorted(self.close_lags)
-        row = {
-            "query_name": self.query_name,
-            "interval_start": datetime.fromtimestamp(self.started, timezone.utc),
-            "interval_end": datetime.fromtimestamp(now, timezone.utc),
-            "batches": self.batches, "events": len(event_lags),
-            "events_per_second": round(len(event_lags) / seconds, 1),
-            **{f"event_to_redis_p{q}": _percentile(event_lags, q / 100) for q in (50, 95, 99)},
-            **{f"append_to_redis_p{q}": _percentile(append_lags, q / 100) for q in (50, 95, 99)},
-            "events_added": self.added, "features_written": self.written,
-            "windows_closed": self.closed, "events_late": self.late,
-            **{f"watermark_to_redis_p{q}": _percentile(close_lags, q / 100) for q in (50, 95, 99)},
-            "recorded_at": datetime.now(timezone.utc),
-        }
-        log.info(format_live_progress(row))
-        self.rows.put(row)
-        self.started, self.batches, self.added, self.written, self.closed, self.late = now, 0, 0, 0, 0, 0
-        self.event_lags, self.append_lags, self.close_lags = [], [], []
-        return row
-
-
-def format_live_progress(row: dict[str, Any]) -> str:
-    def s(key: str) -> str:
-        value = row[key]
-        return "-" if value is None else f"{value:.2f}s"
-
-    return (f"{row['query_name']}: {row['events']:,} events in {row['batches']} batches "
-            f"({row['events_per_second']:,.0f}/s), event->redis p50 {s('event_to_redis_p50')} "
-            f"p95 {s('event_to_redis_p95')} p99 {s('event_to_redis_p99')}, append->redis p50 "
-            f"{s('append_to_redis_p50')} p99 {s('append_to_redis_p99')}, {row['events_added']:,} new events, "
-            f"{row['features_written']:,} feature hashes written"
-            + (f", {row['windows_closed']:,} windows closed, watermark->redis p50 {s('watermark_to_redis_p50')} "
-               f"p99 {s('watermark_to_redis_p99')}, {row['events_late']:,} late events dropped"
-               if row.get("windows_closed") or row.get("events_late") else ""))
+def events_topic_rows(events: DataFrame) -> DataFrame:
+    """:func:`live_events` rows -> Kafka sink rows for the events topic: the source record's
+    key and partition, and as value a JSON object of the event's other columns (a null column
+    is left out; the consumer reads it as null)."""
+    fields = [c for c in events.columns if c not in ("_partition", "_key")]
+    return events.select(F.col("_key").alias("key"), F.col("_partition").alias("partition"),
+                         F.to_json(F.struct(*fields)).alias("value"))
 
 
 class MetricsTableWriter(threading.Thread):
@@ -232,113 +173,138 @@ class MetricsTableWriter(threading.Thread):
                 log.warning("live metrics row not written to %s: %s", self.path, exc)
 
 
-class LiveBatchWriter:
-    """``foreachBatch`` handler of one topic: its valid events into every live view, in Redis."""
-
-    def __init__(self, settings: Settings, contract: Contract, views: Sequence[FeatureView], metrics: LiveMetrics):
-        types = {f.name: spark_type(f).simpleString() for f in contract.fields}
-        client = redis_client(settings.redis)
-        namespace = settings.redis.namespace
-        self.views: list[LiveTrailingView | LiveWindowView] = [
-            LiveTrailingView(client, namespace, v, types) if v.kind == "trailing" else LiveWindowView(client, namespace, v, types)
-            for v in views
-        ]
-        self.pool = ThreadPoolExecutor(max_workers=len(self.views), thread_name_prefix="live-redis")
-        self.metrics = metrics
-
-    def __call__(self, batch: DataFrame, batch_id: int) -> None:
-        started = time.monotonic()
-        table = batch.toArrow()
-        if table.num_rows == 0:
-            return
-        data = table.to_pydict()
-        read = time.monotonic()
-        topic_max = max(data["_event_micros"])
-        added = written = closed = late = 0
-        closed_ends: list[tuple[int, int]] = []
-
-        def apply(live: LiveTrailingView | LiveWindowView) -> LiveResult | WindowResult:
-            view = live.view
-            events = zip(data[view.entity], data["_event_id"], data["_event_micros"], *[data[c] for c in live.columns])
-            return live.apply(events) if isinstance(live, LiveTrailingView) else live.apply(batch_id, events, topic_max)
-
-        # The views at once: one view's scripts run in Redis while the next view's are packed.
-        for live, result in zip(self.views, self.pool.map(apply, self.views)):
-            if isinstance(result, WindowResult):
-                closed, late = closed + result.closed, late + result.late
-                closed_ends += [(end, live.lateness) for _, end in result.closed_ends]
-            added += result.added
-            written += result.written
-        done = time.time_ns() // 1000
-        log.debug("%s batch %d: %d events, read+validate %.3fs, redis %.3fs", self.metrics.query_name, batch_id,
-                  table.num_rows, read - started, time.monotonic() - read)
-        self.metrics.record([(done - t) / 1e6 for t in data["_event_micros"]],
-                            [(done - t) / 1e6 for t in data["_append_micros"]], added, written, closed, late,
-                            close_lags(data["_event_micros"], data["_append_micros"], closed_ends, done))
+def realtime_session_settings(master: str | None, slots: int) -> dict[str, str]:
+    """Session settings real-time mode needs: every task of its stage runs at once for the
+    whole batch, one per Kafka partition, so a local master gets ``slots`` threads at least
+    (threads, not cores: the tasks mostly wait on Kafka). A cluster must have the slots."""
+    if master is None:
+        return {}
+    match = re.fullmatch(r"local(?:\[(\d+|\*)\])?", master)
+    if match is None:
+        return {}
+    threads = match.group(1)
+    if threads is not None and threads != "*" and int(threads) >= slots:
+        return {}
+    return {"spark.master": f"local[{slots}]"}
 
 
-def close_lags(event_micros: Sequence[int], append_micros: Sequence[int], closed: Sequence[tuple[int, int]],
-               done: int) -> list[float]:
-    """Seconds from the moment each closed window's end was passed by the watermark (the Kafka
-    append of the batch's first event at or after ``end + lateness``) to ``done``; windows
-    whose watermark moved in an earlier batch are left out."""
-    if not closed:
-        return []
-    ordered = sorted(zip(event_micros, append_micros))
-    times = [t for t, _ in ordered]
-    earliest_from = [0] * len(ordered)  # the earliest append among events at index i and later
-    best = None
-    for i in range(len(ordered) - 1, -1, -1):
-        best = ordered[i][1] if best is None else min(best, ordered[i][1])
-        earliest_from[i] = best
-    lags = []
-    for end, lateness in closed:
-        i = bisect.bisect_left(times, end + lateness)
-        if i < len(times):
-            lags.append((done - earliest_from[i]) / 1e6)
-    return lags
+def source_partitions(settings: Settings, topics: Sequence[str]) -> dict[str, int]:
+    """Partitions of each source topic, as the broker has them."""
+    props = settings.kafka.client_properties()
+    return {topic: len(topic_offsets(props, topic)) for topic in topics}
 
 
-def start_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureView], gate: BatchGate | None = None,
-               available_now: bool = False) -> tuple[list[StreamingQuery], list[LiveMetrics], MetricsTableWriter]:
-    """One query per source topic of the trailing ``views`` (checkpoint ``_checkpoints/live/<topic>``);
-    ``available_now``: what the topics hold now, in ``max_offsets_per_trigger`` batches, then stop."""
-    ensure_delta_table(spark, settings.storage.live_metrics_path, LIVE_METRICS_SCHEMA)
-    rows: queue.Queue = queue.Queue()
-    table_writer = MetricsTableWriter(spark, settings.storage.live_metrics_path, rows)
-    table_writer.start()
-    rules = ValidationRules.of(settings.ingest)
-    queries, all_metrics = [], []
-    for topic, topic_views in live_views(settings, views).items():
-        contract = settings.contract_for(topic)
-        name = f"live_{topic}"
-        metrics = LiveMetrics(name, settings.live.report_interval.total_seconds(), rows)
-        handler = LiveBatchWriter(settings, contract, topic_views, metrics)
-        # The ingest's reader, with the live path's own starting point and batch bound.
-        reading = dataclasses.replace(settings.ingest, starting_offsets=settings.live.starting_offsets,
-                                      max_offsets_per_trigger=settings.live.max_offsets_per_trigger)
-        events = live_events(read_kafka_stream(spark, settings.kafka, topic, reading), contract, rules, topic_views)
-        writer = (events.writeStream.queryName(name)
-                  .foreachBatch(gate.wrap(handler) if gate else handler)
-                  .option("checkpointLocation", settings.storage.checkpoint_path("live", topic)))
-        queries.append(with_trigger(writer, available_now, settings.live.trigger_interval).start())
-        all_metrics.append(metrics)
-        log.info("live %s -> %s (%s)", topic, ", ".join(v.name for v in topic_views),
-                 f"trigger {micros(settings.live.trigger_interval) // 1000} ms")
-    return queries, all_metrics, table_writer
+def ensure_events_topics(settings: Settings, partitions: Mapping[str, int]) -> None:
+    """Create each source topic's events topic when missing: same partitions, same replication."""
+    ensure_topics(settings.kafka.client_properties(), [
+        TopicSpec(settings.live.events_topic(topic), count, settings.kafka.topics[topic].replication_factor)
+        for topic, count in partitions.items()
+    ])
+
+
+def start_validation(spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
+                     realtime: bool) -> StreamingQuery:
+    """The validation stage of ``topic`` (checkpoint ``_checkpoints/live_validation/<topic>``):
+    real-time mode, or ``availableNow`` micro-batches of ``live.max_offsets_per_trigger``."""
+    contract = settings.contract_for(topic)
+    reading = dataclasses.replace(settings.ingest, starting_offsets=settings.live.starting_offsets,
+                                  max_offsets_per_trigger=settings.live.max_offsets_per_trigger)
+    records = read_kafka_stream(spark, settings.kafka, topic, reading, bounded=not realtime)
+    events = live_events(records, contract, ValidationRules.of(settings.ingest), views)
+    writer = (events_topic_rows(events).writeStream.queryName(f"live_validation_{topic}").format("kafka")
+              .option("topic", settings.live.events_topic(topic))
+              .option("checkpointLocation", settings.storage.checkpoint_path("live_validation", topic)))
+    for key, value in settings.kafka.spark_options().items():
+        writer = writer.option(key, value)
+    if realtime:
+        seconds = max(1, int(settings.live.checkpoint_interval.total_seconds()))
+        writer = writer.outputMode("update").trigger(realTime=f"{seconds} seconds")
+    else:
+        writer = writer.trigger(availableNow=True)
+    return writer.start()
+
+
+class ConsumerThread(threading.Thread):
+    """Runs one :class:`LiveConsumer` until ``stop``; keeps its failure for the supervisor."""
+
+    def __init__(self, consumer: LiveConsumer, stop: threading.Event):
+        super().__init__(name=f"live-{consumer.topic}", daemon=True)
+        self.consumer, self.stop = consumer, stop
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.consumer.run(self.stop)
+        except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
+            self.error = exc
 
 
 def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureView], timeout: float | None = None,
              available_now: bool = False) -> int:
-    """Run the live queries until they end (``available_now``), ``timeout`` or SIGTERM/SIGINT
-    (which stop them between batches)."""
-    gate = BatchGate()
-    queries, all_metrics, table_writer = start_live(spark, settings, views, gate, available_now)
+    """Run the live path for the online ``views`` until ``timeout`` seconds pass or SIGTERM/SIGINT
+    (the consumers finish their batch; the validation queries stop wherever they are: what they
+    validate again on restart is dropped by event id). ``available_now``: validate what the
+    topics hold now, apply it, stop. Raises the first failure of a query or consumer."""
+    by_topic = live_views(settings, views)
+    partitions = source_partitions(settings, list(by_topic))
+    ensure_events_topics(settings, partitions)
+    ensure_delta_table(spark, settings.storage.live_metrics_path, LIVE_METRICS_SCHEMA)
+    client = redis_client(settings.redis)
+    namespace = settings.redis.namespace
+    rows: queue.Queue = queue.Queue()
+    consumers: list[LiveConsumer] = []
+    for topic, topic_views in by_topic.items():
+        contract = settings.contract_for(topic)
+        types = {f.name: spark_type(f).simpleString() for f in contract.fields}
+        metrics = LiveMetrics(f"live_{topic}", settings.live.report_interval.total_seconds(), rows)
+        # Built before any query starts: a view the live path cannot serve fails here.
+        live = LiveViews(client, namespace, topic_views, types, metrics)
+        events_topic = settings.live.events_topic(topic)
+        consumers.append(LiveConsumer(settings.kafka.client_properties(), events_topic, live,
+                                      BatchLog(client, namespace, events_topic), settings.live.max_batch_events))
+        log.info("live %s -> %s -> %s", topic, events_topic, ", ".join(v.name for v in topic_views))
+    table_writer = MetricsTableWriter(spark, settings.storage.live_metrics_path, rows)
+    table_writer.start()
+    stop = threading.Event()
+    previous = {s: signal.signal(s, lambda signum, _frame: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    queries = [start_validation(spark, settings, topic, topic_views, realtime=not available_now)
+               for topic, topic_views in by_topic.items()]
+    threads: list[ConsumerThread] = []
     try:
-        run_queries(queries, timeout, gate=gate)
+        if available_now:
+            for query in queries:
+                query.awaitTermination()
+                if query.exception() is not None:
+                    raise query.exception()
+            for consumer in consumers:
+                ends = {p: end for p, (_, end) in topic_offsets(settings.kafka.client_properties(), consumer.topic).items()}
+                consumer.run(stop, until=ends)
+            return 0
+        threads = [ConsumerThread(consumer, stop) for consumer in consumers]
+        for thread in threads:
+            thread.start()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not stop.wait(0.5):
+            failed = next((q for q in queries if q.exception() is not None or not q.isActive), None)
+            if failed is not None:
+                raise failed.exception() or RuntimeError(f"live: query {failed.name} stopped")
+            broken = next((t for t in threads if not t.is_alive()), None)
+            if broken is not None:
+                raise broken.error or RuntimeError(f"live: consumer {broken.name} stopped")
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        log.info("live: stopping")
+        return 0
     finally:
-        for metrics in all_metrics:
-            metrics.flush()
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+        for query in queries:
+            if query.isActive:
+                query.stop()
+        for consumer in consumers:
+            consumer.views.metrics.flush()
         table_writer.stopping.set()
         table_writer.join(timeout=60)
-    return 0
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

@@ -11,9 +11,11 @@ from pyspark.sql import DataFrame, SparkSession
 from pipelines.core.settings import IngestSettings, KafkaSettings
 
 
-def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ingest: IngestSettings) -> DataFrame:
+def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ingest: IngestSettings,
+                      bounded: bool = True) -> DataFrame:
     """A streaming DataFrame of ``topic``'s records (key, value, topic, partition, offset,
-    timestamp, timestampType, headers).
+    timestamp, timestampType, headers); ``bounded``: at most ``max_offsets_per_trigger`` records
+    a micro-batch (real-time mode refuses the bound).
 
     ``startingOffsets`` applies only to a query with a new checkpoint; a restarted query resumes
     from its checkpoint. ``failOnDataLoss`` stops the query when offsets it has not read were
@@ -23,10 +25,11 @@ def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ing
         spark.readStream.format("kafka")
         .option("subscribe", topic)
         .option("startingOffsets", ingest.starting_offsets)
-        .option("maxOffsetsPerTrigger", str(ingest.max_offsets_per_trigger))
         .option("failOnDataLoss", str(ingest.fail_on_data_loss).lower())
         .option("includeHeaders", "true")
     )
+    if bounded:
+        reader = reader.option("maxOffsetsPerTrigger", str(ingest.max_offsets_per_trigger))
     for key, value in kafka.spark_options().items():
         reader = reader.option(key, value)
     return reader.load()

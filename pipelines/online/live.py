@@ -1,8 +1,7 @@
 """Live trailing features: each event's effect on its entity's online value, computed inside
 Redis by one atomic server-side script per entity and batch.
 
-The live path (:mod:`pipelines.features.live_stream`) hands each micro-batch's valid events
-here. For each view and entity, Redis keeps the entity's events that can still count for its
+The live path (:mod:`pipelines.features.live_stream`) hands each batch of valid events here. For each view and entity, Redis keeps the entity's events that can still count for its
 latest event, keyed by event id, and running aggregates of every window ``w`` of the view over
 its current bounds ``(T - delay - w, T - delay]`` (``T``: the entity's latest event time). The
 script, for one entity and batch:
@@ -280,8 +279,9 @@ def claim_definition(client: redis.Redis, prefix: str, view_name: str, digest: s
     if stored is not None and stored.decode() != digest:
         raise ConfigError(
             f"live: Redis holds live state of view {view_name!r} built for another definition "
-            f"({stored.decode()}, now {digest}). Delete the keys {prefix}:* and the live "
-            f"checkpoint of its topic, then restart fp-live: it rebuilds the state from what Kafka retains")
+            f"({stored.decode()}, now {digest}). Delete the keys {prefix}:* and the live batch log of "
+            f"its topic ({prefix.rsplit(':~live:', 1)[0]}:~live-log:<topic>.live), then restart fp-live: "
+            f"it rebuilds the state from what the events topic retains")
 
 
 def column_index(view: FeatureView, column_types: Mapping[str, str], columns: list[str], column: str, why: str) -> int:

@@ -3,9 +3,9 @@ store in the batch whose events move the watermark past their end.
 
 Semantics are the feature stream's (:func:`pipelines.features.transforms.sliding_features`,
 :func:`~pipelines.features.transforms.session_features`, README "Feature views"), with the
-watermark of the live query instead of the feature stream's:
+watermark of the live path instead of the feature stream's:
 
-* the watermark of a view is the latest event time of the valid events the live query has
+* the watermark of a view is the latest event time of the valid events the live path has
   read from the view's topic, minus ``allowed_lateness``; as in Spark it moves at the end of a
   batch and never back, and the events of a batch are judged against the watermark before it;
 * sliding: an event counts in every window ``[start, start + window)`` (starts aligned to the

@@ -8,19 +8,23 @@ and duplicate filter of the same Kafka records, computed independently in Spark.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import signal
 import subprocess
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from pyspark.sql import functions as F
 
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.errors import ConfigError
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import Settings
 from pipelines.core.times import utc_assuming_local
 from pipelines.core.view_spec import Aggregation, CountBy, FeatureView, SourceSpec, event_time_column, feature_names
@@ -31,6 +35,8 @@ from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_e
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.local.platform import wait_healthy
 from pipelines.online.live import LiveTrailingView
+from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews, PlannedBatch
+from pipelines.online.live_metrics import LiveMetrics
 from pipelines.online.live_windows import LiveWindowView
 from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
 from tests.support import start_job, topic_names
@@ -86,7 +92,7 @@ def trailing_views(settings: Settings) -> list[FeatureView]:
 def test_live_values_equal_the_batch_definition_under_disorder_and_duplicates(spark, isolated):
     # Small batches: out-of-order events and their duplicates land in later batches than the
     # events they precede.
-    settings = isolated(live={"max_offsets_per_trigger": 150})
+    settings = isolated(live={"max_offsets_per_trigger": 400, "max_batch_events": 150})
     spec = disordered(1500, seed=71)
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     views = trailing_views(settings)
@@ -151,6 +157,58 @@ def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_agai
     value = read_online(client, namespace, view.name, names, ["acct-7"])[0]
     assert value["event_time"] == t0 + timedelta(seconds=5)
     assert (value["count_1h"], value["sum_amount_usd_1h"]) == (3, 13.0)
+
+
+class RecordingViews(LiveViews):
+    """The real views, noting which events each batch id brought."""
+
+    def __init__(self, *args):
+        super().__init__(*args)
+        self.applied: list[tuple[int, list[str]]] = []
+
+    def apply(self, batch_id, data):
+        self.applied.append((batch_id, sorted(data["_event_id"])))
+        return super().apply(batch_id, data)
+
+
+def test_a_batch_planned_but_not_done_is_applied_again_with_the_same_events_and_id(isolated):
+    # A crash between planning a batch and marking it done: on restart the consumer reads
+    # exactly the planned offsets again, under the planned id, then goes on after them.
+    settings = isolated()
+    view, client, _ = velocity_live(settings)
+    props = settings.kafka.client_properties()
+    topic = settings.live.events_topic(settings.ingest.topics[0])
+    ensure_topics(props, [TopicSpec(topic, 2, 1)])
+    producer = Producer(props)
+    t0 = 1_795_000_000_000_000
+    ids = {0: [f"p0-{i}" for i in range(10)], 1: [f"p1-{i}" for i in range(6)]}
+    for partition, names in ids.items():
+        for i, name in enumerate(names):
+            event = {"_append_micros": t0, "_event_micros": t0 + i * 1_000_000, "_event_id": name,
+                     "account_id": "acct-1", "amount_usd": 1.0, "merchant_id": "m-1", "balance_usd": 1.0}
+            producer.produce(topic, json.dumps(event).encode(), partition=partition)
+    assert producer.flush(30) == 0
+    types = {f.name: "double" if f.type == "double" else "string"
+             for f in settings.contract_for(settings.ingest.topics[0]).fields}
+    views = RecordingViews(client, settings.redis.namespace, [view], types, LiveMetrics("test", 60.0))
+    batches = BatchLog(client, settings.redis.namespace, topic)
+    batches.plan(PlannedBatch(7, {0: 2, 1: 0}, {0: 6, 1: 3}, done=False))
+
+    consumer = LiveConsumer(props, topic, views, batches, max_events=4)
+    assert consumer.start() == (8, {0: 6, 1: 3})
+    assert views.applied == [(7, sorted(ids[0][2:6] + ids[1][:3]))]
+    assert batches.read().done
+    # Then on from the planned ends, in batches of at most 4, every later event once.
+    consumer.run(threading.Event(), until={0: 10, 1: 6})
+    later = [name for batch_id, names in views.applied[1:] for name in names]
+    assert sorted(later) == sorted(ids[0][6:] + ids[1][3:])
+    assert [batch_id for batch_id, _ in views.applied[1:]] == list(range(8, 8 + len(views.applied) - 1))
+    assert all(len(names) <= 4 for _, names in views.applied[1:])
+    final = batches.read()
+    assert (final.id, final.ends, final.done) == (views.applied[-1][0], {0: 10, 1: 6}, True)
+    # The events before the log's first batch were never applied: the count is of the others.
+    value = read_online(client, settings.redis.namespace, view.name, feature_names(view), ["acct-1"])[0]
+    assert (value["count_1h"], value["count_1d"]) == (8 + 6, 8 + 6)
 
 
 EDGE_SCHEMA = "user string, id string, ts timestamp, x double, s string, b boolean, n bigint"
@@ -333,19 +391,20 @@ def test_live_windows_drop_late_events_merge_sessions_and_judge_a_replayed_batch
     assert (value["last_s"], value["count_s_a"], value["count_s_é"]) == ("é", 1, 1)
 
 
-def committed_batches(checkpoint: str) -> int:
-    commits = os.path.join(checkpoint, "commits")
-    return len([n for n in os.listdir(commits) if n.isdigit()]) if os.path.isdir(commits) else 0
+def applied_batches(client, settings: Settings) -> int:
+    """Batches the live consumer of the transactions topic has applied (from its log in Redis)."""
+    planned = BatchLog(client, settings.redis.namespace, settings.live.events_topic(settings.ingest.topics[0])).read()
+    return 0 if planned is None else planned.id + int(planned.done)
 
 
 def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_the_batch_definition(
         spark, isolated, platform, tmp_path):
-    settings = isolated(live={"max_offsets_per_trigger": 60, "report_interval": "2s"})
+    settings = isolated(live={"max_batch_events": 60, "report_interval": "2s", "checkpoint_interval": "5s"})
     spec = disordered(1500, seed=72)
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
     log = tmp_path / "live.log"
-    checkpoint = settings.storage.checkpoint_path("live", settings.ingest.topics[0])
+    client = redis_client(settings.redis)
 
     def run_until(condition, timeout: float = 300) -> subprocess.Popen:
         job = start_job("live", conf_dir, log)
@@ -358,12 +417,12 @@ def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_th
 
     # Two SIGKILLs of the whole process group (driver and JVM), each after a few more batches.
     for target in (3, 8):
-        job = run_until(lambda target=target: committed_batches(checkpoint) >= target)
+        job = run_until(lambda target=target: applied_batches(client, settings) >= target)
         os.killpg(job.pid, signal.SIGKILL)
         job.wait(timeout=60)
     # Restarted; Redis goes down mid-stream (a real restart of the server, AOF on), more events
     # arrive while it is down, and it comes back.
-    job = run_until(lambda: committed_batches(checkpoint) >= 12)
+    job = run_until(lambda: applied_batches(client, settings) >= 12)
     platform.redis.stop()
     produce(generate(disordered(300, seed=73, hours=0.5, ago=timedelta(minutes=20))),
             settings.kafka.client_properties(), topic_names=topic_names(settings))
@@ -371,7 +430,6 @@ def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_th
     platform.redis.start()
     wait_healthy(platform.redis, timeout=60)
     expected = {view.name: batch_definition(spark, settings, view) for view in trailing_views(settings)}
-    client = redis_client(settings.redis)
     deadline = time.monotonic() + 300
     while any(mismatches(client, settings, v, expected[v.name]) for v in trailing_views(settings)):
         assert job.poll() is None, log.read_text()[-5000:]

@@ -124,6 +124,20 @@ def test_bad_feature_settings_name_the_key(features, message):
         load_settings("local", CONF, {"features": features})
 
 
+@pytest.mark.parametrize(
+    "live, message",
+    [({"max_batch_events": 0}, r"live\.max_batch_events: must be positive"),
+     ({"checkpoint_interval": "500ms"}, r"live\.checkpoint_interval: must be at least 1s"),
+     ({"starting_offsets": "newest"}, r"live\.starting_offsets: 'newest' is not"),
+     ({"events_topic_suffix": ""}, r"live\.events_topic_suffix: must be a non-empty"),
+     ({"events_topic_suffix": ".dlq"}, r"live\.events_topic_suffix: the events topic of 'transactions'"),
+     ({"trigger_interval": "0s"}, r"live\.trigger_interval: unknown key")],
+)
+def test_bad_live_settings_name_the_key(live, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("local", CONF, {"live": live})
+
+
 def test_registry_credentials_come_from_the_environment(monkeypatch):
     settings = load_settings("dev", CONF)
     assert settings.schema_registry.url == "https://schema-registry-dev.internal/apis/ccompat/v7"

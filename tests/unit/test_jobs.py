@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from jobs import features, generate, ingest, reconcile
+from jobs import features, generate, ingest, live, reconcile
+from pipelines.features.live_stream import realtime_session_settings
 
 
 def test_ingest_rejects_an_undeclared_topic(capsys):
@@ -54,3 +55,19 @@ def test_features_before_the_first_ingest_fails_naming_the_missing_bronze_table(
     assert features.main(["--env", "local", "--views", "account_velocity", "--set", f"storage.root={lake}"]) == 3
     err = capsys.readouterr().err
     assert f"no bronze table at {lake}/bronze/transactions yet" in err and "start it first" in err
+
+
+@pytest.mark.parametrize(
+    "master, expected",
+    [("local[2]", {"spark.master": "local[8]"}), ("local[*]", {"spark.master": "local[8]"}),
+     ("local", {"spark.master": "local[8]"}), ("local[8]", {}), ("local[16]", {}),
+     ("spark://master:7077", {}), (None, {})],
+)
+def test_real_time_mode_gets_a_local_task_slot_per_partition(master, expected):
+    # Real-time mode runs every task of its stage at once, one per Kafka partition.
+    assert realtime_session_settings(master, 8) == expected
+
+
+def test_live_rejects_an_undeclared_view_before_touching_kafka(capsys):
+    assert live.main(["--env", "local", "--views", "account_velocity,card_velocity"]) == 2
+    assert "--views: card_velocity not declared in conf/features" in capsys.readouterr().err
