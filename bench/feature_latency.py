@@ -15,10 +15,11 @@ windows close every few seconds. For each, the latency of a window is from the m
 watermark passed its end (the send of the first event at or after end + allowed lateness) to
 its first write in Redis.
 
-Each path runs as it is deployed: ``fp-live``, ``fp-ingest`` and ``fp-features`` are job
-processes of their own (each its own Spark driver, ``local[2]``), started with ``--set``
-overrides for the run's topic, lake and Redis namespace; on this machine they share its two
-cores. The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
+Each path runs as it is deployed: ``fp-live`` (its real-time-mode validation stage and its
+consumer), ``fp-ingest`` and ``fp-features`` are job processes of their own (each its own Spark
+driver, ``local[2]``), started with ``--set`` overrides for the run's topic, lake and Redis
+namespace; on this machine they share its two cores. ``--durable-nice`` lowers the durable
+jobs' priority for the whole of their sessions (see :func:`lower_session_priority`). The last line printed is JSON: ``{"online": {"1000": {"p50": ..., "p95": ..., "p99": ...},
 ...}, "bronze": {...}, "merchant_hourly": {...}, "account_sessions": {...}, and with
 ``--alone`` the same keys of the live path suffixed ``_alone``}`` (seconds).
 

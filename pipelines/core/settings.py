@@ -179,7 +179,7 @@ class LiveSettings:
     #: Real-time mode batch length of the validation stage: its Kafka offsets are checkpointed
     #: at the end of each, so a restart validates at most this much again (the repeated events
     #: reach the events topic twice; the views drop them by event id).
-    checkpoint_interval: timedelta = timedelta(minutes=1)
+    checkpoint_interval: timedelta = timedelta(minutes=5)
     #: The events topic of a source topic is ``{topic}{events_topic_suffix}``: its valid events,
     #: validated in the JVM, one JSON object each, partition for partition.
     events_topic_suffix: str = ".live"

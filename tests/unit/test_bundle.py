@@ -176,9 +176,23 @@ def test_the_job_clusters_differ_only_in_workers_and_secrets():
 
 def test_each_job_keeps_its_worker_count():
     assert {name: resolved_cluster(name)["num_workers"] for name in JOBS} == {
-        "ingest": 2, "features": 2, "live": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
+        "ingest": 2, "features": 2, "live": 8, "reconcile": 1, "backfill": 4, "recompute_late": 1,
         "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4,
     }
+
+
+#: Cores of the node types the bundle uses (AWS instance specs).
+NODE_CORES = {"i3.xlarge": 4}
+
+
+@pytest.mark.parametrize("env", ["dev", "prod"])
+def test_the_live_cluster_has_a_task_slot_per_partition_of_the_live_topics(env):
+    # Real-time mode runs every task of its stage at once, one per Kafka partition.
+    cluster = resolved_cluster("live")
+    slots = cluster["num_workers"] * NODE_CORES[cluster["node_type_id"]]
+    settings = load_settings(env)
+    topics = {settings.source_topic(v) for v in settings.views.values() if v.online.enabled}
+    assert slots >= sum(settings.kafka.topics[t].partitions for t in topics)
 
 
 def test_the_shared_cluster_is_a_valid_cluster_spec_for_every_job():
