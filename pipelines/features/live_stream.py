@@ -63,6 +63,7 @@ from pipelines.core.kafka_admin import TopicSpec, ensure_topics, topic_offsets
 from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView
 from pipelines.ingest.bronze import check_records
+from pipelines.ingest.records import processing_time
 from pipelines.ingest.sources import read_kafka_stream
 from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews
 from pipelines.online.live_metrics import LiveMetrics
@@ -122,11 +123,11 @@ def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
     ``_append_micros`` (Kafka timestamp, µs),
     ``_event_micros``, the id and every entity and aggregated column of ``views``. Invalid
     records are left out (the ingest dead-letters them); duplicates are kept (Redis drops
-    them by event id). Raises ConfigError for an Avro topic (its writer schemas are resolved
+    them by event id). The time checks compare with the clock when each record is validated. Raises ConfigError for an Avro topic (its writer schemas are resolved
     by the ingest's batch handler only)."""
     if contract.format != "json":
         raise ConfigError(f"live: contract {contract.name!r} is {contract.format}; the live path reads JSON topics")
-    checked = check_records(records, contract, rules)
+    checked = check_records(records, contract, rules, batch_time=processing_time())
     columns: list[str] = []
     for view in views:
         for name in [view.entity, *[a.column for a in view.aggregations if a.column != "*"],

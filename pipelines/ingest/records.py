@@ -41,14 +41,36 @@ KAFKA_RECORD_SCHEMA = StructType(
 )
 
 
+def batch_timestamp() -> Column:
+    """``current_timestamp()``: in a streaming query the micro-batch's timestamp (recorded in the
+    checkpoint, so a replayed batch gets it again), in a batch query the query's start.
+
+    Spark substitutes a literal for it in each micro-batch's plan, and the generated code inlines
+    a timestamp literal: every batch then compiled a new class for the checks that compare with
+    it and ran it interpreted until HotSpot compiled it again (measured here: 150k records
+    validated in 6.8-9.1 s per batch with a new literal each time, 4.0-4.8 s with the same
+    one). Read through a string (which generated code references, not inlines) and a
+    non-constant empty suffix that keeps the optimizer from folding the cast back into a
+    literal, the batch's code is the same in every batch, so it is compiled once."""
+    unfolded = F.substring(F.spark_partition_id().cast("string"), 1, 0)  # always "", never constant
+    return F.concat(F.current_timestamp().cast("string"), unfolded).cast(TimestampType())
+
+
+def processing_time() -> Column:
+    """The clock when the row is evaluated (milliseconds): the validation time of the live path's
+    real-time-mode stage, whose "batch" lasts a whole checkpoint interval (its
+    ``current_timestamp()`` would lag the records by up to that much)."""
+    return F.timestamp_millis(F.expr("reflect('java.lang.System', 'currentTimeMillis')").cast("bigint"))
+
+
 def kafka_records(records: DataFrame, batch_time: Column | None = None) -> DataFrame:
     """Kafka-shaped rows (``key, value, topic, partition, offset, timestamp`` and optionally
     ``headers``) -> the ``kafka_*`` columns plus ``validated_at``: the batch time,
-    ``current_timestamp()`` unless ``batch_time`` is given (a replay passes each record's Kafka
-    timestamp)."""
+    :func:`batch_timestamp` unless ``batch_time`` is given (a replay passes each record's Kafka
+    timestamp, the live path :func:`processing_time`)."""
     if "headers" not in records.columns:
         records = records.withColumn("headers", F.lit(None).cast(HEADERS_TYPE))
     renamed = records.select(*[F.col(src).alias(dst) for src, dst in KAFKA_COLUMNS.items()])
     return renamed.withColumn(
-        "validated_at", F.current_timestamp() if batch_time is None else batch_time.cast(TimestampType())
+        "validated_at", batch_timestamp() if batch_time is None else batch_time.cast(TimestampType())
     )
