@@ -350,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--trigger", default="1s", help="trigger interval of the durable path's queries")
     parser.add_argument("--alone", action="store_true", help="also measure the live path with the durable path stopped")
+    parser.add_argument("--alone-only", action="store_true", help="measure the live path with the durable path stopped, only")
     parser.add_argument("--drain", type=float, default=600.0,
                         help="seconds to wait after the last event for every path to write it")
     parser.add_argument("--keep", action="store_true", help="keep each run's lake, checkpoints and job logs")
@@ -367,10 +368,10 @@ def main(argv: list[str] | None = None) -> int:
     control.config_set("notify-keyspace-events", "Kh")  # keyspace events of hash commands
     figures: dict[str, dict[str, dict]] = {"online": {}, "bronze": {}, **{view: {} for view in WINDOWED}}
     try:
-        for rate in rates:
+        for rate in rates if not args.alone_only else ():
             for path, result in measure_rate(args, run_id, rate, durable=True).items():
                 figures[path][str(rate)] = result
-        if args.alone:
+        if args.alone or args.alone_only:
             for rate in rates:
                 for path, result in measure_rate(args, run_id, rate, durable=False).items():
                     figures.setdefault(f"{path}_alone", {})[str(rate)] = result

@@ -199,8 +199,7 @@ class LiveConsumer:
             self.consumer.unassign()
         return decode_events(messages, self.views.columns)
 
-    def run(self, stop: threading.Event, until: Mapping[int, int] | None = None,
-            on_batch: Callable[[int], None] | None = None) -> int:
+    def run(self, stop: threading.Event, until: Mapping[int, int] | None = None) -> int:
         """Apply batches until ``stop`` is set or, with ``until``, every partition's position
         reaches it (a drain). Returns the number of batches applied."""
         batch_id, position = self.start()
@@ -213,7 +212,7 @@ class LiveConsumer:
                 if not first:
                     self.views.metrics.flush_if_due()
                     continue
-                messages = first + self._consume(timeout=0, count=self.max_events - 1)
+                messages = first + (self._consume(timeout=0, count=self.max_events - 1) if self.max_events > 1 else [])
                 ends = dict(position)
                 for message in messages:
                     ends[message.partition()] = max(ends.get(message.partition(), 0), message.offset() + 1)
@@ -225,14 +224,12 @@ class LiveConsumer:
                                      asynchronous=True)
                 position, batch_id = ends, batch_id + 1
                 self.batches += 1
-                if on_batch is not None:
-                    on_batch(batch_id - 1)
         finally:
             self.consumer.close()
         return self.batches
 
     def _consume(self, timeout: float, count: int | None = None) -> list[Message]:
-        messages = self.consumer.consume(count or self.max_events, timeout=timeout)
+        messages = self.consumer.consume(self.max_events if count is None else count, timeout=timeout)
         good = []
         for message in messages:
             error = message.error()
