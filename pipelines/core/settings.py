@@ -380,18 +380,14 @@ def _check_references(settings: Settings, source: Path) -> None:
                 f"{source}: ingest.topics: {topic!r} is not declared under kafka.topics "
                 f"({', '.join(settings.kafka.topics)})"
             )
-    if settings.ingest.starting_offsets not in ("earliest", "latest"):
-        raise ConfigError(
-            f"{source}: ingest.starting_offsets: {settings.ingest.starting_offsets!r} "
-            "is not 'earliest' or 'latest'"
-        )
+    for section, offsets in (("ingest", settings.ingest.starting_offsets), ("live", settings.live.starting_offsets)):
+        if offsets not in ("earliest", "latest"):
+            raise ConfigError(f"{source}: {section}.starting_offsets: {offsets!r} is not 'earliest' or 'latest'")
     if settings.ingest.max_offsets_per_trigger <= 0 or settings.ingest.max_value_bytes <= 0:
         raise ConfigError(
             f"{source}: ingest.max_offsets_per_trigger and ingest.max_value_bytes must be positive"
         )
     live = settings.live
-    if live.starting_offsets not in ("earliest", "latest"):
-        raise ConfigError(f"{source}: live.starting_offsets: {live.starting_offsets!r} is not 'earliest' or 'latest'")
     for key in ("max_batch_events", "max_offsets_per_trigger"):
         if getattr(live, key) <= 0:
             raise ConfigError(f"{source}: live.{key}: must be positive")
