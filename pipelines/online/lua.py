@@ -41,14 +41,22 @@ local function distinct_key(v)
   return type(v) .. ':' .. tostring(v)
 end
 -- Write a feature hash unless it holds a newer event time, or the same one at a version at
--- least as high (the online store's newer-wins rule). Returns 1 when written.
+-- least as high (the online store's newer-wins rule). Returns 1 when written. The hash becomes
+-- exactly the new row: a stored field the row has not (a feature null now) is removed. (HSET
+-- over the stored hash, rather than DEL and HSET: each write in a script is also a write to
+-- the append-only file, and most rows have the stored row's fields.)
 local function write_newer(fkey, event_time, version, fields, ttl)
   local stored = redis.call('HMGET', fkey, '_event_time', '_version')
   if stored[1] then
     local stored_time, stored_version = tonumber(stored[1]), tonumber(stored[2])
     if event_time < stored_time or (event_time == stored_time and version <= stored_version) then return 0 end
+    local kept, gone = {_event_time = true, _version = true}, {}
+    for i = 1, #fields, 2 do kept[fields[i]] = true end
+    for _, name in ipairs(redis.call('HKEYS', fkey)) do if not kept[name] then gone[#gone + 1] = name end end
+    if #gone > 0 then redis.call('HDEL', fkey, unpack(gone)) end
+  elseif redis.call('EXISTS', fkey) == 1 then
+    redis.call('DEL', fkey)  -- a hash without an event time is not a row of this store
   end
-  redis.call('DEL', fkey)
   redis.call('HSET', fkey, '_event_time', int(event_time), '_version', version, unpack(fields))
   redis.call('PEXPIRE', fkey, ttl)
   return 1

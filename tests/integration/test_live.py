@@ -136,6 +136,24 @@ def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
     assert value["last_balance_usd_1d"] == 95.0
 
 
+def test_every_live_state_key_expires_after_the_state_ttl_also_one_recreated_between_refreshes(isolated):
+    settings = isolated()
+    view, client, live = velocity_live(settings)
+    t0 = 1_795_000_000_000_000
+    day = 86_400_000_000
+    live.apply([("acct-1", "tx-1", t0, 10.0, "m-1", 100.0)])
+    # A day and a second later tx-1 has left the 1d window: its distinct counter empties (Redis
+    # deletes the key) and tx-2 creates it again, in a call where the expiry is not yet due.
+    live.apply([("acct-1", "tx-2", t0 + day + 1_000_000, 5.0, "m-2", 95.0)])
+    value = read_online(client, settings.redis.namespace, view.name, feature_names(view), ["acct-1"])[0]
+    assert value["approx_count_distinct_merchant_id_1d"] == 1
+    keys = sorted(k.decode() for k in client.scan_iter(f"{settings.redis.namespace}:~live:account_velocity:*:acct-1"))
+    assert [k.split(":~live:account_velocity:")[1].split(":")[0] for k in keys] == ["distinct", "events", "meta", "times"]
+    ttls = {k: client.pttl(k) for k in keys}
+    # 7 days (the view's TTL, longer than its window), and the refresh period on top.
+    assert all(7 * 86_400_000 < ttl <= 7 * 86_400_000 * 9 // 8 for ttl in ttls.values()), ttls
+
+
 def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_again(isolated):
     settings = isolated()
     view, client, live = velocity_live(settings)
