@@ -48,6 +48,7 @@ import signal
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -60,6 +61,7 @@ from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import ConfigError
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics, topic_offsets
+from pipelines.core.progress import ProgressListener
 from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView
 from pipelines.ingest.bronze import check_records
@@ -84,6 +86,10 @@ LIVE_METRICS_SCHEMA = StructType([
     StructField("append_to_redis_p50", DoubleType(), True),
     StructField("append_to_redis_p95", DoubleType(), True),
     StructField("append_to_redis_p99", DoubleType(), True),
+    # Of that, the validation stage's: source append -> valid event in the events topic.
+    StructField("append_to_validated_p50", DoubleType(), True),
+    StructField("append_to_validated_p95", DoubleType(), True),
+    StructField("append_to_validated_p99", DoubleType(), True),
     StructField("events_added", LongType(), False),
     StructField("features_written", LongType(), False),
     # Sliding and session views: windows closed, events dropped behind the watermark, and the
@@ -203,6 +209,10 @@ def ensure_events_topics(settings: Settings, partitions: Mapping[str, int]) -> N
     ])
 
 
+def validation_query_name(topic: str) -> str:
+    return f"live_validation_{topic}"
+
+
 def start_validation(spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
                      realtime: bool) -> StreamingQuery:
     """The validation stage of ``topic`` (checkpoint ``_checkpoints/live_validation/<topic>``):
@@ -212,7 +222,7 @@ def start_validation(spark: SparkSession, settings: Settings, topic: str, views:
                                   max_offsets_per_trigger=settings.live.max_offsets_per_trigger)
     records = read_kafka_stream(spark, settings.kafka, topic, reading, bounded=not realtime)
     events = live_events(records, contract, ValidationRules.of(settings.ingest), views)
-    writer = (events_topic_rows(events).writeStream.queryName(f"live_validation_{topic}").format("kafka")
+    writer = (events_topic_rows(events).writeStream.queryName(validation_query_name(topic)).format("kafka")
               .option("topic", settings.live.events_topic(topic))
               .option("checkpointLocation", settings.storage.checkpoint_path("live_validation", topic)))
     for key, value in settings.kafka.spark_options().items():
@@ -238,6 +248,27 @@ class ConsumerThread(threading.Thread):
             self.consumer.run(self.stop)
         except BaseException as exc:  # noqa: BLE001 - handed to the supervising thread
             self.error = exc
+
+
+class ValidationProgress:
+    """The validation stage's batches in the job's log (no table: the live figures that matter
+    are :class:`pipelines.online.live_metrics.LiveMetrics`'). In real-time mode a batch lasts
+    ``live.checkpoint_interval`` and the stage pauses between two: the line gives the
+    batch's records and where its time went (planning, offsets, the commit), so the pause is
+    visible."""
+
+    table = None
+    schema = StructType([])
+
+    def row(self, progress: Any) -> dict[str, Any]:
+        return {"query_name": progress.name, "query_id": str(progress.id), "batch_id": int(progress.batchId),
+                "started": progress.timestamp, "records": int(progress.numInputRows),
+                "durations_ms": dict(progress.durationMs or {})}
+
+    def line(self, row: Mapping[str, Any]) -> str:
+        durations = ", ".join(f"{k} {v:,}" for k, v in sorted(row["durations_ms"].items()))
+        return (f"{row['query_name']}: batch {row['batch_id']} (started {row['started']}) validated "
+                f"{row['records']:,} records; ms: {durations}")
 
 
 def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureView], timeout: float | None = None,
@@ -268,6 +299,10 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
     table_writer.start()
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda signum, _frame: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
+    progress = ProgressListener(spark)
+    for topic in by_topic:
+        progress.register(validation_query_name(topic), ValidationProgress())
+    spark.streams.addListener(progress)
     queries = [start_validation(spark, settings, topic, topic_views, realtime=not available_now)
                for topic, topic_views in by_topic.items()]
     threads: list[ConsumerThread] = []
@@ -307,5 +342,6 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
             consumer.views.metrics.flush()
         table_writer.stopping.set()
         table_writer.join(timeout=60)
+        spark.streams.removeListener(progress)
         for signum, handler in previous.items():
             signal.signal(signum, handler)

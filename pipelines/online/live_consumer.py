@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import TIMESTAMP_NOT_AVAILABLE, Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from pipelines.core.errors import ConfigError
 from pipelines.core.view_spec import FeatureView
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 #: Fields every event of an events topic carries beside the views' columns.
 EVENT_FIELDS = ("_append_micros", "_event_micros", "_event_id")
+#: Beside them, from each message itself: its timestamp in µs (when the validation produced it),
+#: or None when the message has none.
+VALIDATED_FIELD = "_validated_micros"
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,8 @@ class LiveViews:
 
     def apply(self, batch_id: int, data: Mapping[str, Sequence[Any]]) -> BatchResult:
         """Apply one batch: ``data`` maps :data:`EVENT_FIELDS` and every column the views use
-        to equally long lists (one item per event)."""
+        (and, for the metrics, :data:`VALIDATED_FIELD` when known) to equally long lists (one
+        item per event)."""
         count = len(data["_event_id"])
         if count == 0:
             return BatchResult(0, 0, 0, 0, 0)
@@ -131,7 +135,8 @@ class LiveViews:
         done = time.time_ns() // 1000
         self.metrics.record([(done - t) / 1e6 for t in data["_event_micros"]],
                             [(done - t) / 1e6 for t in data["_append_micros"]], added, written, closed, late,
-                            close_lags(data["_event_micros"], data["_append_micros"], closed_ends, done))
+                            close_lags(data["_event_micros"], data["_append_micros"], closed_ends, done),
+                            [(v - a) / 1e6 for v, a in zip(data.get(VALIDATED_FIELD, ()), data["_append_micros"]) if v is not None])
         return BatchResult(count, added, written, closed, late)
 
 
@@ -241,10 +246,15 @@ class LiveConsumer:
 
 
 def decode_events(messages: Sequence[Message], columns: Sequence[str]) -> dict[str, list[Any]]:
-    """Events-topic messages -> :data:`EVENT_FIELDS` and ``columns``, each a list in message order."""
+    """Events-topic messages -> :data:`EVENT_FIELDS`, ``columns`` and :data:`VALIDATED_FIELD`,
+    each a list in message order."""
     data: dict[str, list[Any]] = {name: [] for name in (*EVENT_FIELDS, *columns)}
+    validated: list[int | None] = []
     for message in messages:
         event = json.loads(message.value())
         for name, values in data.items():
             values.append(event.get(name))
+        kind, millis = message.timestamp()
+        validated.append(None if kind == TIMESTAMP_NOT_AVAILABLE else millis * 1000)
+    data[VALIDATED_FIELD] = validated
     return data

@@ -1,6 +1,9 @@
 """Progress of the live path: per interval, events/s and the latencies that matter online.
 
-Per event: event time -> Redis write and Kafka append (of the source record) -> Redis write.
+Per event: event time -> Redis write and Kafka append (of the source record) -> Redis write,
+and of that the validation stage's share: Kafka append of the source record -> its valid event
+in the events topic (that record's timestamp, set by the validation's producer). The rest is the
+consumer's: its wait for a batch and the Redis scripts.
 Per closed window of a sliding or session view: the watermark passing its end -> Redis write.
 Every ``interval`` one progress line is logged and one row queued for ``ops/live_metrics`` (the
 queue is drained by a writer off the data path, so a Delta commit never delays an event).
@@ -44,9 +47,11 @@ class LiveMetrics:
     event_lags: list[float] = field(default_factory=list)
     append_lags: list[float] = field(default_factory=list)
     close_lags: list[float] = field(default_factory=list)
+    validation_lags: list[float] = field(default_factory=list)
 
     def record(self, event_lags: list[float], append_lags: list[float], added: int, written: int,
-               closed: int = 0, late: int = 0, close_lags: Sequence[float] = ()) -> None:
+               closed: int = 0, late: int = 0, close_lags: Sequence[float] = (),
+               validation_lags: Sequence[float] = ()) -> None:
         self.batches += 1
         self.added += added
         self.written += written
@@ -55,6 +60,7 @@ class LiveMetrics:
         self.event_lags += event_lags
         self.append_lags += append_lags
         self.close_lags += close_lags
+        self.validation_lags += validation_lags
         self.flush_if_due()
 
     def flush_if_due(self) -> None:
@@ -69,6 +75,7 @@ class LiveMetrics:
             return None
         seconds = max(now - self.started, 1e-6)
         event_lags, append_lags, close_lags = sorted(self.event_lags), sorted(self.append_lags), sorted(self.close_lags)
+        validation_lags = sorted(self.validation_lags)
         row = {
             "query_name": self.query_name,
             "interval_start": datetime.fromtimestamp(self.started, timezone.utc),
@@ -77,6 +84,7 @@ class LiveMetrics:
             "events_per_second": round(len(event_lags) / seconds, 1),
             **{f"event_to_redis_p{q}": percentile(event_lags, q / 100) for q in (50, 95, 99)},
             **{f"append_to_redis_p{q}": percentile(append_lags, q / 100) for q in (50, 95, 99)},
+            **{f"append_to_validated_p{q}": percentile(validation_lags, q / 100) for q in (50, 95, 99)},
             "events_added": self.added, "features_written": self.written,
             "windows_closed": self.closed, "events_late": self.late,
             **{f"watermark_to_redis_p{q}": percentile(close_lags, q / 100) for q in (50, 95, 99)},
@@ -85,7 +93,7 @@ class LiveMetrics:
         log.info(format_live_progress(row))
         self.rows.put(row)
         self.started, self.batches, self.added, self.written, self.closed, self.late = now, 0, 0, 0, 0, 0
-        self.event_lags, self.append_lags, self.close_lags = [], [], []
+        self.event_lags, self.append_lags, self.close_lags, self.validation_lags = [], [], [], []
         return row
 
 
@@ -97,7 +105,8 @@ def format_live_progress(row: dict[str, Any]) -> str:
     return (f"{row['query_name']}: {row['events']:,} events in {row['batches']} batches "
             f"({row['events_per_second']:,.0f}/s), event->redis p50 {s('event_to_redis_p50')} "
             f"p95 {s('event_to_redis_p95')} p99 {s('event_to_redis_p99')}, append->redis p50 "
-            f"{s('append_to_redis_p50')} p99 {s('append_to_redis_p99')}, {row['events_added']:,} new events, "
+            f"{s('append_to_redis_p50')} p99 {s('append_to_redis_p99')} (validation p50 "
+            f"{s('append_to_validated_p50')} p99 {s('append_to_validated_p99')}), {row['events_added']:,} new events, "
             f"{row['features_written']:,} feature hashes written"
             + (f", {row['windows_closed']:,} windows closed, watermark->redis p50 {s('watermark_to_redis_p50')} "
                f"p99 {s('watermark_to_redis_p99')}, {row['events_late']:,} late events dropped"
