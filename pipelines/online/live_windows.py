@@ -24,12 +24,18 @@ Functions: as for trailing views, with ``approx_count_distinct`` exact here (the
 uses Spark's HyperLogLog++, whose estimate restates the exact count when its row arrives).
 
 Keys under ``{namespace}:~live:{view}``: ``ids:{entity}`` (sorted set: the ids of events still
-inside an open window or session, by time: a redelivered event changes nothing) and
-``open:{entity}`` (hash: window start, or session first event time -> the msgpack of its
-aggregates). Both expire after the state TTL from the entity's last event. Which entities
-hold an open window, and its earliest end, is the caller's own sorted set (``pending``), so
-that every script touches the keys of one entity only. ``definition`` holds a digest of the
-layout; a changed view definition is refused at start until its state is cleared.
+inside an open window or session, by time: a redelivered event changes nothing),
+``open:{entity}`` (one msgpack value: window start, or session first event time and id -> its
+aggregates; read and written once per script call, since each write of a script is also
+appended to Redis's append-only file) and ``distinct:{entity}:{window}:{column}`` (a set per
+open window and column of an ``approx_count_distinct``: its values are added one by one, never
+rewritten with the window's state; deleted when the window closes). Each expires after the
+state TTL from the last event that touched it (the expiry is set when it would end sooner than
+that: about once every eighth of the TTL, and at once for a key made anew). Which entities hold
+an open window, and its earliest end, is the caller's own sorted set (``pending``), so that
+every script touches the keys of one entity only. ``definition`` holds a digest of the layout
+(:data:`LAYOUT` included); a changed view definition is refused at start until its state is
+cleared.
 """
 
 from __future__ import annotations
@@ -50,11 +56,21 @@ from pipelines.online.live import claim_definition, column_index, definition_dig
 from pipelines.online.lua import PRELUDE, lua_literal
 from pipelines.online.store import entity_key, retry_transient
 
+#: The layout of the windows' state in Redis, part of the definition digest: 2 is one value per
+#: entity for its open windows and a set per window of its distinct values (1 was a hash of the
+#: windows, written field by field, each with its distinct values inside).
+LAYOUT = 2
+
 #: Aggregates of one window or session: first/last event time, the event count, and per column
 #: (by its 1-based index) the non-null count, a compensated sum, max, min, the latest (time,
-#: value), and the distinct values; per count_by value, its count.
+#: value), and the number of distinct values; per count_by value, its count. The distinct values
+#: themselves are in a set per window and column (``KEYS[3]:<dk>:<column>``, ``dk`` the window's
+#: start, or the id of a session's first event), not in the state: the state is rewritten on
+#: every call, and a window's distinct values can be thousands (accounts of a merchant-hour).
 _AGGREGATES = r"""
-local function new_state() return {n = 0, nn = {}, s = {}, k = {}, mx = {}, mn = {}, lt = {}, lv = {}, d = {}, cb = {}} end
+local distinct_base, touched = KEYS[3], {}
+local function distinct_set(st, c) return distinct_base .. ':' .. st.dk .. ':' .. c end
+local function new_state(dk) return {dk = dk, n = 0, nn = {}, s = {}, k = {}, mx = {}, mn = {}, lt = {}, lv = {}, dc = {}, cb = {}} end
 local function sum_add(st, c, x)
   local s = st.s[c] or 0
   local t = s + x
@@ -81,8 +97,9 @@ local function add(st, t, row)
       end
       if c.last then take_last(st, c.col, t, v, c.type) end
       if c.distinct then
-        st.d[c.col] = st.d[c.col] or {}
-        st.d[c.col][distinct_key(v)] = true
+        local set = distinct_set(st, c.col)
+        touched[set] = true
+        st.dc[c.col] = (st.dc[c.col] or 0) + redis.call('SADD', set, distinct_key(v))
       end
     end
   end
@@ -91,7 +108,7 @@ local function add(st, t, row)
     if v ~= nil and v ~= null and b.values[v] then st.cb[b.values[v]] = (st.cb[b.values[v]] or 0) + 1 end
   end
 end
-local function merge(a, b)  -- b's events into a
+local function merge(a, b)  -- b's events into a (b's distinct sets are merged into a's and deleted)
   a.n = a.n + b.n
   if b.first < a.first then a.first = b.first end
   if b.last > a.last then a.last = b.last end
@@ -106,8 +123,11 @@ local function merge(a, b)  -- b's events into a
       end
       if c.last then take_last(a, col, b.lt[col], b.lv[col], c.type) end
       if c.distinct then
-        a.d[col] = a.d[col] or {}
-        for key in pairs(b.d[col] or {}) do a.d[col][key] = true end
+        local into, from = distinct_set(a, col), distinct_set(b, col)
+        redis.call('SUNIONSTORE', into, into, from)
+        redis.call('DEL', from)
+        touched[into] = true
+        a.dc[col] = redis.call('SCARD', into)
       end
     end
   end
@@ -131,9 +151,7 @@ local function finish(st)  -- the row's fields: name, value text, ...
     elseif o.fn == 'max' then result = st.mx[c]
     elseif o.fn == 'min' then result = st.mn[c]
     elseif o.fn == 'last' then result = st.lv[c]
-    elseif o.fn == 'approx_count_distinct' then
-      result = 0
-      for _ in pairs(st.d[c] or {}) do result = result + 1 end
+    elseif o.fn == 'approx_count_distinct' then result = st.dc[c] or 0
     end
     put(o.name, result, o.out_type)
   end
@@ -146,31 +164,22 @@ local function window_end(field, st)
 end
 """
 
-# KEYS: ids, open. ARGV: the watermark before this batch (µs), state TTL (ms), n, then n
-# triples (event id, event time µs, JSON array of values). Returns {events counted, events
-# dropped as late, earliest end of an open window (µs text) or false}.
+# KEYS: ids, open, distinct sets' prefix. ARGV: the watermark before this batch (µs), state TTL
+# (ms), the expiry's refresh period (ms), n, then n triples (event id, event time µs, JSON array
+# of values). Returns {events counted, events dropped as late, earliest end of an open window
+# (µs text) or false}.
 _APPLY = r"""%(prelude)s
 local spec = %(spec)s
 %(aggregates)s
 local idkey, okey = KEYS[1], KEYS[2]
-local watermark, state_ttl, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
--- open: field -> state (false: merged into another session, to delete); dirty: fields to save.
-local open, dirty = {}, {}
-local function state(field)
-  if open[field] == nil then
-    local blob = redis.call('HGET', okey, field)
-    open[field] = blob and cmsgpack.unpack(blob) or new_state()
-  end
-  dirty[field] = true
-  return open[field]
-end
-if spec.kind == 'session' then
-  local flat = redis.call('HGETALL', okey)
-  for i = 1, #flat, 2 do open[flat[i]] = cmsgpack.unpack(flat[i + 1]) end
-end
+local watermark, state_ttl, refresh, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+-- Every open window of the entity, in one value: field (window start, or session start:id) ->
+-- state; a session merged into another is removed from it.
+local blob = redis.call('GET', okey)
+local open = blob and cmsgpack.unpack(blob) or {}
 local added, late, seen = 0, 0, {}
 for i = 0, n - 1 do
-  local id, t, values = ARGV[4 + 3 * i], tonumber(ARGV[5 + 3 * i]), ARGV[6 + 3 * i]
+  local id, t, values = ARGV[5 + 3 * i], tonumber(ARGV[6 + 3 * i]), ARGV[7 + 3 * i]
   if not seen[id] and not redis.call('ZSCORE', idkey, id) then
     seen[id] = true
     local counted = false
@@ -179,22 +188,26 @@ for i = 0, n - 1 do
       while start + spec.window > t do
         if start + spec.window > watermark then
           row = row or cjson.decode(values)
-          add(state(int(start)), t, row)
+          local field = int(start)
+          open[field] = open[field] or new_state(field)
+          add(open[field], t, row)
           counted = true
         end
         start = start - spec.slide
       end
     elseif t + spec.gap > watermark then
-      local merged = new_state()
-      add(merged, t, cjson.decode(values))
+      -- The sessions the event's [t, t + gap) overlaps or touches merge (as in Spark), into the
+      -- first of them (its distinct sets stay where they are), or the event opens one.
+      local merged = nil
       for field, st in pairs(open) do
-        if st and st.first <= t + spec.gap and t <= st.last + spec.gap then  -- touching sessions merge, as in Spark
-          merge(merged, st)
-          open[field] = false
+        if st.first <= t + spec.gap and t <= st.last + spec.gap then
+          if merged then merge(merged, st) else merged = st end
+          open[field] = nil
         end
       end
-      local field = int(merged.first) .. ':' .. id
-      open[field], dirty[field] = merged, true
+      merged = merged or new_state(id)
+      add(merged, t, cjson.decode(values))
+      open[int(merged.first) .. ':' .. merged.dk] = merged
       counted = true
     end
     if counted then
@@ -205,55 +218,57 @@ for i = 0, n - 1 do
     end
   end
 end
-if added > 0 then
-  for field, st in pairs(open) do
-    if st == false then redis.call('HDEL', okey, field)
-    elseif dirty[field] then redis.call('HSET', okey, field, cmsgpack.pack(st)) end
-  end
-  -- Ids of events whose every window has closed are no longer needed: a redelivery is late.
-  redis.call('ZREMRANGEBYSCORE', idkey, '-inf', int(watermark - spec.reach))
-  redis.call('PEXPIRE', idkey, state_ttl)
-  redis.call('PEXPIRE', okey, state_ttl)
-end
 local earliest = nil
-if spec.kind == 'sliding' then  -- a window's end follows from its start, the field
-  for _, field in ipairs(redis.call('HKEYS', okey)) do
-    local e = window_end(field, nil)
-    if earliest == nil or e < earliest then earliest = e end
-  end
-else
-  for _, st in pairs(open) do
-    if st and (earliest == nil or st.last + spec.gap < earliest) then earliest = st.last + spec.gap end
+for field, st in pairs(open) do
+  local e = window_end(field, st)
+  if earliest == nil or e < earliest then earliest = e end
+end
+if added > 0 then
+  -- One write of the windows (each write of a script is also appended to the AOF), with their
+  -- expiry. Ids of events whose every window has closed are no longer needed: a redelivery is
+  -- late. The other keys' expiry is set when it would end within the state TTL (a read, PTTL,
+  -- decides: so about once a refresh period, and at once for a key made anew).
+  redis.call('SET', okey, cmsgpack.pack(open), 'PX', state_ttl)
+  redis.call('ZREMRANGEBYSCORE', idkey, '-inf', int(watermark - spec.reach))
+  touched[idkey] = true
+  for key in pairs(touched) do
+    if redis.call('PTTL', key) < state_ttl then redis.call('PEXPIRE', key, state_ttl + refresh) end
   end
 end
 return {added, late, earliest and int(earliest) or false}
 """
 
-# KEYS: open, feature hash. ARGV: watermark (µs), online TTL (ms). Closes every window whose
-# end is at or before the watermark and writes the latest of them. Returns {windows closed,
-# earliest end still open (µs text) or false, 1 if the feature hash was written, earliest end
-# closed (µs text) or false}.
+# KEYS: open, feature hash, distinct sets' prefix. ARGV: watermark (µs), online TTL (ms). Closes
+# every window whose end is at or before the watermark, writes the latest of them and deletes
+# their distinct sets. Returns {windows closed, earliest end still open (µs text) or false, 1 if
+# the feature hash was written, earliest end closed (µs text) or false}.
 _CLOSE = r"""%(prelude)s
 local spec = %(spec)s
 %(aggregates)s
 local okey, fkey = KEYS[1], KEYS[2]
 local watermark, ttl = tonumber(ARGV[1]), tonumber(ARGV[2])
-local flat = redis.call('HGETALL', okey)
+local distinct = {}  -- the distinct sets of the closed windows, deleted once the row is written
+local blob = redis.call('GET', okey)
+local open = blob and cmsgpack.unpack(blob) or {}
 local closed, latest, latest_end, first_closed, earliest = 0, nil, nil, nil, nil
-for i = 1, #flat, 2 do
-  local st = cmsgpack.unpack(flat[i + 1])
-  local e = window_end(flat[i], st)
+for field, st in pairs(open) do
+  local e = window_end(field, st)
   if e <= watermark then
-    redis.call('HDEL', okey, flat[i])
+    open[field] = nil
     closed = closed + 1
+    for c in pairs(st.dc) do distinct[#distinct + 1] = distinct_set(st, c) end
     if latest_end == nil or e > latest_end then latest, latest_end = st, e end
     if first_closed == nil or e < first_closed then first_closed = e end
   elseif earliest == nil or e < earliest then
     earliest = e
   end
 end
+if closed > 0 then
+  if earliest then redis.call('SET', okey, cmsgpack.pack(open), 'KEEPTTL') else redis.call('DEL', okey) end
+end
 local written = 0
 if latest then written = write_newer(fkey, latest_end, 1, finish(latest), ttl) end
+if #distinct > 0 then redis.call('DEL', unpack(distinct)) end
 return {closed, earliest and int(earliest) or false, written, first_closed and int(first_closed) or false}
 """
 
@@ -288,7 +303,7 @@ def window_spec(view: FeatureView, column_types: Mapping[str, str]) -> tuple[dic
             count_by_names.append(f"count_{by.column}_{value}")
             values[value] = len(count_by_names)
         count_by.append({"col": index(by.column, "count_by column"), "values": values})
-    spec: dict[str, Any] = {"kind": view.kind, "outputs": outputs, "cols": cols, "count_by": count_by,
+    spec: dict[str, Any] = {"layout": LAYOUT, "kind": view.kind, "outputs": outputs, "cols": cols, "count_by": count_by,
                             "count_by_names": count_by_names}
     if view.kind == "sliding":
         assert view.window is not None
@@ -328,6 +343,9 @@ class LiveWindowView:
         self.ttl_ms = micros(view.online.ttl) // 1000
         reach = timedelta(microseconds=self.spec["reach"])
         self.state_ttl_ms = micros(max(view.online.ttl, reach + view.allowed_lateness + timedelta(hours=1))) // 1000
+        # The ids' and distinct sets' expiry is set to the state TTL plus this period whenever it
+        # would end sooner than the state TTL: about once a period, not on every batch.
+        self.refresh_ms = max(1000, self.state_ttl_ms // 8)
         self.chunk = entities_per_round_trip
         self.attempts, self.backoff = attempts, backoff
         self.prefix = f"{namespace}:~live:{view.name}"
@@ -339,7 +357,9 @@ class LiveWindowView:
         self._close = client.register_script(_CLOSE % parts)
 
     def keys(self, entity: Any) -> list[str]:
-        return [f"{self.prefix}:ids:{entity}", f"{self.prefix}:open:{entity}"]
+        """The entity's state keys: its event ids, its open windows, and its windows' distinct
+        sets' prefix."""
+        return [f"{self.prefix}:ids:{entity}", f"{self.prefix}:open:{entity}", f"{self.prefix}:distinct:{entity}"]
 
     def watermarks(self, batch_id: int) -> int:
         """The watermark this batch's events are judged by: the one before the batch (a replayed
@@ -372,7 +392,8 @@ class LiveWindowView:
             pipe = self.client.pipeline(transaction=False)
             for entity in chunk:
                 args = by_entity[entity]
-                self._apply(keys=self.keys(entity), args=[before, self.state_ttl_ms, len(args) // 3, *args], client=pipe)
+                self._apply(keys=self.keys(entity),
+                            args=[before, self.state_ttl_ms, self.refresh_ms, len(args) // 3, *args], client=pipe)
             pending = {}
             for entity, (new, dropped, earliest) in zip(chunk, pipe.execute()):
                 added, late = added + int(new), late + int(dropped)
@@ -396,7 +417,8 @@ class LiveWindowView:
                 return closed, written, closed_ends
             pipe = self.client.pipeline(transaction=False)
             for entity in due:
-                self._close(keys=[self.keys(entity)[1], entity_key(self.namespace, self.view.name, entity)],
+                _, open_key, distinct = self.keys(entity)
+                self._close(keys=[open_key, entity_key(self.namespace, self.view.name, entity), distinct],
                             args=[watermark, self.ttl_ms], client=pipe)
             still_open, done = {}, []
             for entity, (count, earliest, wrote, first_closed) in zip(due, pipe.execute()):

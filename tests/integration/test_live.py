@@ -155,6 +155,42 @@ def test_every_live_state_key_expires_after_the_state_ttl_also_one_recreated_bet
     assert all(7 * 86_400_000 < ttl <= 7 * 86_400_000 * 9 // 8 for ttl in ttls.values()), ttls
 
 
+def test_live_window_state_expires_after_the_state_ttl_and_closed_windows_leave_no_open_state(isolated):
+    settings = isolated()
+    client = redis_client(settings.redis)
+    types = {"x": "double", "s": "string", "b": "boolean", "n": "bigint"}
+    views = windowed_views()
+    live = [LiveWindowView(client, settings.redis.namespace, view, types) for view in views]
+    t0, s = 1_795_000_020_000_000, 1_000_000
+    week = 7 * 86_400_000  # the views' online TTL (ms), longer than their reach and lateness
+
+    def state_ttls(window: LiveWindowView, entity: str) -> dict[str, int]:
+        keys = [*client.scan_iter(f"{window.prefix}:*:{entity}"), *client.scan_iter(f"{window.prefix}:distinct:{entity}:*")]
+        return {key.decode().removeprefix(f"{window.prefix}:"): client.pttl(key) for key in keys}
+
+    for batch_id, at in enumerate((t0, t0 + 5 * s)):
+        for window in live:
+            window.apply(batch_id, [("u1", f"e-{batch_id}", at, 1.0, "a", True, 1)], at)
+    for window in live:
+        ttls = state_ttls(window, "u1")
+        # Both events are in one session and in the same three sliding windows.
+        distinct = ({f"distinct:u1:{t0 - k * 20 * s}:2" for k in range(3)} if window.view.kind == "sliding"
+                    else {"distinct:u1:e-0:2"})
+        assert set(ttls) == {"ids:u1", "open:u1", *distinct}, (window.view.name, ttls)
+        assert week - 60_000 < ttls.pop("open:u1") <= week, (window.view.name, ttls)
+        assert all(week < ttl <= week * 9 // 8 for ttl in ttls.values()), (window.view.name, ttls)
+        # The ids made anew between two refreshes (here: deleted by hand) get their expiry at once.
+        client.delete(window.keys("u1")[0])
+        window.apply(2, [("u1", "e-2", t0 + 6 * s, 1.0, "b", True, 1)], t0 + 6 * s)
+        assert week < state_ttls(window, "u1")["ids:u1"] <= week * 9 // 8, window.view.name
+        # An event 10 minutes on moves the watermark past every window of u1: all close, and
+        # no open state or distinct set is left behind (the ids stay, to drop a redelivery,
+        # until they expire).
+        result = window.apply(3, [("u2", "e-3", t0 + 600 * s, 1.0, "a", True, 1)], t0 + 600 * s)
+        assert result.closed >= 1, window.view.name
+        assert set(state_ttls(window, "u1")) == {"ids:u1"}, window.view.name
+
+
 def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_again(isolated):
     settings = isolated()
     view, client, live = velocity_live(settings)
@@ -308,7 +344,7 @@ def windowed_views(gap: timedelta = timedelta(seconds=20)) -> list[FeatureView]:
     session = FeatureView(
         name="edge_session", source=SourceSpec("transactions"), entity="user", event_time="ts", kind="session",
         gap=gap, allowed_lateness=lateness, aggregations=(
-            Aggregation("x", ("sum", "max")), Aggregation("s", ("last",))),
+            Aggregation("x", ("sum", "max")), Aggregation("s", ("last", "approx_count_distinct"))),
         count_by=(CountBy("s", ("a", "é")),))
     return [sliding, session]
 
@@ -373,7 +409,7 @@ def test_live_windows_drop_late_events_merge_sessions_and_judge_a_replayed_batch
     assert (result.closed, result.written, result.late) == (3, 1, 0)
     value = row(sliding)
     assert value["event_time"] == datetime.fromtimestamp((t0 + 60 * s) / 1e6, timezone.utc)
-    assert (value["count"], value["sum_x"], value["last_x"]) == (2, 3.0, 2.0)
+    assert (value["count"], value["sum_x"], value["last_x"], value["approx_count_distinct_s"]) == (2, 3.0, 2.0, 1)
     # Batch 2: an event at t0 + 15 s is behind the watermark for all its windows (they end at
     # t0 + 20, 40 and 60 s <= t0 + 70 s): dropped. One at t0 + 45 s counts in the two of its
     # windows still open, [t0 + 20 s, t0 + 80 s) and [t0 + 40 s, t0 + 100 s), not in [t0, t0 + 60 s).
@@ -407,6 +443,10 @@ def test_live_windows_drop_late_events_merge_sessions_and_judge_a_replayed_batch
     value = row(session)
     assert value["event_time"] == datetime.fromtimestamp((t0 + 50 * s) / 1e6, timezone.utc)  # last event + gap
     assert (value["event_count"], value["duration_seconds"], value["sum_x"], value["max_x"]) == (3, 30.0, 7.0, 4.0)
+    assert value["approx_count_distinct_s"] == 3  # a, é and b: the merged sessions' sets united
+    # The closed session's distinct values are gone with it; the open one's (e4: "a") remain.
+    sets = {k.decode().rsplit(":", 1)[0] for k in client.scan_iter(f"{session.prefix}:distinct:u1:*")}
+    assert sets == {f"{session.prefix}:distinct:u1:e4"}, sets
     assert (value["last_s"], value["count_s_a"], value["count_s_é"]) == ("é", 1, 1)
 
 
