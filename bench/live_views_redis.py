@@ -3,7 +3,7 @@
 Applies synthetic batches of valid events (``--batch`` events each, event times advancing one
 second per batch, up to 3 s out of order; ``--accounts`` accounts, ``--merchants`` merchants)
 with :class:`pipelines.online.live_consumer.LiveViews`, the live path's own code, one view at
-a time, to the Redis of ``--env`` under a namespace of its own (deleted before and after). Per
+a time, to the Redis of ``--env`` under a fresh namespace of its own (deleted after). Per
 batch after the first third (the windows fill up): the server's CPU (``INFO cpu``), the
 scripts' time (``INFO commandstats``, ``evalsha``), the growth of the append-only file (``INFO
 persistence``: every write of a script is appended to it) and the client's wall time; medians
@@ -67,6 +67,14 @@ def batches(count: int, size: int, accounts: int, merchants: int, columns: list[
         yield data
 
 
+def server_counters(client) -> dict[str, float]:
+    """Redis's CPU (ms), its scripts' time (ms) and its append-only file's size (KB) so far."""
+    cpu = client.info("cpu")
+    return {"redis_cpu_ms": 1000 * (cpu["used_cpu_user"] + cpu["used_cpu_sys"]),
+            "evalsha_ms": client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0) / 1000,
+            "aof_kb": client.info("persistence").get("aof_current_size", 0) / 1024}
+
+
 def measure(client, settings, view_name: str, args) -> dict:
     namespace = f"bench-live-views-{uuid.uuid4().hex[:8]}"
     types = {f.name: spark_type(f).simpleString() for f in settings.contract_for("transactions").fields}
@@ -74,18 +82,14 @@ def measure(client, settings, view_name: str, args) -> dict:
     samples: dict[str, list[float]] = {"redis_cpu_ms": [], "evalsha_ms": [], "aof_kb": [], "wall_ms": []}
     try:
         for batch_id, data in enumerate(batches(args.batches, args.batch, args.accounts, args.merchants, live.columns, 7)):
-            cpu = client.info("cpu")
-            scripts = client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0)
-            aof = client.info("persistence").get("aof_current_size", 0)
+            before = server_counters(client)
             started = time.perf_counter()
             live.apply(batch_id, data)
             wall = time.perf_counter() - started
             if batch_id < args.batches // 3:
                 continue
-            after = client.info("cpu")
-            samples["redis_cpu_ms"].append(1000 * sum(after[k] - cpu[k] for k in ("used_cpu_user", "used_cpu_sys")))
-            samples["evalsha_ms"].append((client.info("commandstats").get("cmdstat_evalsha", {}).get("usec", 0) - scripts) / 1000)
-            samples["aof_kb"].append((client.info("persistence").get("aof_current_size", 0) - aof) / 1024)
+            for name, value in server_counters(client).items():
+                samples[name].append(value - before[name])
             samples["wall_ms"].append(1000 * wall)
         memory = client.info("memory")["used_memory"]
     finally:
