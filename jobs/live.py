@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         views = views_from_args(args.views, settings)
         overrides = {}
-        if not args.available_now:  # real-time mode: one task slot per partition of the live topics
+        if not args.available_now:  # real-time mode: a task slot per partition of the live topics, and a spare
             partitions = source_partitions(settings, list(live_views(settings, views)))
             overrides = realtime_session_settings(settings.spark.master, sum(partitions.values()))
         spark = build_session(settings.spark, overrides)

@@ -180,16 +180,25 @@ class MetricsTableWriter(threading.Thread):
                 log.warning("live metrics row not written to %s: %s", self.path, exc)
 
 
-def realtime_session_settings(master: str | None, slots: int) -> dict[str, str]:
+#: Task slots beyond the real-time tasks': the live metrics rows' Delta appends run there. A
+#: real-time task holds its slot for a whole batch (``live.checkpoint_interval``); without a spare
+#: one, each append waited for the batch to end, and the appends queued by then went before the
+#: next batch's tasks, a pause of seconds in validation at every checkpoint (BENCHMARKS.md).
+SPARE_TASK_SLOTS = 1
+
+
+def realtime_session_settings(master: str | None, partitions: int) -> dict[str, str]:
     """Session settings real-time mode needs: every task of its stage runs at once for the
-    whole batch, one per Kafka partition, so a local master gets ``slots`` threads at least
-    (threads, not cores: the tasks mostly wait on Kafka). A cluster must have the slots."""
+    whole batch, one per Kafka partition, so a local master gets ``partitions`` threads plus
+    :data:`SPARE_TASK_SLOTS` at least (threads, not cores: the tasks mostly wait on Kafka). A
+    cluster must have the slots."""
     if master is None:
         return {}
     match = re.fullmatch(r"local(?:\[(\d+|\*)\])?", master)
     if match is None:
         return {}
     threads = match.group(1)
+    slots = partitions + SPARE_TASK_SLOTS
     if threads is not None and threads != "*" and int(threads) >= slots:
         return {}
     return {"spark.master": f"local[{slots}]"}

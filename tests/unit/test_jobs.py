@@ -59,12 +59,13 @@ def test_features_before_the_first_ingest_fails_naming_the_missing_bronze_table(
 
 @pytest.mark.parametrize(
     "master, expected",
-    [("local[2]", {"spark.master": "local[8]"}), ("local[*]", {"spark.master": "local[8]"}),
-     ("local", {"spark.master": "local[8]"}), ("local[8]", {}), ("local[16]", {}),
-     ("spark://master:7077", {}), (None, {})],
+    [("local[2]", {"spark.master": "local[9]"}), ("local[*]", {"spark.master": "local[9]"}),
+     ("local", {"spark.master": "local[9]"}), ("local[8]", {"spark.master": "local[9]"}), ("local[9]", {}),
+     ("local[16]", {}), ("spark://master:7077", {}), (None, {})],
 )
-def test_real_time_mode_gets_a_local_task_slot_per_partition(master, expected):
-    # Real-time mode runs every task of its stage at once, one per Kafka partition.
+def test_real_time_mode_gets_a_local_task_slot_per_partition_and_one_to_spare(master, expected):
+    # Real-time mode runs every task of its stage at once, one per Kafka partition, for a whole
+    # batch; the metrics table's appends need a slot of their own meanwhile.
     assert realtime_session_settings(master, 8) == expected
 
 
