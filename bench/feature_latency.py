@@ -231,8 +231,9 @@ def set_arguments(overrides: dict, prefix: str = "") -> list[str]:
     return result
 
 
-def lower_session_priority(pid: int, nice: int) -> None:
-    """Give the session of ``pid`` the niceness ``nice`` against other sessions too.
+def lower_session_priority(pid: int, nice: int) -> bool:
+    """Give the session of ``pid`` the niceness ``nice`` against other sessions too; False if
+    the process is gone.
 
     With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``), each
     session is a scheduling group with an equal share of the CPU, and a process's niceness only
@@ -240,9 +241,48 @@ def lower_session_priority(pid: int, nice: int) -> None:
     full share against the live job's session. The group's own niceness is
     ``/proc/<pid>/autogroup``."""
     autogroup = Path(f"/proc/{pid}/autogroup")
-    if autogroup.exists():
-        autogroup.write_text(str(nice))
-        log.info("session of %d: %s", pid, autogroup.read_text().strip())
+    try:
+        if autogroup.read_text().split()[-1] != str(nice):
+            autogroup.write_text(str(nice))
+            log.info("session of %d: %s", pid, autogroup.read_text().strip())
+        return True
+    except OSError:  # gone (or going)
+        return False
+
+
+def descendants(pid: int) -> list[int]:
+    """``pid``'s child processes, theirs, and so on (from ``/proc/<pid>/stat``)."""
+    children: dict[int, list[int]] = defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+class SessionPriority(threading.Thread):
+    """Keeps every session of a job's process tree at one niceness: the job's Spark JVM runs
+    in a session of its own (:func:`pipelines.core.session.launch_detached_gateway`), started
+    seconds after the job, and it does the job's work. Before this, only the Python driver's
+    session was lowered, and the durable JVMs kept a full share of the CPU."""
+
+    def __init__(self, pid: int, nice: int):
+        super().__init__(daemon=True)
+        self.pid, self.nice = pid, nice
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(1.0) and lower_session_priority(self.pid, self.nice):
+            for child in descendants(self.pid):
+                lower_session_priority(child, self.nice)
 
 
 class Job:
@@ -253,8 +293,11 @@ class Job:
         command = [sys.executable, str(PROJECT_ROOT / "jobs" / f"{name}.py"), *args]
         self.process = subprocess.Popen(["nice", "-n", str(nice), *command] if nice else command,
                                         stdout=open(log_path, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        self.priority = None
         if nice:
             lower_session_priority(self.process.pid, nice)
+            self.priority = SessionPriority(self.process.pid, nice)
+            self.priority.start()
 
     def failure(self) -> str | None:
         """Why the job ended (its exit code and the end of its log), or None while it runs."""
@@ -269,6 +312,8 @@ class Job:
             raise RuntimeError(failure)
 
     def stop(self) -> None:
+        if self.priority is not None:
+            self.priority.stopping.set()
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)  # stops the queries between batches
             try:
