@@ -504,6 +504,31 @@ def test_sigkilled_twice_and_redis_restarted_mid_stream_the_live_values_equal_th
     assert re.search(r"\(validation p50 \d+\.\d\ds p99 \d+\.\d\ds\)", log.read_text()), log.read_text()[-3000:]
 
 
+def test_the_ops_table_gets_its_rows_while_a_real_time_batch_runs(spark, isolated, tmp_path):
+    # A real-time batch holds a task slot per partition for the whole checkpoint interval; the
+    # metrics rows' appends must not wait for it to end (they did, and then delayed the next
+    # batch's start by seconds).
+    settings = isolated(live={"report_interval": "1s", "checkpoint_interval": "10m"})
+    produce(generate(disordered(300, seed=75)), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    log = tmp_path / "live.log"
+    job = start_job("live", isolated.conf_dir(settings, tmp_path / "conf"), log)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert job.poll() is None, log.read_text()[-5000:]
+            assert time.monotonic() < deadline, "no ops/live_metrics row within 4 minutes: " + log.read_text()[-3000:]
+            table = settings.storage.live_metrics_path
+            if os.path.exists(os.path.join(table, "_delta_log")) and \
+                    spark.read.format("delta").load(table).filter("events > 0").count():
+                break
+            time.sleep(2)
+        # Still inside the first real-time batch: the validation stage has not checkpointed yet.
+        assert "batch 0 (started" not in log.read_text()
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        job.wait(timeout=120)
+
+
 def test_live_state_of_another_view_definition_is_refused_at_start(isolated):
     settings = isolated()
     client = redis_client(settings.redis)
