@@ -8,9 +8,10 @@ Two stages per source topic, in one process:
    ``trigger(realTime=...)``: long-running tasks that process each record as it arrives, no
    micro-batch planning per record) reads the topic, validates every record with the ingest's
    own checks (:func:`pipelines.ingest.bronze.check_records`, pure Spark SQL: the same records
-   are rejected; dead letters stay the ingest's job) and writes each valid event, the columns
-   its views use as one JSON object, to the events topic ``{topic}{live.events_topic_suffix}``,
-   same key, same partition. At least once: its offsets are checkpointed every
+   are rejected; dead letters stay the ingest's job; Avro topics decoded with every version of
+   their subject, :class:`ValidationStage`) and writes each valid event, the columns its views
+   use as one JSON object, to the events topic ``{topic}{live.events_topic_suffix}``, same key,
+   same partition. At least once: its offsets are checkpointed every
    ``live.checkpoint_interval``, and a restart validates what followed again.
 2. **Redis, exactly once in effect.** A consumer in the driver
    (:class:`pipelines.online.live_consumer.LiveConsumer`) applies the events topic in small
@@ -47,7 +48,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from pyspark.sql import DataFrame, SparkSession
@@ -55,6 +56,8 @@ from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.types import DoubleType, LongType, StringType, StructField, StructType, TimestampType
 
+from pipelines.contracts.avro import WriterSchema
+from pipelines.contracts.registry import SchemaRegistry, avro_topics, writer_schemas
 from pipelines.contracts.spark_schema import spark_type
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.contract_spec import Contract
@@ -62,16 +65,21 @@ from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import ConfigError
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics, topic_offsets
 from pipelines.core.progress import ProgressListener
-from pipelines.core.settings import Settings
+from pipelines.core.settings import Settings, TopicSettings
 from pipelines.core.view_spec import FeatureView
+from pipelines.ingest.avro_records import UNRESOLVED
 from pipelines.ingest.bronze import check_records
 from pipelines.ingest.records import processing_time
 from pipelines.ingest.sources import read_kafka_stream
+from pipelines.ingest.stream import MAX_SCHEMA_RESTARTS
 from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews
 from pipelines.online.live_metrics import LiveMetrics
 from pipelines.online.store import redis_client
 
 log = logging.getLogger(__name__)
+
+#: Stops a validation query at a record whose Avro schema id it cannot judge (followed by the id).
+UNRESOLVED_ID_MARKER = "LIVE_UNRESOLVED_SCHEMA_ID"
 
 LIVE_METRICS_SCHEMA = StructType([
     StructField("query_name", StringType(), False),
@@ -124,23 +132,36 @@ def live_views(settings: Settings, views: Sequence[FeatureView]) -> dict[str, li
 
 
 def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
-                views: Sequence[FeatureView]) -> DataFrame:
+                views: Sequence[FeatureView], writers: Sequence[WriterSchema] = (),
+                unknown_ids: Collection[int] = ()) -> DataFrame:
     """Kafka records -> one row per valid record: ``_partition`` and ``_key`` (the record's),
     ``_append_micros`` (Kafka timestamp, µs),
     ``_event_micros``, the id and every entity and aggregated column of ``views``. Invalid
     records are left out (the ingest dead-letters them); duplicates are kept (Redis drops
-    them by event id). The time checks compare with the clock when each record is validated. Raises ConfigError for an Avro topic (its writer schemas are resolved
-    by the ingest's batch handler only)."""
-    if contract.format != "json":
-        raise ConfigError(f"live: contract {contract.name!r} is {contract.format}; the live path reads JSON topics")
-    checked = check_records(records, contract, rules, batch_time=processing_time())
+    them by event id). The time checks compare with the clock when each record is validated.
+
+    Avro topics are decoded with ``writers`` (the versions of the topic's subject) as the
+    ingest decodes them. A record whose schema id is none of them cannot be judged inside the
+    query (the ingest asks the registry in its batch handler): unless the id is among
+    ``unknown_ids`` (ids the registry was asked about and does not hold under the subject:
+    dead letters for the ingest, left out here), the query fails with
+    :data:`UNRESOLVED_ID_MARKER` and the id, and :func:`run_live` asks the registry and
+    starts it again (:class:`ValidationStage`)."""
+    checked = check_records(records, contract, rules, list(writers), batch_time=processing_time())
     columns: list[str] = []
     for view in views:
         for name in [view.entity, *[a.column for a in view.aggregations if a.column != "*"],
                      *[by.column for by in view.count_by]]:
             if name not in columns:
                 columns.append(name)
-    return checked.filter(F.col("error_class").isNull()).select(
+    valid = F.col("error_class").isNull()
+    if contract.format == "avro":
+        schema_id = F.col("writer_schema_id")
+        ask = (F.col("error_class") == UNRESOLVED) & ~schema_id.isin(sorted(unknown_ids) or [-1])
+        # One CASE as the filter, so that the check cannot be skipped by reordering: a record
+        # the query cannot judge stops it.
+        valid = F.when(ask, F.raise_error(F.format_string(f"{UNRESOLVED_ID_MARKER} %d", schema_id))).otherwise(valid)
+    return checked.filter(valid).select(
         F.col("kafka_partition").alias("_partition"),
         F.col("kafka_key").alias("_key"),
         F.unix_micros("kafka_timestamp").alias("_append_micros"),
@@ -223,14 +244,15 @@ def validation_query_name(topic: str) -> str:
 
 
 def start_validation(spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
-                     realtime: bool) -> StreamingQuery:
+                     realtime: bool, writers: Sequence[WriterSchema] = (), unknown_ids: Collection[int] = ()) -> StreamingQuery:
     """The validation stage of ``topic`` (checkpoint ``_checkpoints/live_validation/<topic>``):
-    real-time mode, or ``availableNow`` micro-batches of ``live.max_offsets_per_trigger``."""
+    real-time mode, or ``availableNow`` micro-batches of ``live.max_offsets_per_trigger``.
+    ``writers`` and ``unknown_ids``: an Avro topic's, see :func:`live_events`."""
     contract = settings.contract_for(topic)
     reading = dataclasses.replace(settings.ingest, starting_offsets=settings.live.starting_offsets,
                                   max_offsets_per_trigger=settings.live.max_offsets_per_trigger)
     records = read_kafka_stream(spark, settings.kafka, topic, reading, bounded=not realtime)
-    events = live_events(records, contract, ValidationRules.of(settings.ingest), views)
+    events = live_events(records, contract, ValidationRules.of(settings.ingest), views, writers, unknown_ids)
     writer = (events_topic_rows(events).writeStream.queryName(validation_query_name(topic)).format("kafka")
               .option("topic", settings.live.events_topic(topic))
               .option("checkpointLocation", settings.storage.checkpoint_path("live_validation", topic)))
@@ -242,6 +264,78 @@ def start_validation(spark: SparkSession, settings: Settings, topic: str, views:
     else:
         writer = writer.trigger(availableNow=True)
     return writer.start()
+
+
+def unresolved_id(failure: BaseException | None) -> int | None:
+    """The schema id a validation query stopped for (:data:`UNRESOLVED_ID_MARKER`), or None."""
+    found = re.search(rf"{UNRESOLVED_ID_MARKER} (\d+)", str(failure or ""))
+    return int(found.group(1)) if found else None
+
+
+class ValidationStage:
+    """The validation query of one topic, started again when it stops for a schema id it could
+    not judge: the registry is asked about the id; registered under the topic's subject, the
+    query restarts with the subject's versions as they are now (the ingest's rule: a new writer
+    schema is decoded, never dead-lettered); otherwise (unknown, or another subject's) the id
+    joins the ids the query leaves out, as the ingest dead-letters them. The restarted query
+    resumes from its checkpoint: nothing is skipped. Raises after ``max_restarts`` restarts
+    for new versions of the subject (a registry answering inconsistently)."""
+
+    def __init__(self, spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
+                 realtime: bool, registry: SchemaRegistry | None, max_restarts: int = MAX_SCHEMA_RESTARTS):
+        self.spark, self.settings, self.topic, self.views, self.realtime = spark, settings, topic, views, realtime
+        self.contract = settings.contract_for(topic)
+        self.registry = registry
+        self.subject = TopicSettings.subject(topic)
+        self.unknown_ids: set[int] = set()
+        self.max_restarts = max_restarts
+        self.schema_restarts = 0
+        if self.contract.format == "avro" and registry is None:
+            raise ValueError(f"live: Avro topic {topic} needs the schema registry")
+        # Fetched before any query starts: an unregistered contract fails the job at once.
+        self.writers = self._writers()
+        self.query = self._start()
+
+    def _writers(self) -> list[WriterSchema]:
+        if self.contract.format != "avro":
+            return []
+        return writer_schemas(self.registry, self.topic, self.contract)
+
+    def _start(self) -> StreamingQuery:
+        if self.writers:
+            log.info("live %s: decoding with writer schema ids %s%s", self.topic, [w.schema_id for w in self.writers],
+                     f", leaving out ids {sorted(self.unknown_ids)}" if self.unknown_ids else "")
+        return start_validation(self.spark, self.settings, self.topic, self.views, self.realtime, self.writers,
+                                self.unknown_ids)
+
+    def check(self) -> bool:
+        """True while the query runs (or ran to its end without failing); restarts it when it
+        stopped for an unresolved schema id; raises any other failure."""
+        if self.query.isActive:
+            return True
+        failure = self.query.exception()
+        schema_id = unresolved_id(failure)
+        if schema_id is None or self.registry is None:
+            if failure is not None:
+                raise failure
+            return False
+        lookup = self.registry.lookup_id(schema_id)
+        if lookup.version_in(self.subject) is not None:
+            self.schema_restarts += 1
+            if self.schema_restarts > self.max_restarts:
+                raise RuntimeError(f"live {self.topic}: restarted {self.max_restarts} times for new writer schemas; "
+                                   f"giving up (schema id {schema_id})") from failure
+            log.info("live %s: schema id %d is a new version of %s: restarting the validation to decode it",
+                     self.topic, schema_id, self.subject)
+            self.writers = self._writers()
+        else:
+            known = (f"is registered under {', '.join(f'{s} v{v}' for s, v in lookup.versions)}, not {self.subject}"
+                     if lookup.versions else "is not in the schema registry")
+            log.info("live %s: schema id %d %s: its records are the ingest's dead letters; restarting the "
+                     "validation without them", self.topic, schema_id, known)
+            self.unknown_ids.add(schema_id)
+        self.query = self._start()
+        return True
 
 
 class ConsumerThread(threading.Thread):
@@ -308,19 +402,26 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
     table_writer.start()
     stop = threading.Event()
     previous = {s: signal.signal(s, lambda signum, _frame: stop.set()) for s in (signal.SIGTERM, signal.SIGINT)}
-    progress = ProgressListener(spark)
+    # A validation query stopped for a schema id it could not judge is restarted: not an error.
+    progress = ProgressListener(spark, restart_markers=(UNRESOLVED_ID_MARKER,))
     for topic in by_topic:
         progress.register(validation_query_name(topic), ValidationProgress())
     spark.streams.addListener(progress)
-    queries = [start_validation(spark, settings, topic, topic_views, realtime=not available_now)
-               for topic, topic_views in by_topic.items()]
+    registry = SchemaRegistry(settings.schema_registry) if avro_topics(settings, list(by_topic)) else None
+    stages: list[ValidationStage] = []
     threads: list[ConsumerThread] = []
     try:
+        for topic, topic_views in by_topic.items():
+            stages.append(ValidationStage(spark, settings, topic, topic_views, not available_now, registry))
         if available_now:
-            for query in queries:
-                query.awaitTermination()
-                if query.exception() is not None:
-                    raise query.exception()
+            for stage in stages:
+                while True:
+                    try:
+                        stage.query.awaitTermination()
+                    except Exception:  # noqa: BLE001 - judged (restarted or raised) by check()
+                        pass
+                    if not stage.check():
+                        break
             for consumer in consumers:
                 ends = {p: end for p, (_, end) in topic_offsets(settings.kafka.client_properties(), consumer.topic).items()}
                 consumer.run(stop, until=ends)
@@ -330,9 +431,9 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
             thread.start()
         deadline = None if timeout is None else time.monotonic() + timeout
         while not stop.wait(0.5):
-            failed = next((q for q in queries if q.exception() is not None or not q.isActive), None)
-            if failed is not None:
-                raise failed.exception() or RuntimeError(f"live: query {failed.name} stopped")
+            for stage in stages:
+                if not stage.check():
+                    raise RuntimeError(f"live: query {stage.query.name} stopped")
             broken = next((t for t in threads if not t.is_alive()), None)
             if broken is not None:
                 raise broken.error or RuntimeError(f"live: consumer {broken.name} stopped")
@@ -344,9 +445,9 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
         stop.set()
         for thread in threads:
             thread.join(timeout=120)
-        for query in queries:
-            if query.isActive:
-                query.stop()
+        for stage in stages:
+            if stage.query.isActive:
+                stage.query.stop()
         for consumer in consumers:
             consumer.views.metrics.flush()
         table_writer.stopping.set()

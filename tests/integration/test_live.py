@@ -20,27 +20,31 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+import yaml
 from confluent_kafka import Producer
 from pyspark.sql import functions as F
 
+from pipelines.batch.sources import replay_validated
+from pipelines.contracts.avro import AVRO_ERROR_CLASSES
+from pipelines.contracts.registry import SchemaRegistry, register_subject, writer_schemas
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.errors import ConfigError
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
-from pipelines.core.settings import Settings
+from pipelines.core.settings import Settings, load_settings
 from pipelines.core.times import utc_assuming_local
 from pipelines.core.view_spec import Aggregation, CountBy, FeatureView, SourceSpec, event_time_column, feature_names
-from pipelines.features.live_stream import run_live
+from pipelines.features.live_stream import live_events, run_live, unresolved_id
 from pipelines.features.sinks import latest_per_entity
 from pipelines.features.transforms import session_features, sliding_features, trailing_features
 from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_events
-from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.local.generator import UNKNOWN_ID, AvroEncoder, GeneratorSpec, generate, produce
 from pipelines.local.platform import wait_healthy
 from pipelines.online.live import LiveTrailingView
 from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews, PlannedBatch
 from pipelines.online.live_metrics import LiveMetrics
 from pipelines.online.live_windows import LiveWindowView
 from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
-from tests.support import start_job, topic_names
+from tests.support import contract_conf, start_job, topic_names
 
 
 def batch_definition(spark, settings: Settings, view: FeatureView) -> dict[Any, dict[str, Any]]:
@@ -53,7 +57,11 @@ def batch_definition(spark, settings: Settings, view: FeatureView) -> dict[Any, 
         reader = reader.option(key, value)
     contract = settings.contract_for(topic)
     rules = ValidationRules.of(settings.ingest)
-    events = bronze_rows(drop_duplicate_events(check_records(reader.load(), contract, rules), contract, rules), contract)
+    if contract.format == "avro":  # decoded, and unknown schema ids asked of the registry, as the ingest does
+        checked = replay_validated(reader.load(), contract, settings, topic)
+    else:
+        checked = drop_duplicate_events(check_records(reader.load(), contract, rules), contract, rules)
+    events = bronze_rows(checked, contract)
     latest = latest_per_entity(trailing_features(events, view), view)
     return {row[view.entity]: row.asDict() for row in latest.collect()}
 
@@ -106,6 +114,108 @@ def test_live_values_equal_the_batch_definition_under_disorder_and_duplicates(sp
     # The interval's progress went to the ops table.
     metrics = spark.read.format("delta").load(settings.storage.live_metrics_path)
     assert metrics.agg(F.sum("events")).first()[0] >= spec.count
+
+
+def avro_conf(dest):
+    """The project's conf with both contracts Avro."""
+    conf = contract_conf(dest)
+    labels = conf / "contracts" / "labels.yaml"
+    labels.write_text(labels.read_text().replace("format: json", "format: avro"))
+    return conf
+
+
+def with_optional_field(settings: Settings, isolated, dest) -> Settings:
+    """``settings`` with the transactions contract's next version: one optional field more."""
+    conf = isolated.conf_dir(settings, dest)
+    path = conf / "contracts" / "transactions.yaml"
+    contract_yaml = yaml.safe_load(path.read_text())
+    contract_yaml["fields"].append({"name": "reviewer", "type": "string", "required": False})
+    path.write_text(yaml.safe_dump(contract_yaml, sort_keys=False))
+    return load_settings("local", conf)
+
+
+def test_avro_topics_live_values_equal_the_batch_definition_with_faults_and_a_new_writer_schema(
+        spark, registry, isolated, tmp_path):
+    settings = isolated(conf=avro_conf(tmp_path / "conf"), live={"max_batch_events": 150, "checkpoint_interval": "5s"})
+    client = SchemaRegistry(settings.schema_registry)
+    for topic in settings.ingest.topics:
+        register_subject(client, settings, topic)
+    names = topic_names(settings)
+    tx = names["transactions"]
+    encoder = AvroEncoder(settings.schema_registry, {logical: settings.contract_for(names[logical])
+                                                     for logical in ("transactions", "labels")}, names)
+    # Every fault class, the Avro ones included (an unknown schema id, another subject's id,
+    # a broken frame, a body that does not decode), with disorder and duplicates.
+    spec = dataclasses.replace(disordered(600, seed=76), bad_rate=0.15, avro_topics=frozenset({"transactions", "labels"}))
+    sent = produce(generate(spec), settings.kafka.client_properties(), topic_names=names, encoder=encoder)
+    assert set(AVRO_ERROR_CLASSES) <= set(sent.expected_dead_letters(tx))
+    views = trailing_views(settings)
+    redis = redis_client(settings.redis)
+    log = tmp_path / "live.log"
+    # The real-time job: a record it cannot judge stops its validation query mid-batch.
+    job = start_job("live", isolated.conf_dir(settings, tmp_path / "job-conf"), log)
+
+    def equal_the_batch_definition(minimum: dict[str, int]) -> None:
+        expected = {}
+        for view in views:
+            expected[view.name] = batch_definition(spark, settings, view)
+            assert len(expected[view.name]) >= minimum[view.source.contract], view.name
+        deadline = time.monotonic() + 240
+        while any(mismatches(redis, settings, v, expected[v.name]) for v in views):
+            assert job.poll() is None, log.read_text()[-5000:]
+            assert time.monotonic() < deadline, [mismatches(redis, settings, v, expected[v.name])[:3] for v in views]
+            time.sleep(1)
+
+    try:
+        # Labels follow 1 h to 2 days after their transaction, so few fall inside 10 hours.
+        equal_the_batch_definition({"transactions": 20, "labels": 8})
+        # The producer moves to the contract's next version (registered now, after the job
+        # started): its records are decoded, not left out.
+        v2 = with_optional_field(settings, isolated, tmp_path / "conf-v2")
+        assert register_subject(client, v2, tx).registered.version == 2
+        later = GeneratorSpec(count=200, accounts=30, seed=79, bad_rate=0.0, label_rate=0.0, avro_topics=frozenset({"transactions"}),
+                              end=datetime.now(timezone.utc) - timedelta(minutes=20), span=timedelta(minutes=30))
+        produce(generate(later), settings.kafka.client_properties(), topic_names=names,
+                encoder=AvroEncoder(settings.schema_registry, {"transactions": v2.contract_for(tx)}, names))
+        equal_the_batch_definition({"transactions": 25, "labels": 8})
+    finally:
+        os.killpg(job.pid, signal.SIGTERM)
+        assert job.wait(timeout=120) == 0, log.read_text()[-5000:]
+    text = log.read_text()
+    # The query stopped at what it could not judge; the registry was asked, and it went on
+    # without the dead letters (the unknown id, another subject's id) and with the new version.
+    assert f"schema id {UNKNOWN_ID} is not in the schema registry" in text, text[-5000:]
+    assert re.search(r"schema id \d+ is registered under \S+-value v\d+, not \S+-value", text), text[-5000:]
+    assert re.search(rf"schema id \d+ is a new version of {tx}-value: restarting", text), text[-5000:]
+
+
+def test_a_schema_id_the_live_validation_does_not_know_stops_it_naming_the_id(spark, registry, isolated, tmp_path):
+    settings = isolated(conf=avro_conf(tmp_path / "conf"))
+    tx = settings.ingest.topics[0]
+    client = SchemaRegistry(settings.schema_registry)
+    register_subject(client, settings, tx)
+    v1 = writer_schemas(client, tx, settings.contract_for(tx))
+    # v2 (an optional field more) registered and written; the validation knows v1 only.
+    s2 = with_optional_field(settings, isolated, tmp_path / "conf2")
+    assert register_subject(client, s2, tx).registered.version == 2
+    names = topic_names(settings)
+    encoder = AvroEncoder(settings.schema_registry, {"transactions": s2.contract_for(tx)}, names)
+    produce(generate(GeneratorSpec(count=5, seed=77, bad_rate=0.0, duplicate_rate=0.0, label_rate=0.0,
+                                   avro_topics=frozenset({"transactions"}))),
+            settings.kafka.client_properties(), topic_names=names, encoder=encoder)
+    reader = spark.read.format("kafka").option("subscribe", tx).option("startingOffsets", "earliest")
+    for key, value in settings.kafka.spark_options().items():
+        reader = reader.option(key, value)
+    contract, rules = settings.contract_for(tx), ValidationRules.of(settings.ingest)
+    views = [v for v in trailing_views(settings) if settings.source_topic(v) == tx]
+    with pytest.raises(Exception) as failure:
+        live_events(reader.load(), contract, rules, views, v1).collect()
+    v2_id = client.versions(f"{tx}-value")[1].schema_id
+    assert unresolved_id(failure.value) == v2_id
+    # Known to it as left out (the ingest's dead letters), the id stops nothing, and its records are left out.
+    assert live_events(reader.load(), contract, rules, views, v1, unknown_ids={v2_id}).count() == 0
+    # With v2 among the writers, every record is valid.
+    assert live_events(reader.load(), contract, rules, views, writer_schemas(client, tx, contract)).count() == 5
 
 
 def velocity_live(settings: Settings) -> tuple[FeatureView, Any, LiveTrailingView]:
