@@ -64,6 +64,7 @@ setup(
             "fp-reconcile=jobs.reconcile:main",
             "fp-features=jobs.features:main",
             "fp-live=jobs.live:main",
+            "fp-score=jobs.score:main",
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",

@@ -199,6 +199,33 @@ class LiveSettings:
 
 
 @dataclass(frozen=True)
+class ScoringSettings:
+    """``fp-score``: each valid event of ``topic`` scored with its fresh features (README
+    "Streaming scoring")."""
+
+    #: The model: ``models:/<name>@<alias>`` (follows the alias), ``models:/<name>/<version>``
+    #: or any MLflow model URI. Unset: ``fp-score --model`` must name one.
+    model: str | None = None
+    #: The source topic whose valid events are scored (read from its live events topic).
+    topic: str = "transactions"
+    predictions_topic: str = "predictions"
+    #: The contract of what is written (conf/contracts).
+    predictions_contract: str = "predictions"
+    #: At most this many events scored per batch (one model call, one Kafka transaction).
+    max_batch_events: int = 1000
+    #: How often the registry is asked where the alias points (a new version is loaded between
+    #: batches, without a restart).
+    model_refresh: timedelta = timedelta(seconds=30)
+    #: A duplicate of an event scored less than this long ago (by arrival) gets no prediction.
+    dedupe_window: timedelta = timedelta(minutes=30)
+    #: The latency objective: event -> prediction p99 per report interval; a breach is logged
+    #: as an error and recorded in the ops table.
+    latency_slo_p99: timedelta = timedelta(seconds=2)
+    #: One progress line and one ``ops/scoring_metrics`` row per interval.
+    report_interval: timedelta = timedelta(seconds=10)
+
+
+@dataclass(frozen=True)
 class RedisSettings:
     host: str = "127.0.0.1"
     port: int = 6379
@@ -288,6 +315,7 @@ class Settings:
     ingest: IngestSettings
     features: FeatureSettings = field(default_factory=FeatureSettings)
     live: LiveSettings = field(default_factory=LiveSettings)
+    scoring: ScoringSettings = field(default_factory=ScoringSettings)
     redis: RedisSettings = field(default_factory=RedisSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)
@@ -400,6 +428,18 @@ def _check_references(settings: Settings, source: Path) -> None:
     if clashing:
         raise ConfigError(f"{source}: live.events_topic_suffix: the events topic of {clashing[0]!r} "
                           f"({live.events_topic(clashing[0])!r}) is a declared topic or dead-letter topic")
+    scoring = settings.scoring
+    if scoring.topic not in settings.kafka.topics:
+        raise ConfigError(f"{source}: scoring.topic: {scoring.topic!r} is not declared under kafka.topics")
+    if scoring.predictions_contract not in settings.contracts:
+        raise ConfigError(f"{source}: scoring.predictions_contract: no contract {scoring.predictions_contract!r} in conf/contracts")
+    if scoring.predictions_topic in taken:
+        raise ConfigError(f"{source}: scoring.predictions_topic: {scoring.predictions_topic!r} is a declared topic or dead-letter topic")
+    if scoring.max_batch_events <= 0:
+        raise ConfigError(f"{source}: scoring.max_batch_events: must be positive")
+    for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval"):
+        if getattr(scoring, key) <= timedelta(0):
+            raise ConfigError(f"{source}: scoring.{key}: must be positive")
     if settings.features.trigger_interval <= timedelta(0):
         raise ConfigError(f"{source}: features.trigger_interval: must be positive")
     if settings.features.max_files_per_trigger <= 0:

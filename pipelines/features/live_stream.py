@@ -9,8 +9,8 @@ Two stages per source topic, in one process:
    micro-batch planning per record) reads the topic, validates every record with the ingest's
    own checks (:func:`pipelines.ingest.bronze.check_records`, pure Spark SQL: the same records
    are rejected; dead letters stay the ingest's job; Avro topics decoded with every version of
-   their subject, :class:`ValidationStage`) and writes each valid event, the columns its views
-   use as one JSON object, to the events topic ``{topic}{live.events_topic_suffix}``, same key,
+   their subject, :class:`ValidationStage`) and writes each valid event, every field of its
+   contract as one JSON object, to the events topic ``{topic}{live.events_topic_suffix}``, same key,
    same partition. At least once: its offsets are checkpointed every
    ``live.checkpoint_interval``, and a restart validates what followed again.
 2. **Redis, exactly once in effect.** A consumer in the driver
@@ -132,12 +132,11 @@ def live_views(settings: Settings, views: Sequence[FeatureView]) -> dict[str, li
 
 
 def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
-                views: Sequence[FeatureView], writers: Sequence[WriterSchema] = (),
-                unknown_ids: Collection[int] = ()) -> DataFrame:
+                writers: Sequence[WriterSchema] = (), unknown_ids: Collection[int] = ()) -> DataFrame:
     """Kafka records -> one row per valid record: ``_partition`` and ``_key`` (the record's),
-    ``_append_micros`` (Kafka timestamp, µs),
-    ``_event_micros``, the id and every entity and aggregated column of ``views``. Invalid
-    records are left out (the ingest dead-letters them); duplicates are kept (Redis drops
+    ``_append_micros`` (Kafka timestamp, µs), ``_event_micros``, ``_event_id`` (the id as a
+    string) and every other field of the contract (the views' columns, and what a scoring job
+    feeds a model). Invalid records are left out (the ingest dead-letters them); duplicates are kept (Redis drops
     them by event id). The time checks compare with the clock when each record is validated.
 
     Avro topics are decoded with ``writers`` (the versions of the topic's subject) as the
@@ -148,12 +147,7 @@ def live_events(records: DataFrame, contract: Contract, rules: ValidationRules,
     :data:`UNRESOLVED_ID_MARKER` and the id, and :func:`run_live` asks the registry and
     starts it again (:class:`ValidationStage`)."""
     checked = check_records(records, contract, rules, list(writers), batch_time=processing_time())
-    columns: list[str] = []
-    for view in views:
-        for name in [view.entity, *[a.column for a in view.aggregations if a.column != "*"],
-                     *[by.column for by in view.count_by]]:
-            if name not in columns:
-                columns.append(name)
+    columns = [f.name for f in contract.fields if f.name not in (contract.id_field, contract.event_time_field)]
     valid = F.col("error_class").isNull()
     if contract.format == "avro":
         schema_id = F.col("writer_schema_id")
@@ -243,7 +237,7 @@ def validation_query_name(topic: str) -> str:
     return f"live_validation_{topic}"
 
 
-def start_validation(spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
+def start_validation(spark: SparkSession, settings: Settings, topic: str,
                      realtime: bool, writers: Sequence[WriterSchema] = (), unknown_ids: Collection[int] = ()) -> StreamingQuery:
     """The validation stage of ``topic`` (checkpoint ``_checkpoints/live_validation/<topic>``):
     real-time mode, or ``availableNow`` micro-batches of ``live.max_offsets_per_trigger``.
@@ -252,7 +246,7 @@ def start_validation(spark: SparkSession, settings: Settings, topic: str, views:
     reading = dataclasses.replace(settings.ingest, starting_offsets=settings.live.starting_offsets,
                                   max_offsets_per_trigger=settings.live.max_offsets_per_trigger)
     records = read_kafka_stream(spark, settings.kafka, topic, reading, bounded=not realtime)
-    events = live_events(records, contract, ValidationRules.of(settings.ingest), views, writers, unknown_ids)
+    events = live_events(records, contract, ValidationRules.of(settings.ingest), writers, unknown_ids)
     writer = (events_topic_rows(events).writeStream.queryName(validation_query_name(topic)).format("kafka")
               .option("topic", settings.live.events_topic(topic))
               .option("checkpointLocation", settings.storage.checkpoint_path("live_validation", topic)))
@@ -281,9 +275,9 @@ class ValidationStage:
     resumes from its checkpoint: nothing is skipped. Raises after ``max_restarts`` restarts
     for new versions of the subject (a registry answering inconsistently)."""
 
-    def __init__(self, spark: SparkSession, settings: Settings, topic: str, views: Sequence[FeatureView],
+    def __init__(self, spark: SparkSession, settings: Settings, topic: str,
                  realtime: bool, registry: SchemaRegistry | None, max_restarts: int = MAX_SCHEMA_RESTARTS):
-        self.spark, self.settings, self.topic, self.views, self.realtime = spark, settings, topic, views, realtime
+        self.spark, self.settings, self.topic, self.realtime = spark, settings, topic, realtime
         self.contract = settings.contract_for(topic)
         self.registry = registry
         self.subject = TopicSettings.subject(topic)
@@ -305,7 +299,7 @@ class ValidationStage:
         if self.writers:
             log.info("live %s: decoding with writer schema ids %s%s", self.topic, [w.schema_id for w in self.writers],
                      f", leaving out ids {sorted(self.unknown_ids)}" if self.unknown_ids else "")
-        return start_validation(self.spark, self.settings, self.topic, self.views, self.realtime, self.writers,
+        return start_validation(self.spark, self.settings, self.topic, self.realtime, self.writers,
                                 self.unknown_ids)
 
     def check(self) -> bool:
@@ -411,8 +405,8 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
     stages: list[ValidationStage] = []
     threads: list[ConsumerThread] = []
     try:
-        for topic, topic_views in by_topic.items():
-            stages.append(ValidationStage(spark, settings, topic, topic_views, not available_now, registry))
+        for topic in by_topic:
+            stages.append(ValidationStage(spark, settings, topic, not available_now, registry))
         if available_now:
             for stage in stages:
                 while True:

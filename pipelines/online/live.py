@@ -10,11 +10,17 @@ script, for one entity and batch:
 1. stores the batch's events that are new (``HSETNX`` on the event id: a redelivered event or a
    replayed batch changes nothing; the first delivery wins, as in bronze). A new event inside a
    window's current bounds (an out-of-order one) counts there at once;
-2. moves every window to the bounds of the new ``T``: events that leave it are removed from its
-   aggregates, events that enter it (those after the old ``T - delay``) are added. A window
-   whose old and new bounds do not overlap is rebuilt from the stored events;
+2. steps every window through the batch's new event times after ``T``, oldest first, to the
+   bounds of each: events that leave it are removed from its aggregates, events that enter it
+   (those after the previous ``T - delay``) are added, and the new events at that time are
+   counted. Each new event keeps the features of its step as its **served row** (what a
+   scorer reads for it: the event's own trailing row, as the batch definition gives it for
+   that event). Events at or before ``T`` (out of order) are counted first, at ``T``'s bounds,
+   and are served the entity's features at ``T`` with them counted. A window whose stored
+   bounds do not overlap a step's is rebuilt from the stored events;
 3. forgets every event at or before the horizon ``T - delay - longest window``, which can never
-   count for a later event again; an event arriving at or before it is not stored either;
+   count for a later event again, and its served row; an event arriving at or before it is not
+   stored either;
 4. when something was added, writes every feature for ``T`` as the batch definition gives it
    (:mod:`pipelines.core.view_spec`, the null and empty rules of
    :mod:`pipelines.features.transforms`) with the newer-wins rule of
@@ -34,8 +40,10 @@ loses precision.
 Keys (beside the feature hash ``{namespace}:{view}:{entity}``), under
 ``{namespace}:~live:{view}``: ``events:{entity}`` (hash: event id -> JSON array of the event's
 values), ``times:{entity}`` (sorted set: event id by event time in µs), ``meta:{entity}``
-(``max_t``, ``seq``, ``expiry_set`` and the msgpack of every window's bounds and aggregates)
-and ``distinct:{column}:{w}:{entity}``. All expire at least the view's TTL or its longest window
+(``max_t``, ``seq``, ``expiry_set`` and the msgpack of every window's bounds and aggregates),
+``distinct:{column}:{w}:{entity}`` and ``served:{entity}`` (hash: event id -> JSON of the row's
+time, the server's clock in ms when it was computed, and the features as the feature hash holds
+them). All expire at least the view's TTL or its longest window
 + delay, whichever is longer, after the entity's last event (their expiry is refreshed every
 eighth of that, and set at once on a new key). ``definition`` holds a digest of the layout
 (:data:`LAYOUT` included); a changed view definition is refused at start until its state is
@@ -44,7 +52,7 @@ cleared.
 Cost: one script per entity and batch, proportional to the events that batch adds and those
 entering or leaving a window (each event enters and leaves each window once). The writes are
 kept few, since each write of a script is also appended to Redis's append-only file: per new
-event its ``HSETNX`` and ``ZADD`` and one ``HINCRBY`` per distinct count, per call the state
+event its ``HSETNX``, ``ZADD``, served row and one ``HINCRBY`` per distinct count, per call the state
 hash and the feature hash (``account_velocity``, batches of 1,000 events over 500 accounts:
 94-103 ms of Redis CPU per batch with sorted sets for max and an expiry set on every call,
 70-72 ms now). Supported functions are all of
@@ -69,15 +77,16 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
 from pipelines.online.lua import PRELUDE, lua_literal
-from pipelines.online.store import entity_key, retry_transient
+from pipelines.online.store import decode_value, entity_key, retry_transient
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
 
 #: The version of the state's layout, part of its digest: state kept by another layout is
-#: refused at start (2: max/min and the latest value kept in the window state, not in sorted sets).
-LAYOUT = 2
+#: refused at start (2: max/min and the latest value kept in the window state, not in sorted sets;
+#: 3: the rows served for each event).
+LAYOUT = 3
 
 _SCRIPT = r"""%(prelude)s
 local spec = %(spec)s
@@ -86,6 +95,8 @@ local ttl, state_ttl, refresh, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumbe
 
 local stored_meta = redis.call('HMGET', mkey, 'max_t', 'seq', 'windows', 'expiry_set')
 local max_t = stored_meta[1] and tonumber(stored_meta[1]) or nil
+local old_max_t = max_t
+local skey = KEYS[#KEYS]  -- served rows: event id -> the features served for it
 local saved = stored_meta[3] and cmsgpack.unpack(stored_meta[3]) or {}
 
 -- The batch's events new to Redis, stored at once: the first delivery of an id wins, its time
@@ -113,19 +124,29 @@ if #new_events == 0 then return {0, 0} end
 -- Each window's aggregates as they stand for its stored bounds (lo, hi]. A window whose
 -- stored bounds do not overlap the new ones (or that has none yet) is rebuilt from the
 -- stored events.
+-- The times the windows step through, oldest first: each new time after the entity's latest
+-- one (each event's own row), preceded by that latest time when the batch holds events at or
+-- before it (out of order: they are served the entity's features as they stand, counted).
+table.sort(new_events, function(a, b) return a[2] < b[2] end)
+local targets, out_of_order = {}, false
+for _, e in ipairs(new_events) do
+  if old_max_t ~= nil and e[2] <= old_max_t then out_of_order = true
+  elseif #targets == 0 or targets[#targets] ~= e[2] then targets[#targets + 1] = e[2] end
+end
+if out_of_order then table.insert(targets, 1, old_max_t) end
+
+-- Each window's aggregates as they stand for its stored bounds (lo, hi] (nil: none yet).
 local W = {}
 local created = false  -- a distinct counter (re)created: its key needs the state's expiry
-for wi, win in ipairs(spec.windows) do
-  local st = saved[wi]
-  if st == nil or hi - win.w >= st.hi then
-    st = {n = 0, nn = {}, s = {}, k = {}, xt = {}, xv = {}, mt = {}, mv = {}, lt = {}, lv = {}, fresh = true}
-    for _, c in ipairs(win.cols) do
-      st.nn[c.col], st.s[c.col], st.k[c.col] = 0, 0, 0
-      if c.max then st.xt[c.col], st.xv[c.col] = {}, {} end
-      if c.min then st.mt[c.col], st.mv[c.col] = {}, {} end
-    end
+for wi in ipairs(spec.windows) do W[wi] = saved[wi] end
+local function empty_window(win)
+  local st = {n = 0, nn = {}, s = {}, k = {}, xt = {}, xv = {}, mt = {}, mv = {}, lt = {}, lv = {}}
+  for _, c in ipairs(win.cols) do
+    st.nn[c.col], st.s[c.col], st.k[c.col] = 0, 0, 0
+    if c.max then st.xt[c.col], st.xv[c.col] = {}, {} end
+    if c.min then st.mt[c.col], st.mv[c.col] = {}, {} end
   end
-  W[wi] = st
+  return st
 end
 
 -- The max (min) of a window: a deque of (time, value) in increasing time, each value
@@ -206,28 +227,34 @@ local function events_between(lo, upper)
 end
 
 -- 1. Move every window over the stored events to (hi - w, hi]: events leaving it are removed,
--- events entering it (stored while after the old hi - delay) added.
-for wi, win in ipairs(spec.windows) do
-  local st, lo = W[wi], hi - win.w
-  if st.fresh then
-    for _, c in ipairs(win.cols) do
-      if c.distinct then redis.call('DEL', KEYS[c.distinct]) end
+-- events entering it (stored while after the old hi - delay) added. A window whose bounds do
+-- not overlap the new ones (or that has none yet) is rebuilt from the stored events: its
+-- events may be forgotten, or may never have been counted (after its old hi).
+local function move_to(hi)
+  for wi, win in ipairs(spec.windows) do
+    local st, lo = W[wi], hi - win.w
+    if st == nil or lo >= st.hi then
+      st = empty_window(win)
+      W[wi] = st
+      for _, c in ipairs(win.cols) do
+        if c.distinct then redis.call('DEL', KEYS[c.distinct]) end
+      end
+      for _, e in ipairs(events_between(lo, hi)) do apply(wi, e[2], e[3], 1) end
+    else
+      if lo > st.lo then
+        for _, e in ipairs(events_between(st.lo, lo)) do apply(wi, e[2], e[3], -1) end
+        trim_window(wi, lo)
+      end
+      if hi > st.hi and spec.delay > 0 then  -- without a delay no stored event is after the old hi
+        for _, e in ipairs(events_between(st.hi, hi)) do apply(wi, e[2], e[3], 1) end
+      end
     end
-    for _, e in ipairs(events_between(lo, hi)) do apply(wi, e[2], e[3], 1) end
-  else
-    if lo > st.lo then
-      for _, e in ipairs(events_between(st.lo, lo)) do apply(wi, e[2], e[3], -1) end
-      trim_window(wi, lo)
-    end
-    if hi > st.hi and spec.delay > 0 then  -- without a delay no stored event is after the old hi
-      for _, e in ipairs(events_between(st.hi, hi)) do apply(wi, e[2], e[3], 1) end
-    end
+    st.lo, st.hi = lo, hi
   end
-  st.lo, st.hi = lo, hi
 end
 
--- 2. Index the new events by time; each counts in every window whose bounds hold it.
-for _, e in ipairs(new_events) do
+-- 2. Index a new event by time; it counts in every window whose bounds hold it.
+local function add_event(e)
   local t = e[2]
   redis.call('ZADD', tkey, int(t), e[1])
   local row = nil
@@ -238,31 +265,54 @@ for _, e in ipairs(new_events) do
     end
   end
 end
+
+-- 3. The features at the windows' bounds, from their aggregates.
+local function features()
+  local out = {}
+  for _, o in ipairs(spec.outputs) do
+    local st, result = W[o.window], nil
+    if o.fn == 'count' then result = o.col == 0 and st.n or st.nn[o.col]
+    elseif o.fn == 'sum' then result = st.s[o.col] + st.k[o.col]
+    elseif o.fn == 'avg' then if st.nn[o.col] > 0 then result = (st.s[o.col] + st.k[o.col]) / st.nn[o.col] end
+    elseif o.fn == 'max' then result = st.xv[o.col][1]
+    elseif o.fn == 'min' then result = st.mv[o.col][1]
+    elseif o.fn == 'last' then if st.nn[o.col] > 0 then result = st.lv[o.col] end
+    elseif o.fn == 'approx_count_distinct' then result = redis.call('HLEN', KEYS[o.distinct]) end
+    if result ~= nil then
+      out[#out + 1] = o.name
+      out[#out + 1] = value_text(result, o.out_type)
+    end
+  end
+  return out
+end
+
+-- Step through the targets: the windows move to each, the new events up to it are added, and
+-- each new event gets the features of its step as its served row (first delivery wins), with
+-- the step's time and the server's clock (ms) when it was computed.
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+local next_event, out = 1, {}
+for _, target in ipairs(targets) do
+  move_to(target - spec.delay)
+  local first = next_event
+  while next_event <= #new_events and new_events[next_event][2] <= target do
+    add_event(new_events[next_event])
+    next_event = next_event + 1
+  end
+  out = features()
+  local served = cjson.encode({int(target), int(now), out})  -- texts: cjson keeps 14 digits of a number
+  for i = first, next_event - 1 do redis.call('HSETNX', skey, new_events[i][1], served) end
+end
 local added = #new_events
 
--- 3. Forget the events no later event can count (all are out of every window by now).
+-- 4. Forget the events no later event can count (all are out of every window by now), and
+-- the rows served for them.
 local old = redis.call('ZRANGEBYSCORE', tkey, '-inf', int(horizon))
 for i = 1, #old, 1000 do
   redis.call('HDEL', evkey, unpack(old, i, math.min(i + 999, #old)))
+  redis.call('HDEL', skey, unpack(old, i, math.min(i + 999, #old)))
 end
 if #old > 0 then redis.call('ZREMRANGEBYSCORE', tkey, '-inf', int(horizon)) end
-
--- 4. The features of the latest event, from the windows' aggregates.
-local out = {}
-for _, o in ipairs(spec.outputs) do
-  local st, result = W[o.window], nil
-  if o.fn == 'count' then result = o.col == 0 and st.n or st.nn[o.col]
-  elseif o.fn == 'sum' then result = st.s[o.col] + st.k[o.col]
-  elseif o.fn == 'avg' then if st.nn[o.col] > 0 then result = (st.s[o.col] + st.k[o.col]) / st.nn[o.col] end
-  elseif o.fn == 'max' then result = st.xv[o.col][1]
-  elseif o.fn == 'min' then result = st.mv[o.col][1]
-  elseif o.fn == 'last' then if st.nn[o.col] > 0 then result = st.lv[o.col] end
-  elseif o.fn == 'approx_count_distinct' then result = redis.call('HLEN', KEYS[o.distinct]) end
-  if result ~= nil then
-    out[#out + 1] = o.name
-    out[#out + 1] = value_text(result, o.out_type)
-  end
-end
 
 -- 5. The state, and its expiry: refreshed every `refresh` ms (the keys live state_ttl, the
 -- refresh period included, past the entity's last event), and at once for a new key.
@@ -272,8 +322,6 @@ for wi, st in ipairs(W) do
   windows[wi] = {lo = st.lo, hi = st.hi, n = st.n, nn = st.nn, s = st.s, k = st.k, xt = st.xt, xv = st.xv,
                  mt = st.mt, mv = st.mv, lt = st.lt, lv = st.lv}
 end
-local clock = redis.call('TIME')
-local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local expiry_set = stored_meta[4] and tonumber(stored_meta[4]) or nil
 if created or expiry_set == nil or now - expiry_set >= refresh then
   redis.call('HSET', mkey, 'max_t', int(max_t), 'seq', seq, 'windows', cmsgpack.pack(windows), 'expiry_set', now)
@@ -391,6 +439,37 @@ def view_spec(view: FeatureView, column_types: Mapping[str, str]) -> LiveSpec:
     return LiveSpec(script, columns, structures)
 
 
+#: The row served for an entity's latest stored event at or before ARGV[1] (µs), or nil.
+_AS_OF = r"""
+local found = redis.call('ZREVRANGEBYSCORE', KEYS[1], ARGV[1], '-inf', 'LIMIT', 0, 1)
+if #found == 0 then return nil end
+return redis.call('HGET', KEYS[2], found[1])
+"""
+
+
+@dataclass(frozen=True)
+class ServedRow:
+    """The features a view served for one event: ``event_micros`` is the time of the row (the
+    event's own time; for an out-of-order event, its entity's latest event time when it came),
+    ``computed_ms`` the Redis server's clock when the row was computed (ms since the epoch), and
+    ``features`` the features by name (a null feature is absent from the row, read as None)."""
+
+    event_micros: int
+    computed_ms: int
+    features: dict[str, Any]
+
+    @classmethod
+    def decode(cls, raw: bytes | str) -> ServedRow:
+        event_micros, computed_ms, flat = json.loads(raw)
+        # An empty Lua table is encoded as {}: a row with no feature (every one null).
+        pairs = flat if isinstance(flat, list) else []
+        return cls(int(event_micros), int(computed_ms),
+                   {pairs[i]: decode_value(pairs[i + 1]) for i in range(0, len(pairs), 2)})
+
+    def value(self, name: str) -> Any:
+        return self.features.get(name)
+
+
 @dataclass(frozen=True)
 class LiveResult:
     """What one batch did to one view: events new to Redis, feature hashes written, and entities
@@ -426,12 +505,42 @@ class LiveTrailingView:
         self.prefix = f"{namespace}:~live:{view.name}"
         claim_definition(client, self.prefix, view.name, self.spec.digest)
         self._script = client.register_script(_SCRIPT % {"prelude": PRELUDE, "spec": lua_literal(self.spec.script)})
+        self._as_of = client.register_script(_AS_OF)
 
     def state_keys(self, entity: Any) -> list[str]:
         """The entity's live state keys, in the script's KEYS order after the feature hash."""
         fixed = [f"{self.prefix}:{part}:{entity}" for part in ("events", "times", "meta")]
         return fixed + [f"{self.prefix}:{kind}:{column}:{w // 1_000_000}s:{entity}"
-                        for kind, column, w in self.spec.structures]
+                        for kind, column, w in self.spec.structures] + [self.served_key(entity)]
+
+    def served_key(self, entity: Any) -> str:
+        return f"{self.prefix}:served:{entity}"
+
+    def served(self, events: Sequence[tuple[Any, str]]) -> list[ServedRow | None]:
+        """The row served for each (entity, event id), in order: None for an event this view
+        has not applied (yet), or has forgotten (at or before its entity's horizon)."""
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for entity, event_id in events:
+                pipe.hget(self.served_key(entity), event_id)
+            return pipe.execute()
+
+        raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
+        return [None if r is None else ServedRow.decode(r) for r in raw]
+
+    def served_as_of(self, lookups: Sequence[tuple[Any, int]]) -> list[ServedRow | None]:
+        """For each (entity, time in µs): the row served for the entity's latest stored event
+        at or before that time (ties: one of them; they share their row when they came in one
+        batch), as the point-in-time join takes a view's row. None when the entity has no stored
+        event by then."""
+        def run() -> list[Any]:
+            pipe = self.client.pipeline(transaction=False)
+            for entity, at in lookups:
+                self._as_of(keys=[f"{self.prefix}:times:{entity}", self.served_key(entity)], args=[int(at)], client=pipe)
+            return pipe.execute()
+
+        raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
+        return [None if r is None else ServedRow.decode(r) for r in raw]
 
     def apply(self, events: Iterable[Sequence[Any]]) -> LiveResult:
         """Apply ``events``: tuples of (entity, event id, event time in µs since the epoch, then

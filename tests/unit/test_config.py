@@ -18,10 +18,10 @@ CONF = PROJECT_ROOT / "conf"
 
 
 @pytest.mark.parametrize("env", ["local", "dev", "prod"])
-def test_every_environment_loads_with_both_contracts(env):
+def test_every_environment_loads_with_every_contract(env):
     settings = load_settings(env, CONF)
     assert settings.env == env
-    assert set(settings.contracts) == {"transactions", "labels"}
+    assert set(settings.contracts) == {"transactions", "labels", "predictions"}
     assert settings.contract_for("transactions").id_field == "transaction_id"
 
 

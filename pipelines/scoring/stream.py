@@ -1,0 +1,431 @@
+"""``fp-score``'s loop: the valid events of a topic, scored with their fresh features, one
+prediction per event id to the predictions topic, exactly once.
+
+Input: the topic's live events topic (``{topic}.live``), which ``fp-live`` fills with the valid
+events only (the ingest's own checks, in the JVM: an invalid event is never scored) and applies
+to the live views in Redis. A batch is the first event that arrives plus whatever is already
+fetched (up to ``scoring.max_batch_events``). For each event the scorer waits until ``fp-live``
+has applied it (its served row is in Redis, or the live consumer's log is past its offset), reads
+its vector (:class:`pipelines.scoring.features.FeatureReader`), and the batch is scored in one
+model call.
+
+**Exactly once, in Kafka.** Each batch is one Kafka transaction of a producer whose
+``transactional.id`` is fixed per model and topic (a zombie is fenced): its predictions and the
+consumer group's offsets after it, whose metadata carries the batch's sequence number. A
+``read_committed`` reader sees each batch whole or not at all; a crash before the commit aborts
+it, and the restart scores the same events again.
+
+**One prediction per event id.** The events topic repeats events (a source duplicate, or the
+validation's replay after a restart). Before its transaction commits, a batch marks each event
+it scores with its sequence number in Redis (hashes per minute of arrival, kept
+``scoring.dedupe_window``). A mark counts only if its batch committed: its sequence is at or
+below the committed one (the offsets' metadata) and is not among the batches found in flight
+at a start (aborted, recorded in Redis). An event with a mark that counts is a duplicate: left
+out, its offset still committed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import mlflow
+import redis
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+
+from pipelines.core.errors import ConfigError
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.settings import Settings
+from pipelines.core.times import from_epoch_micros, micros
+from pipelines.online.live_consumer import BatchLog
+from pipelines.online.live_metrics import percentile
+from pipelines.scoring.features import FeatureReader, ScoredEvent, servable_features
+from pipelines.scoring.model import ServableFeature, ServingModel, load_model, model_frame, resolve
+
+log = logging.getLogger(__name__)
+
+SEQ_METADATA = "fp-score-seq="
+
+
+def iso(micros_: int) -> str:
+    return from_epoch_micros(micros_).isoformat().replace("+00:00", "Z")
+
+
+class ScoreLog:
+    """The scorer's sequence numbers and duplicate marks in Redis, under
+    ``{namespace}:~score:{model}:{topic}``."""
+
+    def __init__(self, client: redis.Redis, namespace: str, model: str, topic: str, dedupe_window_s: float):
+        self.client = client
+        self.prefix = f"{namespace}:~score:{model}:{topic}"
+        self.window_s = dedupe_window_s
+        self.aborted: set[int] = set()
+
+    def start(self, committed: int) -> None:
+        """At a start: a batch begun after the last committed one died in flight; its marks never count."""
+        started = int(self.client.get(f"{self.prefix}:seq") or 0)
+        if started > committed:
+            log.info("scoring: batch %d was in flight at the last stop (committed: %d): its marks are void", started, committed)
+            self.client.sadd(f"{self.prefix}:aborted", *range(committed + 1, started + 1))
+        elif started < committed:  # the Redis keys were lost: go on after the committed batch
+            self.client.set(f"{self.prefix}:seq", committed)
+        self.client.expire(f"{self.prefix}:aborted", int(self.window_s * 4) + 3600)
+        self.aborted = {int(v) for v in self.client.smembers(f"{self.prefix}:aborted")}
+
+    def next_seq(self) -> int:
+        return int(self.client.incr(f"{self.prefix}:seq"))
+
+    def _buckets(self, now: float) -> list[str]:
+        minute = int(now // 60)
+        return [f"{self.prefix}:seen:{m}" for m in range(minute - int(self.window_s // 60) - 1, minute + 1)]
+
+    def scored(self, ids: Sequence[str], committed: int, now: float) -> set[str]:
+        """The ids among ``ids`` scored by a committed batch within the window."""
+        if not ids:
+            return set()
+        pipe = self.client.pipeline(transaction=False)
+        for bucket in self._buckets(now):
+            pipe.hmget(bucket, list(ids))
+        found = set()
+        for values in pipe.execute():
+            for event_id, value in zip(ids, values):
+                if value is not None and (seq := int(value)) <= committed and seq not in self.aborted:
+                    found.add(event_id)
+        return found
+
+    def mark(self, ids: Sequence[str], seq: int, now: float) -> None:
+        if not ids:
+            return
+        bucket = self._buckets(now)[-1]
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hset(bucket, mapping=dict.fromkeys(ids, seq))
+        pipe.expire(bucket, int(self.window_s) + 120)
+        pipe.execute()
+
+
+@dataclass
+class ScoringMetrics:
+    """Event -> prediction latencies per interval; a p99 over the objective is an error line."""
+
+    interval: float
+    slo_p99_s: float
+    started: float = field(default_factory=time.time)
+    scored: int = 0
+    duplicates: int = 0
+    batches: int = 0
+    latencies: list[float] = field(default_factory=list)
+    waits: list[float] = field(default_factory=list)
+    breaches: int = 0
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    def record(self, latencies: Sequence[float], duplicates: int, wait_s: float) -> None:
+        self.batches += 1
+        self.scored += len(latencies)
+        self.duplicates += duplicates
+        self.latencies += latencies
+        self.waits.append(wait_s)
+
+    def flush_if_due(self, model: ServingModel) -> dict[str, Any] | None:
+        if time.time() - self.started < self.interval:
+            return None
+        return self.flush(model)
+
+    def flush(self, model: ServingModel) -> dict[str, Any] | None:
+        now = time.time()
+        if self.batches == 0 and now - self.started < self.interval:
+            return None
+        ordered = sorted(self.latencies)
+        row = {
+            "interval_start": datetime.fromtimestamp(self.started, timezone.utc),
+            "interval_end": datetime.fromtimestamp(now, timezone.utc),
+            "model_name": model.label, "model_version": model.ref.version,
+            "scored": self.scored, "duplicates": self.duplicates, "batches": self.batches,
+            "events_per_second": self.scored / max(now - self.started, 1e-9),
+            "p50_s": percentile(ordered, 0.50), "p95_s": percentile(ordered, 0.95), "p99_s": percentile(ordered, 0.99),
+            "max_feature_wait_s": max(self.waits, default=0.0),
+        }
+        row["slo_breached"] = row["p99_s"] is not None and row["p99_s"] > self.slo_p99_s
+        text = (f"scoring {model.label} v{model.ref.version or '-'}: {row['scored']} scored "
+                f"({row['events_per_second']:.0f}/s), {row['duplicates']} duplicates left out, event->prediction "
+                + (f"p50 {row['p50_s']:.3f}s p95 {row['p95_s']:.3f}s p99 {row['p99_s']:.3f}s" if ordered else "-"))
+        if row["slo_breached"]:
+            self.breaches += 1
+            log.error("%s: OVER THE LATENCY OBJECTIVE (p99 %.3fs > %.3fs)", text, row["p99_s"], self.slo_p99_s)
+        else:
+            log.info(text)
+        self.rows.append(row)
+        self.started, self.scored, self.duplicates, self.batches = now, 0, 0, 0
+        self.latencies, self.waits = [], []
+        return row
+
+
+class ModelWatcher:
+    """The serving model, reloaded between batches when its alias moves (checked every
+    ``refresh_s``). A new version that fails to load or whose inputs the job cannot serve is
+    logged as an error and not taken: the old one keeps scoring."""
+
+    def __init__(self, client: mlflow.MlflowClient, uri: str, servable: Mapping[str, ServableFeature], refresh_s: float):
+        self.client, self.uri, self.servable, self.refresh_s = client, uri, servable, refresh_s
+        self.model = load_model(client, uri, servable)
+        self.checked = time.monotonic()
+
+    def current(self) -> ServingModel:
+        if self.model.ref.alias is None or time.monotonic() - self.checked < self.refresh_s:
+            return self.model
+        self.checked = time.monotonic()
+        try:
+            ref = resolve(self.client, self.uri)
+            if ref.version != self.model.ref.version:
+                model = load_model(self.client, self.uri, self.servable)
+                log.info("scoring: %s moved to version %s (was %s): scoring with it from the next batch",
+                         self.uri, model.ref.version, self.model.ref.version)
+                self.model = model
+        except Exception as exc:  # noqa: BLE001 - a bad new version must not stop scoring
+            log.error("scoring: %s could not be refreshed, still scoring with version %s: %s",
+                      self.uri, self.model.ref.version, exc)
+        return self.model
+
+
+class Scorer:
+    """Scores the events of one live events topic (see the module docstring)."""
+
+    def __init__(self, settings: Settings, client: redis.Redis, watcher: ModelWatcher, reader: FeatureReader,
+                 events_topic: str, key_field: str, predictions_topic: str, feature_wait_s: float = 300.0):
+        scoring = settings.scoring
+        self.settings, self.client, self.watcher, self.reader = settings, client, watcher, reader
+        self.events_topic, self.key_field, self.predictions_topic = events_topic, key_field, predictions_topic
+        self.max_events = scoring.max_batch_events
+        self.feature_wait_s = feature_wait_s
+        name = watcher.model.ref.name or "model"
+        self.group = f"fp-score.{name}.{events_topic}"
+        props = settings.kafka.client_properties()
+        self.consumer = Consumer({**props, "group.id": self.group, "enable.auto.commit": False,
+                                  "auto.offset.reset": "earliest", "isolation.level": "read_committed",
+                                  "fetch.wait.max.ms": 20, "enable.partition.eof": False})
+        self.producer = Producer({**props, "transactional.id": self.group, "enable.idempotence": True,
+                                  "linger.ms": 2, "compression.type": "lz4"})
+        self.log = ScoreLog(client, settings.redis.namespace, name, events_topic, micros(scoring.dedupe_window) / 1e6)
+        self.live_log = BatchLog(client, settings.redis.namespace, events_topic)
+        self.metrics = ScoringMetrics(scoring.report_interval.total_seconds(), scoring.latency_slo_p99.total_seconds())
+        self.committed = 0
+        self.batches = 0
+
+    def partitions(self) -> list[int]:
+        topic = self.consumer.list_topics(self.events_topic, timeout=30).topics.get(self.events_topic)
+        if topic is None or topic.error is not None:
+            raise ConfigError(f"scoring: events topic {self.events_topic!r} does not exist: start fp-live for its topic first")
+        return sorted(topic.partitions)
+
+    def start(self) -> dict[int, int]:
+        """The position to read from (the committed offsets, else the earliest) and the last
+        committed batch's sequence."""
+        self.producer.init_transactions(30)
+        partitions = self.partitions()
+        committed = self.consumer.committed([TopicPartition(self.events_topic, p) for p in partitions], timeout=30)
+        position, seqs = {}, [0]
+        for tp in committed:
+            if tp.offset >= 0:
+                position[tp.partition] = tp.offset
+                if tp.metadata and tp.metadata.startswith(SEQ_METADATA):
+                    seqs.append(int(tp.metadata[len(SEQ_METADATA):]))
+            else:
+                position[tp.partition] = self.consumer.get_watermark_offsets(tp, timeout=30)[0]
+        self.committed = max(seqs)
+        self.log.start(self.committed)
+        log.info("scoring %s: from offsets %s (last committed batch %d)", self.events_topic, position, self.committed)
+        return position
+
+    def run(self, stop: threading.Event, until: Mapping[int, int] | None = None) -> int:
+        """Score batches until ``stop`` is set or, with ``until``, every partition's position
+        reaches it. Returns the number of batches."""
+        position = self.start()
+        self.consumer.assign([TopicPartition(self.events_topic, p, o) for p, o in position.items()])
+        try:
+            while not stop.is_set():
+                if until is not None and all(position.get(p, 0) >= end for p, end in until.items()):
+                    break
+                first = self._consume(timeout=0.2, count=1)
+                if not first:
+                    self.metrics.flush_if_due(self.watcher.model)
+                    continue
+                messages = first + (self._consume(timeout=0, count=self.max_events - 1) if self.max_events > 1 else [])
+                ends = dict(position)
+                for message in messages:
+                    ends[message.partition()] = max(ends.get(message.partition(), 0), message.offset() + 1)
+                self.score_batch(messages, ends, stop)
+                position = ends
+                self.metrics.flush_if_due(self.watcher.model)
+        finally:
+            self.metrics.flush(self.watcher.model)
+            self.consumer.close()
+            self.producer.flush(30)
+        return self.batches
+
+    def score_batch(self, messages: Sequence[Message], ends: Mapping[int, int], stop: threading.Event) -> None:
+        model = self.watcher.current()
+        seq = self.log.next_seq()
+        now = time.time()
+        events, first_seen = [], set()
+        for message in messages:
+            event = decode_event(message)
+            if event.event_id not in first_seen:
+                first_seen.add(event.event_id)
+                events.append(event)
+        done = self.log.scored([e.event_id for e in events], self.committed, now)
+        fresh = [e for e in events if e.event_id not in done]
+        duplicates = len(messages) - len(fresh)
+        waited = time.monotonic()
+        own = self.wait_for_own_rows(fresh, stop)
+        wait_s = time.monotonic() - waited
+        vectors = self.reader.vectors(fresh, own, datetime.now(timezone.utc))
+        records: list[tuple[str | None, str]] = []
+        latencies: list[float] = []
+        if fresh:
+            frame = model_frame(model.inputs, {i.name: [v.values.get(i.name) for v in vectors] for i in model.inputs})
+            scores = model.score(frame)
+            scored_micros = time.time_ns() // 1000
+            for event, vector, score in zip(fresh, vectors, scores):
+                ready = [vector.rows[n][1] for n in self.reader.own if vector.rows.get(n, (None, None))[1] is not None]
+                record = {
+                    "event_id": event.event_id,
+                    "entity": event.fields.get(self.key_field),
+                    "score": float(score),
+                    "model_name": model.label,
+                    "model_version": model.ref.version,
+                    "event_time": iso(event.event_micros),
+                    "append_time": iso(event.append_micros),
+                    "features_ready_time": iso(max(ready) * 1000 if ready else event.event_micros),
+                    "scored_time": iso(scored_micros),
+                    "latency_ms": (scored_micros - event.event_micros) / 1000,
+                    "view_times": json.dumps(vector.rows, separators=(",", ":")),
+                    "features": json.dumps({i.name: json_value(vector.values.get(i.name)) for i in model.inputs},
+                                           separators=(",", ":")),
+                }
+                records.append((record["entity"], json.dumps(record, separators=(",", ":"))))
+                latencies.append((scored_micros - event.event_micros) / 1e6)
+        self.log.mark([e.event_id for e in fresh], seq, now)
+        self.producer.begin_transaction()
+        for key, value in records:
+            self.producer.produce(self.predictions_topic, value=value.encode(), key=None if key is None else str(key).encode())
+        offsets = [TopicPartition(self.events_topic, p, o, metadata=f"{SEQ_METADATA}{seq}") for p, o in ends.items()]
+        self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+        self.producer.commit_transaction(60)
+        self.committed = seq
+        self.batches += 1
+        self.metrics.record(latencies, duplicates, wait_s)
+
+    def wait_for_own_rows(self, events: Sequence[ScoredEvent], stop: threading.Event) -> dict[str, list[Any]]:
+        """The own views' rows of ``events``, once ``fp-live`` has applied each event. An event
+        the live consumer passed without a row for it (older than every window when it came,
+        or forgotten since) gets its entity's latest row at or before its time instead."""
+        rows = self.reader.own_rows(events)
+        deadline = time.monotonic() + self.feature_wait_s
+        pause = 0.002
+        while True:
+            missing = [i for i in range(len(events)) if any(rows[n][i] is None for n in rows)]
+            if not missing:
+                return rows
+            applied = self._applied()
+            waiting = [i for i in missing if applied.get(events[i].partition, 0) <= events[i].offset]
+            for i in set(missing) - set(waiting):  # applied, yet no row: as the entity's features stand
+                for name in rows:
+                    if rows[name][i] is None:
+                        view = self.reader.views[name]
+                        [rows[name][i]] = self.reader.trailing[name].served_as_of(
+                            [(events[i].fields.get(view.entity), events[i].event_micros)])
+            if not waiting:
+                return rows
+            if stop.is_set():
+                raise InterruptedError("scoring stopped while waiting for fp-live")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"scoring: fp-live has not applied {self.events_topic} offsets "
+                                   f"{sorted({(events[i].partition, events[i].offset) for i in waiting})[:5]} within "
+                                   f"{self.feature_wait_s:.0f}s: is fp-live running?")
+            time.sleep(pause)
+            pause = min(pause * 2, 0.05)
+            fetched = self.reader.own_rows([events[i] for i in waiting])
+            for name in rows:
+                for j, i in enumerate(waiting):
+                    rows[name][i] = fetched[name][j]
+
+    def _applied(self) -> dict[int, int]:
+        """Per partition of the events topic, the offset the live consumer has applied up to."""
+        planned = self.live_log.read()
+        if planned is None:
+            return {}
+        return dict(planned.ends if planned.done else planned.starts)
+
+    def _consume(self, timeout: float, count: int) -> list[Message]:
+        good = []
+        for message in self.consumer.consume(count, timeout=timeout):
+            error = message.error()
+            if error is None:
+                good.append(message)
+            elif error.fatal() or error.code() != KafkaError._PARTITION_EOF:
+                raise KafkaException(error)
+        return good
+
+
+def json_value(value: Any) -> Any:
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return value
+
+
+def decode_event(message: Message) -> ScoredEvent:
+    """An events-topic message -> the event to score."""
+    event = json.loads(message.value())
+    return ScoredEvent(str(event["_event_id"]), int(event["_event_micros"]), int(event["_append_micros"]),
+                       message.partition(), message.offset(), event)
+
+
+def ensure_predictions_topic(settings: Settings, partitions: int) -> None:
+    ensure_topics(settings.kafka.client_properties(), [
+        TopicSpec(settings.scoring.predictions_topic, partitions,
+                  settings.kafka.topics[settings.scoring.topic].replication_factor)])
+
+
+def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | None, model_uri: str | None = None,
+                timeout: float | None = None, until_end: bool = False,
+                stop: threading.Event | None = None, on_ready: Callable[[Scorer], None] | None = None) -> int:
+    """Score ``scoring.topic``'s valid events with ``model_uri`` (default ``scoring.model``)
+    until ``stop``, ``timeout`` seconds, or (``until_end``) the events topic's end at start.
+    Returns 0."""
+    scoring = settings.scoring
+    uri = model_uri or scoring.model
+    if not uri:
+        raise ConfigError("scoring.model: not set, and no --model given")
+    topic = scoring.topic
+    servable = servable_features(settings, topic)
+    watcher = ModelWatcher(mlflow.MlflowClient(tracking_uri), uri, servable, scoring.model_refresh.total_seconds())
+    reader = FeatureReader(client, settings, topic, servable, [i.name for i in watcher.model.inputs])
+    events_topic = settings.live.events_topic(topic)
+    contract = settings.contract_for(topic)
+    scorer = Scorer(settings, client, watcher, reader, events_topic, contract.key_field, scoring.predictions_topic)
+    ensure_predictions_topic(settings, len(scorer.partitions()))
+    stop = stop or threading.Event()
+    until = None
+    if until_end:
+        until = {p: scorer.consumer.get_watermark_offsets(TopicPartition(events_topic, p), timeout=30)[1]
+                 for p in scorer.partitions()}
+    timer = threading.Timer(timeout, stop.set) if timeout else None
+    if timer:
+        timer.daemon = True
+        timer.start()
+    if on_ready:
+        on_ready(scorer)
+    try:
+        scorer.run(stop, until)
+    finally:
+        if timer:
+            timer.cancel()
+    return 0
+

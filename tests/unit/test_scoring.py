@@ -1,0 +1,91 @@
+"""The scoring job's pieces that need no service: its settings, the check of a model's inputs
+against what the platform serves, and the latency objective."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from pipelines.core.errors import ConfigError
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+from pipelines.scoring.features import servable_features
+from pipelines.scoring.model import ModelInput, ModelRef, ServingModel, check_inputs, parse_model_uri
+from pipelines.scoring.stream import ScoringMetrics
+
+CONF = PROJECT_ROOT / "conf"
+
+
+@pytest.fixture(scope="module")
+def servable():
+    settings = load_settings("local", CONF)
+    return servable_features(settings, "transactions")
+
+
+def test_the_scored_topic_must_be_declared():
+    with pytest.raises(ConfigError, match=r"scoring\.topic: 'payments' is not declared under kafka\.topics"):
+        load_settings("local", CONF, {"scoring": {"topic": "payments"}})
+
+
+def test_the_predictions_topic_may_not_be_a_source_topic():
+    with pytest.raises(ConfigError, match=r"scoring\.predictions_topic: 'labels' is a declared topic"):
+        load_settings("local", CONF, {"scoring": {"predictions_topic": "labels"}})
+
+
+def test_servable_features_are_the_event_fields_and_the_views_keyed_by_one_of_them(servable):
+    assert servable["amount_usd"].type == "double" and servable["amount_usd"].view is None
+    assert "transaction_id" not in servable and "event_time" not in servable  # identity, not inputs
+    assert servable["account_velocity__count_1h"].type == "bigint"
+    assert servable["account_velocity__approx_count_distinct_merchant_id_1d"].type == "bigint"
+    assert servable["account_fraud_history__any_fraud_30d"].type == "boolean"
+    assert servable["merchant_hourly__avg_amount_usd"].type == "double"
+    assert servable["account_sessions__event_count"].type == "bigint"
+    assert servable["account_sessions__duration_seconds"].type == "double"
+
+
+def test_an_input_no_feature_serves_is_refused_naming_it_and_the_close_names(servable):
+    inputs = [ModelInput("amount_usd", "double", True), ModelInput("count_1h", "double", True)]
+    with pytest.raises(ConfigError, match=r"input 'count_1h' is no feature the job serves \(did you mean "
+                                          r"account_velocity__count_1h\?\)"):
+        check_inputs("models:/m/1", inputs, servable)
+
+
+def test_an_input_of_a_type_the_feature_cannot_fill_is_refused(servable):
+    with pytest.raises(ConfigError, match=r"input 'merchant_id' is double, but the feature is string"):
+        check_inputs("models:/m/1", [ModelInput("merchant_id", "double", True)], servable)
+
+
+def test_integer_and_boolean_features_widen_to_double_inputs(servable):
+    check_inputs("models:/m/1", [ModelInput("account_velocity__count_1h", "double", True),
+                                 ModelInput("account_fraud_history__any_fraud_30d", "double", True),
+                                 ModelInput("account_velocity__count_1d", "long", True)], servable)
+    with pytest.raises(ConfigError, match=r"input 'amount_usd' is long, but the feature is double"):
+        check_inputs("models:/m/1", [ModelInput("amount_usd", "long", True)], servable)
+
+
+@pytest.mark.parametrize("uri, parsed", [
+    ("models:/fraud@champion", ("fraud", None, "champion")),
+    ("models:/fraud/3", ("fraud", "3", None)),
+    ("runs:/abc/model", (None, None, None)),
+])
+def test_model_uris_name_a_version_or_an_alias(uri, parsed):
+    assert parse_model_uri(uri) == parsed
+
+
+def test_a_registered_model_uri_without_version_or_alias_is_refused():
+    with pytest.raises(ConfigError, match=r"names no version or alias"):
+        parse_model_uri("models:/fraud")
+
+
+def test_an_interval_whose_p99_is_over_the_objective_is_logged_as_an_error_and_flagged(caplog):
+    model = ServingModel(ModelRef("models:/fraud@champion", "fraud", "2", "champion"), [], None)
+    metrics = ScoringMetrics(interval=0.0, slo_p99_s=2.0)
+    metrics.record([0.1] * 98 + [2.5, 3.0], duplicates=1, wait_s=0.0)
+    with caplog.at_level(logging.INFO, logger="pipelines.scoring.stream"):
+        row = metrics.flush(model)
+    assert row["slo_breached"] and row["p99_s"] == 2.5 and row["p50_s"] == 0.1
+    assert row["scored"] == 100 and row["duplicates"] == 1
+    [record] = [r for r in caplog.records if "OVER THE LATENCY OBJECTIVE" in r.getMessage()]
+    assert record.levelno == logging.ERROR
+    metrics.record([0.1] * 100, duplicates=0, wait_s=0.0)
+    assert not metrics.flush(model)["slo_breached"]
