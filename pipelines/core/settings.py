@@ -193,6 +193,9 @@ class LiveSettings:
     starting_offsets: str = "earliest"
     #: One progress line and one ``ops/live_metrics`` row per interval.
     report_interval: timedelta = timedelta(seconds=10)
+    #: How long (event time, behind the entity's latest event) the row served for each event
+    #: of a trailing view stays in Redis for ``fp-score`` to read (README "Streaming scoring").
+    served_retention: timedelta = timedelta(minutes=10)
 
     def events_topic(self, topic: str) -> str:
         return f"{topic}{self.events_topic_suffix}"
@@ -419,6 +422,8 @@ def _check_references(settings: Settings, source: Path) -> None:
     for key in ("max_batch_events", "max_offsets_per_trigger"):
         if getattr(live, key) <= 0:
             raise ConfigError(f"{source}: live.{key}: must be positive")
+    if live.served_retention <= timedelta(0):
+        raise ConfigError(f"{source}: live.served_retention: must be positive")
     if live.checkpoint_interval < timedelta(seconds=1):
         raise ConfigError(f"{source}: live.checkpoint_interval: must be at least 1s (real-time mode batches)")
     if not live.events_topic_suffix or live.events_topic_suffix.strip() != live.events_topic_suffix:

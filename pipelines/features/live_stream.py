@@ -387,7 +387,7 @@ def run_live(spark: SparkSession, settings: Settings, views: Sequence[FeatureVie
         types = {f.name: spark_type(f).simpleString() for f in contract.fields}
         metrics = LiveMetrics(f"live_{topic}", settings.live.report_interval.total_seconds(), rows)
         # Built before any query starts: a view the live path cannot serve fails here.
-        live = LiveViews(client, namespace, topic_views, types, metrics)
+        live = LiveViews(client, namespace, topic_views, types, metrics, settings.live.served_retention)
         events_topic = settings.live.events_topic(topic)
         consumers.append(LiveConsumer(settings.kafka.client_properties(), events_topic, live,
                                       BatchLog(client, namespace, events_topic), settings.live.max_batch_events))

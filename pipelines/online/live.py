@@ -16,8 +16,11 @@ script, for one entity and batch:
    counted. Each new event keeps the features of its step as its **served row** (what a
    scorer reads for it: the event's own trailing row, as the batch definition gives it for
    that event). Events at or before ``T`` (out of order) are counted first, at ``T``'s bounds,
-   and are served the entity's features at ``T`` with them counted. A window whose stored
-   bounds do not overlap a step's is rebuilt from the stored events;
+   and are served the entity's features at ``T`` with them counted. A served row is kept while
+   its event is within ``served_retention`` (event time) of the entity's latest event: long
+   enough for a scorer to read it, not as long as the state (a row is some 10x an event's
+   values). A window whose stored bounds do not overlap a step's is rebuilt from the stored
+   events;
 3. forgets every event at or before the horizon ``T - delay - longest window``, which can never
    count for a later event again, and its served row; an event arriving at or before it is not
    stored either;
@@ -42,8 +45,8 @@ Keys (beside the feature hash ``{namespace}:{view}:{entity}``), under
 values), ``times:{entity}`` (sorted set: event id by event time in µs), ``meta:{entity}``
 (``max_t``, ``seq``, ``expiry_set`` and the msgpack of every window's bounds and aggregates),
 ``distinct:{column}:{w}:{entity}`` and ``served:{entity}`` (hash: event id -> JSON of the row's
-time, the server's clock in ms when it was computed, and the features as the feature hash holds
-them). All expire at least the view's TTL or its longest window
+time, the server's clock in ms when it was computed, and every feature's text in output order,
+null for a null one). All expire at least the view's TTL or its longest window
 + delay, whichever is longer, after the entity's last event (their expiry is refreshed every
 eighth of that, and set at once on a new key). ``definition`` holds a digest of the layout
 (:data:`LAYOUT` included); a changed view definition is refused at start until its state is
@@ -92,6 +95,7 @@ _SCRIPT = r"""%(prelude)s
 local spec = %(spec)s
 local fkey, evkey, tkey, mkey = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
 local ttl, state_ttl, refresh, n = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local keep = tonumber(ARGV[5])  -- served rows are kept while within this of the entity's latest event time
 
 local stored_meta = redis.call('HMGET', mkey, 'max_t', 'seq', 'windows', 'expiry_set')
 local max_t = stored_meta[1] and tonumber(stored_meta[1]) or nil
@@ -104,9 +108,9 @@ local saved = stored_meta[3] and cmsgpack.unpack(stored_meta[3]) or {}
 -- (tkey) gets them only in step 2, so that step 1 moves the windows over the older events.
 local fresh_events = {}
 for i = 0, n - 1 do
-  local id, values = ARGV[5 + 3 * i], ARGV[7 + 3 * i]
+  local id, values = ARGV[6 + 3 * i], ARGV[8 + 3 * i]
   if redis.call('HSETNX', evkey, id, values) == 1 then
-    local t = tonumber(ARGV[6 + 3 * i])
+    local t = tonumber(ARGV[7 + 3 * i])
     fresh_events[#fresh_events + 1] = {id, t, values}
     if max_t == nil or t > max_t then max_t = t end
   end
@@ -266,10 +270,12 @@ local function add_event(e)
   end
 end
 
--- 3. The features at the windows' bounds, from their aggregates.
+-- 3. The features at the windows' bounds, from their aggregates: the feature hash's fields
+-- (name, text pairs; a null feature left out) and the served row's values (every output in
+-- order, null as null).
 local function features()
-  local out = {}
-  for _, o in ipairs(spec.outputs) do
+  local out, row = {}, {}
+  for i, o in ipairs(spec.outputs) do
     local st, result = W[o.window], nil
     if o.fn == 'count' then result = o.col == 0 and st.n or st.nn[o.col]
     elseif o.fn == 'sum' then result = st.s[o.col] + st.k[o.col]
@@ -281,9 +287,12 @@ local function features()
     if result ~= nil then
       out[#out + 1] = o.name
       out[#out + 1] = value_text(result, o.out_type)
+      row[i] = out[#out]
+    else
+      row[i] = null
     end
   end
-  return out
+  return out, row
 end
 
 -- Step through the targets: the windows move to each, the new events up to it are added, and
@@ -292,6 +301,7 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local next_event, out = 1, {}
+local cut = max_t - keep  -- rows of events at or before it are not kept
 for _, target in ipairs(targets) do
   move_to(target - spec.delay)
   local first = next_event
@@ -299,9 +309,18 @@ for _, target in ipairs(targets) do
     add_event(new_events[next_event])
     next_event = next_event + 1
   end
-  out = features()
-  local served = cjson.encode({int(target), int(now), out})  -- texts: cjson keeps 14 digits of a number
-  for i = first, next_event - 1 do redis.call('HSETNX', skey, new_events[i][1], served) end
+  local row
+  out, row = features()
+  -- Times as texts: cjson keeps 14 digits of a number.
+  local served = cjson.encode({int(target), int(now), row})
+  for i = first, next_event - 1 do
+    if new_events[i][2] > cut then redis.call('HSETNX', skey, new_events[i][1], served) end
+  end
+end
+-- The rows of events that fell out of the retention as the latest time moved.
+if old_max_t ~= nil and cut > old_max_t - keep then
+  local gone = redis.call('ZRANGEBYSCORE', tkey, '(' .. int(old_max_t - keep), int(cut))
+  for i = 1, #gone, 1000 do redis.call('HDEL', skey, unpack(gone, i, math.min(i + 999, #gone))) end
 end
 local added = #new_events
 
@@ -459,12 +478,14 @@ class ServedRow:
     features: dict[str, Any]
 
     @classmethod
-    def decode(cls, raw: bytes | str) -> ServedRow:
-        event_micros, computed_ms, flat = json.loads(raw)
-        # An empty Lua table is encoded as {}: a row with no feature (every one null).
-        pairs = flat if isinstance(flat, list) else []
+    def decode(cls, raw: bytes | str, names: Sequence[str]) -> ServedRow:
+        """From the stored JSON: the row's time and computation as texts, then the text of
+        every feature in ``names``' order (null: a null feature)."""
+        event_micros, computed_ms, texts = json.loads(raw)
+        # Lua's cjson writes an empty array as {}, and a row that ends in nulls comes back short.
+        texts = texts if isinstance(texts, list) else []
         return cls(int(event_micros), int(computed_ms),
-                   {pairs[i]: decode_value(pairs[i + 1]) for i in range(0, len(pairs), 2)})
+                   {name: decode_value(text) for name, text in zip(names, texts) if text is not None})
 
     def value(self, name: str) -> Any:
         return self.features.get(name)
@@ -487,11 +508,14 @@ class LiveTrailingView:
     (its aggregates would be misread): that state must be cleared and rebuilt from Kafka."""
 
     def __init__(self, client: redis.Redis, namespace: str, view: FeatureView, column_types: Mapping[str, str],
-                 entities_per_round_trip: int = 200, attempts: int = 8, backoff: float = 0.25):
+                 entities_per_round_trip: int = 200, attempts: int = 8, backoff: float = 0.25,
+                 served_retention: timedelta = timedelta(minutes=10)):
         self.client = client
+        self.served_keep_us = micros(served_retention)
         self.namespace = namespace
         self.view = view
         self.spec = view_spec(view, column_types)
+        self.output_names = [o["name"] for o in self.spec.script["outputs"]]
         self.columns = self.spec.columns
         self.ttl_ms = micros(view.online.ttl) // 1000
         # The state's expiry is refreshed every eighth of its TTL, not on every batch (each
@@ -526,7 +550,7 @@ class LiveTrailingView:
             return pipe.execute()
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
-        return [None if r is None else ServedRow.decode(r) for r in raw]
+        return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]
 
     def served_as_of(self, lookups: Sequence[tuple[Any, int]]) -> list[ServedRow | None]:
         """For each (entity, time in µs): the row served for the entity's latest stored event
@@ -540,7 +564,7 @@ class LiveTrailingView:
             return pipe.execute()
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
-        return [None if r is None else ServedRow.decode(r) for r in raw]
+        return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]
 
     def apply(self, events: Iterable[Sequence[Any]]) -> LiveResult:
         """Apply ``events``: tuples of (entity, event id, event time in µs since the epoch, then
@@ -566,7 +590,8 @@ class LiveTrailingView:
             for entity in entities:
                 args = by_entity[entity]
                 self._script(keys=[entity_key(self.namespace, self.view.name, entity), *self.state_keys(entity)],
-                             args=[self.ttl_ms, self.state_ttl_ms, self.refresh_ms, len(args) // 3, *args], client=pipe)
+                             args=[self.ttl_ms, self.state_ttl_ms, self.refresh_ms, len(args) // 3, self.served_keep_us,
+                                   *args], client=pipe)
             return [(int(r[0]), int(r[1])) for r in pipe.execute()]
 
         # Safe to repeat: an event already stored is not added again.

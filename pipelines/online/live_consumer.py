@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import redis
@@ -100,9 +101,11 @@ class LiveViews:
     view (one view's scripts run in Redis while the next view's are packed)."""
 
     def __init__(self, client: redis.Redis, namespace: str, views: Sequence[FeatureView],
-                 column_types: Mapping[str, str], metrics: LiveMetrics):
+                 column_types: Mapping[str, str], metrics: LiveMetrics,
+                 served_retention: timedelta = timedelta(minutes=10)):
         self.views: list[LiveTrailingView | LiveWindowView] = [
-            LiveTrailingView(client, namespace, v, column_types) if v.kind == "trailing"
+            LiveTrailingView(client, namespace, v, column_types, served_retention=served_retention)
+            if v.kind == "trailing"
             else LiveWindowView(client, namespace, v, column_types)
             for v in views
         ]

@@ -118,16 +118,20 @@ class ScoringMetrics:
     started: float = field(default_factory=time.time)
     scored: int = 0
     duplicates: int = 0
+    #: Events scored without their own row of a trailing view on their topic (its features
+    #: missing: None to the model): the scorer fell further behind fp-live than the retention.
+    without_rows: int = 0
     batches: int = 0
     latencies: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
     breaches: int = 0
     rows: list[dict[str, Any]] = field(default_factory=list)
 
-    def record(self, latencies: Sequence[float], duplicates: int, wait_s: float) -> None:
+    def record(self, latencies: Sequence[float], duplicates: int, wait_s: float, without_rows: int = 0) -> None:
         self.batches += 1
         self.scored += len(latencies)
         self.duplicates += duplicates
+        self.without_rows += without_rows
         self.latencies += latencies
         self.waits.append(wait_s)
 
@@ -145,7 +149,8 @@ class ScoringMetrics:
             "interval_start": datetime.fromtimestamp(self.started, timezone.utc),
             "interval_end": datetime.fromtimestamp(now, timezone.utc),
             "model_name": model.label, "model_version": model.ref.version,
-            "scored": self.scored, "duplicates": self.duplicates, "batches": self.batches,
+            "scored": self.scored, "duplicates": self.duplicates, "without_rows": self.without_rows,
+            "batches": self.batches,
             "events_per_second": self.scored / max(now - self.started, 1e-9),
             "p50_s": percentile(ordered, 0.50), "p95_s": percentile(ordered, 0.95), "p99_s": percentile(ordered, 0.99),
             "max_feature_wait_s": max(self.waits, default=0.0),
@@ -157,10 +162,13 @@ class ScoringMetrics:
         if row["slo_breached"]:
             self.breaches += 1
             log.error("%s: OVER THE LATENCY OBJECTIVE (p99 %.3fs > %.3fs)", text, row["p99_s"], self.slo_p99_s)
+        elif self.without_rows:
+            log.warning("%s; %d scored WITHOUT THEIR OWN ROW (features missing: the scorer is further behind "
+                        "fp-live than live.served_retention)", text, self.without_rows)
         else:
             log.info(text)
         self.rows.append(row)
-        self.started, self.scored, self.duplicates, self.batches = now, 0, 0, 0
+        self.started, self.scored, self.duplicates, self.without_rows, self.batches = now, 0, 0, 0, 0
         self.latencies, self.waits = [], []
         return row
 
@@ -318,7 +326,8 @@ class Scorer:
         self.producer.commit_transaction(60)
         self.committed = seq
         self.batches += 1
-        self.metrics.record(latencies, duplicates, wait_s)
+        without_rows = sum(1 for v in vectors if any(v.rows.get(n) == (None, None) for n in self.reader.own))
+        self.metrics.record(latencies, duplicates, wait_s, without_rows)
 
     def wait_for_own_rows(self, events: Sequence[ScoredEvent], stop: threading.Event) -> dict[str, list[Any]]:
         """The own views' rows of ``events``, once ``fp-live`` has applied each event. An event

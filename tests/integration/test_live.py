@@ -492,6 +492,23 @@ def test_each_event_in_order_is_served_its_own_trailing_row_and_one_out_of_order
     assert {n: row.value(n) for n in names} == {n: now[n] for n in names}
 
 
+def test_served_rows_are_kept_for_the_retention_behind_the_entitys_latest_event_only(isolated):
+    settings = isolated()
+    view = settings.views["account_velocity"]
+    types = {f.name: "double" if f.type == "double" else "string"
+             for f in settings.contract_for(settings.source_topic(view)).fields}
+    live = LiveTrailingView(redis_client(settings.redis), settings.redis.namespace, view, types,
+                            served_retention=timedelta(seconds=5))
+    t0, s = 1_795_000_000_000_000, 1_000_000
+    live.apply([("a", "e0", t0, 1.0, "m", 1.0), ("a", "e3", t0 + 3 * s, 1.0, "m", 1.0)])
+    assert [r is not None for r in live.served([("a", "e0"), ("a", "e3")])] == [True, True]
+    # The latest time moves to t0 + 10 s: rows at or before t0 + 5 s go; the events stay (1d window).
+    live.apply([("a", "e10", t0 + 10 * s, 1.0, "m", 1.0), ("a", "e1", t0 + 1 * s, 1.0, "m", 1.0)])
+    rows = live.served([("a", "e0"), ("a", "e3"), ("a", "e10"), ("a", "e1")])
+    assert [r is not None for r in rows] == [False, False, True, False]  # e1: late, behind the retention
+    assert rows[2].features["count_1h"] == 4  # e1 counted
+
+
 def windowed_views(gap: timedelta = timedelta(seconds=20)) -> list[FeatureView]:
     """A sliding and a session view over the edge events' columns, 30 s allowed lateness."""
     lateness = timedelta(seconds=30)

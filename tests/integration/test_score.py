@@ -73,7 +73,8 @@ def tracking(tmp_path) -> str:
 
 
 def scoring_settings(isolated, **live: Any) -> Settings:
-    settings = isolated(live={"max_batch_events": 150, **live})
+    # The scorer here runs after fp-live has applied all ten hours: the served rows must be kept that long.
+    settings = isolated(live={"max_batch_events": 150, "served_retention": "1d", **live})
     tx = settings.ingest.topics[0]
     predictions = f"predictions_{uuid.uuid4().hex[:8]}"
     return dataclasses.replace(settings, scoring=dataclasses.replace(
