@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import random
+import signal
+import threading
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -31,7 +35,7 @@ from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import load_model
 from pipelines.scoring.stream import run_scoring
 from pipelines.training.join import point_in_time_join, view_request
-from tests.support import topic_names
+from tests.support import start_job, topic_names
 
 #: The test model's inputs: the event's own field, its own trailing rows, and a view of another
 #: topic (labels) joined as of its time.
@@ -177,3 +181,91 @@ def test_a_model_input_the_job_cannot_serve_fails_at_start_naming_it(isolated, t
     with pytest.raises(ConfigError, match=r"input 'account_velocity__count_2h' is no feature the job serves"):
         load_model(mlflow.MlflowClient(tracking), f"models:/{name}@champion",
                    servable_features(settings, settings.scoring.topic))
+
+
+def score_job_args(settings: Settings, tracking: str, model_uri: str, batch: int = 40) -> list[str]:
+    return ["--set", f"scoring.topic={settings.scoring.topic}",
+            "--set", f"scoring.predictions_topic={settings.scoring.predictions_topic}",
+            "--set", f"scoring.max_batch_events={batch}", "--model", model_uri, "--tracking-uri", tracking]
+
+
+def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, isolated, tracking, tmp_path):
+    settings = scoring_settings(isolated)
+    name = f"fraud_{uuid.uuid4().hex[:6]}"
+    register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=5)
+    spec = GeneratorSpec(count=1500, accounts=25, merchants=8, seed=82, label_rate=0.3, duplicate_rate=0.03,
+                         bad_rate=0.03, end=datetime.now(timezone.utc) - timedelta(hours=1), span=timedelta(hours=10))
+    assert spec.out_of_order_rate > 0 and spec.late_rate > 0
+    records = list(generate(spec))
+    produce(iter(records), settings.kafka.client_properties(), topic_names=topic_names(settings))
+    valid = {r.event_id for r in records if r.topic == "transactions" and r.kind in VALID_KINDS}
+    assert run_live(spark, settings, [settings.views["account_velocity"], settings.views["account_fraud_history"]],
+                    available_now=True) == 0
+    client = redis_client(settings.redis)
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    args = score_job_args(settings, tracking, f"models:/{name}@champion")
+    log = tmp_path / "score.log"
+    seq_key = f"{settings.redis.namespace}:~score:{name}:{settings.live.events_topic(settings.scoring.topic)}:seq"
+    rng = random.Random(9)
+    # Killed (the whole process group) twice, each a few batches on, at an arbitrary instant of a batch.
+    for target in (4, 12):
+        job = start_job("score", conf_dir, log, *args)
+        deadline = time.monotonic() + 180
+        while int(client.get(seq_key) or 0) < target:
+            assert job.poll() is None, log.read_text()[-5000:]
+            assert time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0, 0.3))
+        os.killpg(job.pid, signal.SIGKILL)
+        job.wait(timeout=60)
+    job = start_job("score", conf_dir, log, *args, "--until-end")
+    assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
+    predictions = committed_predictions(settings)
+    ids = [p["event_id"] for p in predictions]
+    assert len(ids) == len(set(ids)), "a duplicate prediction among the committed ones"
+    assert set(ids) == valid
+    # The restarts found the batch in flight at each kill (or none, if the kill fell between two).
+    assert log.read_text().count(": from offsets") == 3
+
+
+def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_restart(spark, isolated, tracking, tmp_path):
+    settings = scoring_settings(isolated)
+    settings = dataclasses.replace(settings, scoring=dataclasses.replace(settings.scoring, model_refresh=timedelta(seconds=1)))
+    name = f"fraud_{uuid.uuid4().hex[:6]}"
+    first = register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=6)
+    views = [settings.views["account_velocity"], settings.views["account_fraud_history"]]
+    names = topic_names(settings)
+
+    def send(seed: int, ago: timedelta) -> set[str]:
+        spec = GeneratorSpec(count=300, accounts=20, seed=seed, bad_rate=0.0, duplicate_rate=0.0, label_rate=0.0,
+                             end=datetime.now(timezone.utc) - ago, span=timedelta(minutes=30))
+        records = list(generate(spec))
+        produce(iter(records), settings.kafka.client_properties(), topic_names=names)
+        assert run_live(spark, settings, views, available_now=True) == 0
+        return {r.event_id for r in records if r.kind in VALID_KINDS}
+
+    client = redis_client(settings.redis)
+    stop = threading.Event()
+    scorers = []
+    before = send(83, timedelta(hours=2))
+    thread = threading.Thread(target=run_scoring, args=(settings, client, tracking, f"models:/{name}@champion"),
+                              kwargs={"stop": stop, "on_ready": scorers.append}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while len(committed_predictions(settings)) < len(before):
+            assert thread.is_alive() and time.monotonic() < deadline
+            time.sleep(0.5)
+        second = register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=7)
+        time.sleep(2)  # past scoring.model_refresh
+        after = send(84, timedelta(hours=1))
+        while len(committed_predictions(settings)) < len(before) + len(after):
+            assert thread.is_alive() and time.monotonic() < deadline + 120
+            time.sleep(0.5)
+    finally:
+        stop.set()
+        thread.join(timeout=60)
+    versions = {p["event_id"]: p["model_version"] for p in committed_predictions(settings)}
+    assert {versions[i] for i in before} == {first}
+    assert {versions[i] for i in after} == {second} and second != first
+    assert scorers[0].watcher.model.ref.version == second
