@@ -1,6 +1,6 @@
 """Streaming scoring: each valid event of ``scoring.topic`` scored with its fresh features (its
 own trailing rows from the live path), one prediction per event id to the predictions topic,
-exactly once (Kafka transactions).
+exactly once (Kafka transactions), and from it to the Delta table ``predictions/<model>``.
 
 Usage: spark-submit jobs/score.py --env local [--model models:/fraud@champion] [--until-end] [--timeout 600]
        (console script: fp-score; fp-live must run for the topic: it validates and applies the events)
@@ -15,6 +15,7 @@ import sys
 import threading
 
 from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args
+from pipelines.core.session import build_session
 from pipelines.online.store import redis_client
 from pipelines.scoring.stream import run_scoring
 from pipelines.training.build import tracking_uri
@@ -39,8 +40,9 @@ def main(argv: list[str] | None = None) -> int:
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda _signum, _frame: stop.set())
+        spark = build_session(settings.spark)
         return run_scoring(settings, redis_client(settings.redis), tracking_uri(settings, args.tracking_uri),
-                           args.model, args.timeout, args.until_end, stop)
+                           args.model, args.timeout, args.until_end, stop, spark=spark)
 
     return run_job("score", run)
 

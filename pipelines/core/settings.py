@@ -226,6 +226,8 @@ class ScoringSettings:
     latency_slo_p99: timedelta = timedelta(seconds=2)
     #: One progress line and one ``ops/scoring_metrics`` row per interval.
     report_interval: timedelta = timedelta(seconds=10)
+    #: How often the predictions table (``predictions/<model>``) takes the committed predictions.
+    table_trigger_interval: timedelta = timedelta(seconds=10)
 
 
 @dataclass(frozen=True)
@@ -442,7 +444,7 @@ def _check_references(settings: Settings, source: Path) -> None:
         raise ConfigError(f"{source}: scoring.predictions_topic: {scoring.predictions_topic!r} is a declared topic or dead-letter topic")
     if scoring.max_batch_events <= 0:
         raise ConfigError(f"{source}: scoring.max_batch_events: must be positive")
-    for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval"):
+    for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval", "table_trigger_interval"):
         if getattr(scoring, key) <= timedelta(0):
             raise ConfigError(f"{source}: scoring.{key}: must be positive")
     if settings.features.trigger_interval <= timedelta(0):

@@ -38,6 +38,8 @@ from typing import Any
 import mlflow
 import redis
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from pyspark.sql import SparkSession
+from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.core.errors import ConfigError
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
@@ -47,6 +49,7 @@ from pipelines.online.live_consumer import BatchLog
 from pipelines.online.live_metrics import percentile
 from pipelines.scoring.features import FeatureReader, ScoredEvent, servable_features
 from pipelines.scoring.model import ServableFeature, ServingModel, load_model, model_frame, resolve
+from pipelines.scoring.sinks import start_predictions_table
 
 log = logging.getLogger(__name__)
 
@@ -223,6 +226,9 @@ class Scorer:
         self.metrics = ScoringMetrics(scoring.report_interval.total_seconds(), scoring.latency_slo_p99.total_seconds())
         self.committed = 0
         self.batches = 0
+        #: Called about once a second between batches: raises to stop the scoring (a failed
+        #: predictions-table query).
+        self.health: Callable[[], None] = lambda: None
 
     def partitions(self) -> list[int]:
         topic = self.consumer.list_topics(self.events_topic, timeout=30).topics.get(self.events_topic)
@@ -254,8 +260,12 @@ class Scorer:
         reaches it. Returns the number of batches."""
         position = self.start()
         self.consumer.assign([TopicPartition(self.events_topic, p, o) for p, o in position.items()])
+        checked = time.monotonic()
         try:
             while not stop.is_set():
+                if time.monotonic() - checked >= 1.0:
+                    self.health()
+                    checked = time.monotonic()
                 if until is not None and all(position.get(p, 0) >= end for p, end in until.items()):
                     break
                 first = self._consume(timeout=0.2, count=1)
@@ -404,10 +414,12 @@ def ensure_predictions_topic(settings: Settings, partitions: int) -> None:
 
 def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | None, model_uri: str | None = None,
                 timeout: float | None = None, until_end: bool = False,
-                stop: threading.Event | None = None, on_ready: Callable[[Scorer], None] | None = None) -> int:
+                stop: threading.Event | None = None, on_ready: Callable[[Scorer], None] | None = None,
+                spark: SparkSession | None = None) -> int:
     """Score ``scoring.topic``'s valid events with ``model_uri`` (default ``scoring.model``)
     until ``stop``, ``timeout`` seconds, or (``until_end``) the events topic's end at start.
-    Returns 0."""
+    With ``spark``, the predictions table (:mod:`pipelines.scoring.sinks`) is kept beside
+    (``until_end``: brought up to the topic's end after the scoring). Returns 0."""
     scoring = settings.scoring
     uri = model_uri or scoring.model
     if not uri:
@@ -431,10 +443,30 @@ def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | Non
         timer.start()
     if on_ready:
         on_ready(scorer)
+    label = watcher.model.label
+    table = None
+    if spark is not None and not until_end:
+        table = start_predictions_table(spark, settings, label, available_now=False,
+                                        interval=scoring.table_trigger_interval)
+        scorer.health = lambda: _raise_if_failed(table)
     try:
         scorer.run(stop, until)
     finally:
         if timer:
             timer.cancel()
+        if table is not None and table.isActive:
+            table.stop()
+    if table is not None:
+        _raise_if_failed(table)
+    if spark is not None and until_end:
+        table = start_predictions_table(spark, settings, label, available_now=True)
+        table.awaitTermination()
+        _raise_if_failed(table)
     return 0
+
+
+def _raise_if_failed(query: StreamingQuery) -> None:
+    failure = query.exception()
+    if failure is not None:
+        raise RuntimeError(f"scoring: the predictions table's query failed: {failure}")
 

@@ -33,6 +33,7 @@ from pipelines.local.generator import DUPLICATE, VALID_KINDS, GeneratorSpec, gen
 from pipelines.online.store import redis_client
 from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import load_model
+from pipelines.scoring.sinks import predictions_path
 from pipelines.scoring.stream import run_scoring
 from pipelines.training.join import point_in_time_join, view_request
 from tests.support import start_job, topic_names
@@ -149,12 +150,17 @@ def test_every_valid_transaction_is_scored_once_with_its_own_trailing_row(spark,
     assert run_live(spark, settings, [settings.views["account_velocity"], settings.views["account_fraud_history"]],
                     available_now=True) == 0
     client = redis_client(settings.redis)
-    assert run_scoring(settings, client, tracking, f"models:/{name}@champion", until_end=True) == 0
+    assert run_scoring(settings, client, tracking, f"models:/{name}@champion", until_end=True, spark=spark) == 0
 
     predictions = committed_predictions(settings)
     ids = [p["event_id"] for p in predictions]
     assert len(ids) == len(set(ids)), "a duplicate prediction"
     assert set(ids) == valid
+    # The Delta table: the same predictions, once each, with their vectors.
+    table = spark.read.format("delta").load(predictions_path(settings, name))
+    assert sorted(r["event_id"] for r in table.select("event_id").collect()) == sorted(ids)
+    assert {r["event_id"]: (r["score"], r["features"]) for r in table.collect()} == {
+        p["event_id"]: (p["score"], p["features"]) for p in predictions}
     assert {(p["model_name"], p["model_version"]) for p in predictions} == {(name, version)}
     # The score is the model applied to the point-in-time vector of the event.
     expected = expected_vectors(spark, settings)
@@ -224,6 +230,9 @@ def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, i
     ids = [p["event_id"] for p in predictions]
     assert len(ids) == len(set(ids)), "a duplicate prediction among the committed ones"
     assert set(ids) == valid
+    # The Delta table, written by the killed jobs' queries too: each prediction once.
+    table = [r["event_id"] for r in spark.read.format("delta").load(predictions_path(settings, name)).collect()]
+    assert sorted(table) == sorted(ids)
     # The restarts found the batch in flight at each kill (or none, if the kill fell between two).
     assert log.read_text().count(": from offsets") == 3
 

@@ -3,6 +3,7 @@ against what the platform serves, and the latency objective."""
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -11,6 +12,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import ModelInput, ModelRef, ServingModel, check_inputs, parse_model_uri
+from pipelines.scoring.sinks import check_parsed, prediction_rows
 from pipelines.scoring.stream import ScoringMetrics
 
 CONF = PROJECT_ROOT / "conf"
@@ -89,3 +91,27 @@ def test_an_interval_whose_p99_is_over_the_objective_is_logged_as_an_error_and_f
     assert record.levelno == logging.ERROR
     metrics.record([0.1] * 100, duplicates=0, wait_s=0.0)
     assert not metrics.flush(model)["slo_breached"]
+
+
+def prediction_record(spark, value: str, offset: int):
+    return spark.createDataFrame([(value.encode(), 0, offset)], "value binary, partition int, offset long")
+
+
+def test_prediction_rows_keep_the_models_own_and_type_them(spark):
+    contract = load_settings("local", CONF).contracts["predictions"]
+    base = {"event_id": "e1", "entity": "a1", "score": 0.25, "model_name": "fraud", "model_version": "2",
+            "event_time": "2026-12-01T23:59:59.5Z", "append_time": "2026-12-02T00:00:00Z",
+            "features_ready_time": "2026-12-02T00:00:00.1Z", "scored_time": "2026-12-02T00:00:00.2Z",
+            "latency_ms": 700.0, "view_times": "{}", "features": "{\"amount_usd\":3.0}"}
+    records = prediction_record(spark, json.dumps(base), 7).union(
+        prediction_record(spark, json.dumps({**base, "event_id": "e2", "model_name": "other"}), 8))
+    [row] = prediction_rows(records, contract, "fraud").collect()
+    assert (row["event_id"], row["score"], row["kafka_offset"]) == ("e1", 0.25, 7)
+    assert str(row["event_date"]) == "2026-12-01"  # the event's UTC day
+
+
+def test_a_prediction_record_that_does_not_parse_stops_the_table_naming_its_offset(spark):
+    contract = load_settings("local", CONF).contracts["predictions"]
+    rows = prediction_rows(prediction_record(spark, '{"event_id": "e1", "score": "high"', 42), contract, "fraud")
+    with pytest.raises(ValueError, match=r"partition 0 offset 42 does not parse"):
+        check_parsed(rows)

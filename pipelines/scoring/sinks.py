@@ -1,0 +1,89 @@
+"""The predictions table: ``predictions/<model>``, the committed predictions of one model copied
+from the predictions topic exactly once.
+
+A streaming query reads the predictions topic with ``kafka.isolation.level=read_committed``
+(aborted transactions never reach it), keeps the model's predictions, parses them by the
+predictions contract and appends them in ``foreachBatch`` with ``txnAppId``/``txnVersion``
+(:func:`pipelines.core.delta.write_delta_idempotent`): a replayed batch writes nothing twice.
+The topic holds one prediction per event id (:mod:`pipelines.scoring.stream`), so the table does
+too. A record that does not parse by the contract stops the query, naming its offset: it is
+never dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import timedelta
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from pipelines.contracts.spark_schema import contract_schema
+from pipelines.core.contract_spec import Contract
+from pipelines.core.delta import streaming_query_id, write_delta_idempotent
+from pipelines.core.runner import with_trigger
+from pipelines.core.settings import Settings
+
+_PARSED = "_prediction"
+
+
+def table_name(model: str) -> str:
+    """A model's label as a folder name (a run URI's slashes and colons become underscores)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", model)
+
+
+def predictions_path(settings: Settings, model: str) -> str:
+    return f"{settings.storage.root}/predictions/{table_name(model)}"
+
+
+def prediction_rows(records: DataFrame, contract: Contract, model: str) -> DataFrame:
+    """Predictions-topic records -> table rows of ``model``: every field of the contract (typed),
+    the record's ``kafka_partition``/``kafka_offset`` and ``event_date`` (UTC day of the event).
+    A record that does not parse (or lacks a required field) gets a null ``event_id``, which
+    :func:`check_parsed` refuses."""
+    parsed = records.select(
+        F.from_json(F.col("value").cast("string"), contract_schema(contract)).alias(_PARSED),
+        F.col("partition").alias("kafka_partition"), F.col("offset").alias("kafka_offset"),
+    )
+    required = [f.name for f in contract.fields if f.required]
+    complete = F.lit(True)
+    for name in required:
+        complete = complete & F.col(f"{_PARSED}.{name}").isNotNull()
+    rows = parsed.select(
+        *[F.when(complete, F.col(f"{_PARSED}.{f.name}")).alias(f.name) for f in contract.fields],
+        "kafka_partition", "kafka_offset",
+    )
+    return (rows.where(F.col("model_name").isNull() | (F.col("model_name") == model))
+            .withColumn("event_date", F.to_date(F.col("event_time"))))
+
+
+def check_parsed(batch: DataFrame) -> None:
+    """Raises naming the first offset whose record did not parse by the contract."""
+    broken = batch.where(F.col("event_id").isNull()).select("kafka_partition", "kafka_offset").limit(1).collect()
+    if broken:
+        raise ValueError(f"predictions topic: the record at partition {broken[0][0]} offset {broken[0][1]} "
+                         f"does not parse by the predictions contract")
+
+
+def start_predictions_table(spark: SparkSession, settings: Settings, model: str, available_now: bool,
+                            interval: timedelta = timedelta(seconds=10)) -> StreamingQuery:
+    """The query copying ``model``'s committed predictions to :func:`predictions_path`
+    (checkpoint ``_checkpoints/predictions/<model>``)."""
+    scoring = settings.scoring
+    contract = settings.contracts[scoring.predictions_contract]
+    reader = (spark.readStream.format("kafka").option("subscribe", scoring.predictions_topic)
+              .option("startingOffsets", "earliest").option("failOnDataLoss", "true")
+              .option("kafka.isolation.level", "read_committed"))
+    for key, value in settings.kafka.spark_options().items():
+        reader = reader.option(key, value)
+    path = predictions_path(settings, model)
+
+    def write(batch: DataFrame, batch_id: int) -> None:
+        check_parsed(batch)
+        write_delta_idempotent(batch, path, streaming_query_id(batch.sparkSession), batch_id, partition_by=["event_date"])
+
+    writer = (prediction_rows(reader.load(), contract, model).writeStream.queryName(f"predictions_{table_name(model)}")
+              .foreachBatch(write)
+              .option("checkpointLocation", settings.storage.checkpoint_path("predictions", table_name(model))))
+    return with_trigger(writer, available_now, interval).start()
