@@ -4,7 +4,8 @@ ingest -> feature streams), built once for the module:
 * explore_features: its online check covers every entity of every view and finds Redis holding
   exactly the latest Delta row of each, and it draws its plots;
 * train_fraud_model: builds a training set, trains on it with pandas, and logs a model whose
-  MLflow run points at the training-set run that built exactly the data it read."""
+  MLflow run points at the training-set run that built exactly the data it read, registered
+  as ``fraud@champion`` with inputs fp-score serves."""
 
 from __future__ import annotations
 
@@ -21,6 +22,8 @@ from pipelines.core.settings import PROJECT_ROOT
 from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
+from pipelines.scoring.features import servable_features
+from pipelines.scoring.model import load_model
 from pipelines.training.join import content_hash
 from tests.support import topic_names
 
@@ -100,3 +103,10 @@ def test_training_notebook_logs_a_model_linked_to_the_run_that_built_its_data(sp
     # The generator makes large amounts and one merchant in ten riskier: a model must find it.
     assert model_run.data.metrics["test_roc_auc"] > 0.7, text
     assert images_in(outputs) >= 2  # the build's feature distributions, ROC / PR curves
+    # Registered and aliased: fp-score can load it and serve every input of its signature.
+    (registered,) = [line for line in text.splitlines() if line.startswith("registered fraud version ")]
+    version = registered.split()[3]
+    assert str(client.get_model_version_by_alias("fraud", "champion").version) == version
+    assert client.get_model_version("fraud", version).run_id == model_run_id
+    served = load_model(client, "models:/fraud@champion", servable_features(settings, settings.ingest.topics[0]))
+    assert served.ref.version == version and len(served.inputs) > 10
