@@ -130,6 +130,10 @@ class StorageSettings:
         return f"{self.root}/ops/live_metrics"
 
     @property
+    def scoring_metrics_path(self) -> str:
+        return f"{self.root}/ops/scoring_metrics"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 

@@ -175,12 +175,13 @@ def events_topic_rows(events: DataFrame) -> DataFrame:
 
 
 class MetricsTableWriter(threading.Thread):
-    """Appends queued metrics rows to ``ops/live_metrics`` off the batch thread (best effort: a
-    failed append is logged; the data path never waits for it)."""
+    """Appends queued metrics rows (``schema``'s) to an ops table (``ops/live_metrics`` by
+    default) off the batch thread (best effort: a failed append is logged; the data path never
+    waits for it)."""
 
-    def __init__(self, spark: SparkSession, path: str, rows: queue.Queue):
-        super().__init__(name="live-metrics", daemon=True)
-        self.spark, self.path, self.rows = spark, path, rows
+    def __init__(self, spark: SparkSession, path: str, rows: queue.Queue, schema: StructType = LIVE_METRICS_SCHEMA):
+        super().__init__(name="metrics-table", daemon=True)
+        self.spark, self.path, self.rows, self.schema = spark, path, rows, schema
         self.stopping = threading.Event()
 
     def run(self) -> None:
@@ -190,7 +191,7 @@ class MetricsTableWriter(threading.Thread):
             except queue.Empty:
                 continue
             try:
-                self.spark.createDataFrame([row], LIVE_METRICS_SCHEMA).write.format("delta").mode("append").save(self.path)
+                self.spark.createDataFrame([row], self.schema).write.format("delta").mode("append").save(self.path)
             except Exception as exc:  # noqa: BLE001 - metrics must never stop the live path
                 log.warning("live metrics row not written to %s: %s", self.path, exc)
 

@@ -18,6 +18,7 @@ from datetime import timedelta
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
+from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, StructField, StructType, TimestampType
 
 from pipelines.contracts.spark_schema import contract_schema
 from pipelines.core.contract_spec import Contract
@@ -26,6 +27,27 @@ from pipelines.core.runner import with_trigger
 from pipelines.core.settings import Settings
 
 _PARSED = "_prediction"
+
+#: ``ops/scoring_metrics``: one row per report interval of a scoring job (seconds for latencies).
+SCORING_METRICS_SCHEMA = StructType([
+    StructField("interval_start", TimestampType(), False),
+    StructField("interval_end", TimestampType(), False),
+    StructField("model_name", StringType(), False),
+    StructField("model_version", StringType(), True),
+    StructField("scored", LongType(), False),
+    StructField("duplicates", LongType(), False),
+    # Scored without their own row (the scorer further behind fp-live than live.served_retention).
+    StructField("without_rows", LongType(), False),
+    StructField("batches", LongType(), False),
+    StructField("events_per_second", DoubleType(), False),
+    StructField("p50_s", DoubleType(), True),
+    StructField("p95_s", DoubleType(), True),
+    StructField("p99_s", DoubleType(), True),
+    # The longest a batch waited for fp-live to apply its events.
+    StructField("max_feature_wait_s", DoubleType(), False),
+    StructField("slo_p99_s", DoubleType(), False),
+    StructField("slo_breached", BooleanType(), False),
+])
 
 
 def table_name(model: str) -> str:

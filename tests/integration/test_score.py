@@ -161,6 +161,10 @@ def test_every_valid_transaction_is_scored_once_with_its_own_trailing_row(spark,
     assert sorted(r["event_id"] for r in table.select("event_id").collect()) == sorted(ids)
     assert {r["event_id"]: (r["score"], r["features"]) for r in table.collect()} == {
         p["event_id"]: (p["score"], p["features"]) for p in predictions}
+    # The ops table has the intervals' figures: every prediction counted once.
+    ops = spark.read.format("delta").load(settings.storage.scoring_metrics_path)
+    assert ops.agg(F.sum("scored")).first()[0] == len(ids)
+    assert {(r["model_name"], r["model_version"]) for r in ops.collect()} == {(name, version)}
     assert {(p["model_name"], p["model_version"]) for p in predictions} == {(name, version)}
     # The score is the model applied to the point-in-time vector of the event.
     expected = expected_vectors(spark, settings)
