@@ -110,6 +110,7 @@ class FeatureReader:
         self.client = client
         self.namespace = settings.redis.namespace
         self.topic = topic
+        self.names = list(names)
         self.event_fields = [n for n in names if servable[n].view is None]
         by_view: dict[str, list[str]] = {}
         for name in names:
@@ -145,7 +146,9 @@ class FeatureReader:
             else:
                 rows = self._windowed(view, entities, now)
             for vector, event, row, floor in zip(vectors, events, rows, oldest):
-                usable = row is not None and floor <= row.event_micros <= event.event_micros
+                # The event's own row is its own whatever its time (an out-of-order event's is its
+                # entity's latest time); another view's row counts only within [t - max_age, t].
+                usable = row is not None and (name in own or floor <= row.event_micros <= event.event_micros)
                 for feature in self.features[name]:
                     vector.values[output_column(name, feature)] = row.value(feature) if usable else None
                 vector.rows[name] = (row.event_micros, row.computed_ms or None) if usable else (None, None)

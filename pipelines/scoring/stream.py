@@ -292,6 +292,9 @@ class Scorer:
 
     def score_batch(self, messages: Sequence[Message], ends: Mapping[int, int], stop: threading.Event) -> None:
         model = self.watcher.current()
+        if not {i.name for i in model.inputs} <= set(self.reader.names):  # a new version with new inputs
+            self.reader = FeatureReader(self.client, self.settings, self.reader.topic, self.watcher.servable,
+                                        [i.name for i in model.inputs])
         seq = self.log.next_seq()
         now = time.time()
         events, first_seen = [], set()

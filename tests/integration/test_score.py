@@ -234,6 +234,10 @@ def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, i
     ids = [p["event_id"] for p in predictions]
     assert len(ids) == len(set(ids)), "a duplicate prediction among the committed ones"
     assert set(ids) == valid
+    # Each counted in its own row, the out-of-order ones too (they are served their entity's
+    # features as they stood when they came, with them counted).
+    unserved = [p["event_id"] for p in predictions if (json.loads(p["features"])["account_velocity__count_1h"] or 0) < 1]
+    assert unserved == []
     # The Delta table, written by the killed jobs' queries too: each prediction once.
     table = [r["event_id"] for r in spark.read.format("delta").load(predictions_path(settings, name)).collect()]
     assert sorted(table) == sorted(ids)
@@ -269,7 +273,8 @@ def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_resta
         while len(committed_predictions(settings)) < len(before):
             assert thread.is_alive() and time.monotonic() < deadline
             time.sleep(0.5)
-        second = register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=7)
+        # The new version takes one input more: it is read from its first batch on.
+        second = register_model(tracking, tmp_path / "artifacts", name, [*INPUTS, "account_velocity__count_1d"], seed=7)
         time.sleep(2)  # past scoring.model_refresh
         after = send(84, timedelta(hours=1))
         while len(committed_predictions(settings)) < len(before) + len(after):
@@ -278,7 +283,9 @@ def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_resta
     finally:
         stop.set()
         thread.join(timeout=60)
-    versions = {p["event_id"]: p["model_version"] for p in committed_predictions(settings)}
-    assert {versions[i] for i in before} == {first}
-    assert {versions[i] for i in after} == {second} and second != first
+    predictions = {p["event_id"]: p for p in committed_predictions(settings)}
+    assert {predictions[i]["model_version"] for i in before} == {first}
+    assert {predictions[i]["model_version"] for i in after} == {second} and second != first
+    vectors = [json.loads(predictions[i]["features"]) for i in after]
+    assert all(set(v) == {*INPUTS, "account_velocity__count_1d"} and v["account_velocity__count_1d"] >= 1 for v in vectors)
     assert scorers[0].watcher.model.ref.version == second
