@@ -63,6 +63,7 @@ from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import epoch_micros
 from pipelines.online.store import read_online, redis_client
+from pipelines.scoring.model import register_version
 
 log = logging.getLogger("bench")
 MODEL = "fraud_bench"
@@ -80,14 +81,9 @@ def register_bench_model(tracking: str, artifacts: Path) -> str:
     model = HistGradientBoostingClassifier(max_iter=100, random_state=1).fit(frame, labels)
     client = mlflow.MlflowClient(tracking)
     experiment_id = client.create_experiment("scoring-bench", artifact_location=artifacts.as_uri())
-    mlflow.set_tracking_uri(tracking)
-    with mlflow.start_run(experiment_id=experiment_id):
-        info = mlflow.sklearn.log_model(
-            model, name="model", input_example=frame.head(3), registered_model_name=MODEL, pyfunc_predict_fn="predict_proba",
-            skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
-    version = str(info.registered_model_version)
-    client.set_registered_model_alias(MODEL, "champion", version)
-    return version
+    return register_version(client, experiment_id, lambda path: mlflow.sklearn.save_model(
+        model, path, input_example=frame.head(3), pyfunc_predict_fn="predict_proba",
+        skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]), MODEL, "champion")
 
 
 class VisiblePredictions(threading.Thread):

@@ -16,7 +16,8 @@ probability).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -175,6 +176,29 @@ def load_model(client: mlflow.MlflowClient, uri: str, servable: Mapping[str, Ser
     check_inputs(fixed, inputs, servable)
     log.info("scoring: model %s version %s (%s), %d inputs", ref.name or uri, ref.version or "-", fixed, len(inputs))
     return ServingModel(ref, inputs, pyfunc)
+
+
+def register_version(client: mlflow.MlflowClient, experiment_id: str, save: Callable[[str], None], name: str,
+                     alias: str | None = None) -> str:
+    """Log a model to a new run of ``experiment_id`` and register it as a new version of
+    ``name`` (created if missing), moving ``alias`` to it; returns the version. ``save(path)``
+    writes the MLflow model folder (e.g. ``mlflow.sklearn.save_model(model, path, ...)``).
+    Everything goes through ``client``: no process-wide MLflow state is set (the fluent API
+    exports ``MLFLOW_TRACKING_URI`` and would steer every later MLflow call of the process)."""
+    run = client.create_run(experiment_id, run_name=f"{name}-model")
+    with tempfile.TemporaryDirectory() as folder:
+        path = f"{folder}/model"
+        save(path)
+        client.log_artifacts(run.info.run_id, path, "model")
+    client.set_terminated(run.info.run_id)
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id).version
+    if alias is not None:
+        client.set_registered_model_alias(name, alias, version)
+    return str(version)
 
 
 def model_frame(inputs: Sequence[ModelInput], rows: Mapping[str, Sequence[Any]]) -> pd.DataFrame:

@@ -32,7 +32,7 @@ from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_e
 from pipelines.local.generator import DUPLICATE, VALID_KINDS, GeneratorSpec, generate, produce
 from pipelines.online.store import redis_client
 from pipelines.scoring.features import servable_features
-from pipelines.scoring.model import load_model
+from pipelines.scoring.model import load_model, register_version
 from pipelines.scoring.sinks import predictions_path
 from pipelines.scoring.stream import run_scoring
 from pipelines.training.join import point_in_time_join, view_request
@@ -47,29 +47,19 @@ INPUTS = ["amount_usd", "account_velocity__count_1h", "account_velocity__sum_amo
 
 def register_model(tracking: str, artifacts, name: str, inputs: list[str], seed: int, alias: str = "champion") -> str:
     """A small classifier over ``inputs`` (random data: the scores only need to depend on every
-    input), logged with its signature and predict_proba as pyfunc, registered as ``name`` with
+    input), saved with its signature and predict_proba as pyfunc, registered as ``name`` with
     ``alias`` on the new version. Returns the version."""
     rng = np.random.default_rng(seed)
     frame = pd.DataFrame({n: rng.gamma(2.0, 50.0, 400) for n in inputs})
     labels = (frame[inputs[0]] + rng.normal(0, 40, 400) > 120).astype(int)
     model = HistGradientBoostingClassifier(max_iter=20, random_state=seed).fit(frame, labels)
     client = mlflow.MlflowClient(tracking)
-    experiment = client.get_experiment_by_name("scoring-tests") or None
+    experiment = client.get_experiment_by_name("scoring-tests")
     experiment_id = experiment.experiment_id if experiment else client.create_experiment(
         "scoring-tests", artifact_location=artifacts.as_uri())
-    previous = mlflow.get_tracking_uri()
-    mlflow.set_tracking_uri(tracking)
-    try:
-        with mlflow.start_run(experiment_id=experiment_id):
-            info = mlflow.sklearn.log_model(
-                model, name="model", input_example=frame.head(3), registered_model_name=name,
-                pyfunc_predict_fn="predict_proba",
-                skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"])
-    finally:
-        mlflow.set_tracking_uri(previous)
-    version = str(info.registered_model_version)
-    client.set_registered_model_alias(name, alias, version)
-    return version
+    return register_version(client, experiment_id, lambda path: mlflow.sklearn.save_model(
+        model, path, input_example=frame.head(3), pyfunc_predict_fn="predict_proba",
+        skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]), name, alias)
 
 
 @pytest.fixture
