@@ -16,10 +16,11 @@ script, for one entity and batch:
    counted. Each new event keeps the features of its step as its **served row** (what a
    scorer reads for it: the event's own trailing row, as the batch definition gives it for
    that event). Events at or before ``T`` (out of order) are counted first, at ``T``'s bounds,
-   and are served the entity's features at ``T`` with them counted. A served row is kept while
-   its event is within ``served_retention`` (event time) of the entity's latest event: long
-   enough for a scorer to read it, not as long as the state (a row is some 10x an event's
-   values). A window whose stored bounds do not overlap a step's is rebuilt from the stored
+   and are served the entity's features at ``T`` with them counted. A served row is trimmed once
+   the entity's latest event time is ``served_retention`` past its event: long enough for a
+   scorer to read it, not as long as the state (a row is some 10x an event's values). A late
+   event already behind the retention gets its row all the same (a scorer reads it at once); it
+   goes with the event at the horizon or the state's expiry. A window whose stored bounds do not overlap a step's is rebuilt from the stored
    events;
 3. forgets every event at or before the horizon ``T - delay - longest window``, which can never
    count for a later event again, and its served row; an event arriving at or before it is not
@@ -301,7 +302,7 @@ end
 local clock = redis.call('TIME')
 local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
 local next_event, out = 1, {}
-local cut = max_t - keep  -- rows of events at or before it are not kept
+local cut = max_t - keep  -- rows of events at or before it are trimmed as the latest time passes them
 for _, target in ipairs(targets) do
   move_to(target - spec.delay)
   local first = next_event
@@ -313,13 +314,19 @@ for _, target in ipairs(targets) do
   out, row = features()
   -- Times as texts: cjson keeps 14 digits of a number.
   local served = cjson.encode({int(target), int(now), row})
-  for i = first, next_event - 1 do
-    if new_events[i][2] > cut then redis.call('HSETNX', skey, new_events[i][1], served) end
-  end
+  -- Every new event gets its row, a late one behind the retention too (it is read at once; the
+  -- trim below passes it by, and it goes with its event at the horizon or the state's expiry).
+  for i = first, next_event - 1 do redis.call('HSETNX', skey, new_events[i][1], served) end
 end
 -- The rows of events that fell out of the retention as the latest time moved.
+-- (Not this batch's own: a late one's row is read at once.)
 if old_max_t ~= nil and cut > old_max_t - keep then
-  local gone = redis.call('ZRANGEBYSCORE', tkey, '(' .. int(old_max_t - keep), int(cut))
+  local mine = {}
+  for _, e in ipairs(new_events) do mine[e[1]] = true end
+  local gone = {}
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', tkey, '(' .. int(old_max_t - keep), int(cut))) do
+    if not mine[id] then gone[#gone + 1] = id end
+  end
   for i = 1, #gone, 1000 do redis.call('HDEL', skey, unpack(gone, i, math.min(i + 999, #gone))) end
 end
 local added = #new_events

@@ -68,7 +68,8 @@ def servable_features(settings: Settings, topic: str) -> dict[str, ServableFeatu
     contract = settings.contract_for(topic)
     # The id and the event time are the event's identity, not inputs (the events topic carries
     # them apart from the other fields).
-    servable = {name: ServableFeature(name, kind) for name, kind in event_types.items()
+    required = {f.name for f in contract.fields if f.required}
+    servable = {name: ServableFeature(name, kind, nullable=name not in required) for name, kind in event_types.items()
                 if name not in (contract.id_field, contract.event_time_field)}
     for view in settings.views.values():
         if not view.online.enabled or view.entity not in event_types:

@@ -55,6 +55,9 @@ class ServableFeature:
     type: str
     view: str | None = None
     feature: str | None = None
+    #: Whether the value can be missing: a view's feature (no row for the entity) or an
+    #: optional field of the event.
+    nullable: bool = True
 
 
 @dataclass(frozen=True)
@@ -145,9 +148,15 @@ def model_inputs(uri: str, metadata: Any) -> list[ModelInput]:
     return inputs
 
 
+#: Signature types that cannot hold a missing value: MLflow's schema check refuses a batch with a
+#: null in such a column (and the same batch would fail again at every restart).
+NOT_NULLABLE = ("long", "integer", "boolean")
+
+
 def check_inputs(uri: str, inputs: Sequence[ModelInput], servable: Mapping[str, ServableFeature]) -> None:
-    """Raises ConfigError naming every input that is no servable feature, or whose feature's
-    type the input does not accept."""
+    """Raises ConfigError naming every input that is no servable feature, whose feature's type
+    the input does not accept, or that is an integer or boolean input fed by a feature that can
+    be missing (every view's: an entity may have no row; an optional field of the event)."""
     problems = []
     for item in inputs:
         feature = servable.get(item.name)
@@ -157,6 +166,9 @@ def check_inputs(uri: str, inputs: Sequence[ModelInput], servable: Mapping[str, 
             problems.append(f"input {item.name!r} is no feature the job serves{hint}")
         elif item.type not in ACCEPTED_BY.get(feature.type, ()):
             problems.append(f"input {item.name!r} is {item.type}, but the feature is {feature.type}")
+        elif item.type in NOT_NULLABLE and feature.nullable:
+            problems.append(f"input {item.name!r} is {item.type}, but the feature can be missing "
+                            f"(train and sign it as double: a missing value is then NaN)")
     if problems:
         raise ConfigError(f"scoring.model {uri}: " + "; ".join(problems))
 

@@ -281,7 +281,10 @@ class Scorer:
                 ends = dict(position)
                 for message in messages:
                     ends[message.partition()] = max(ends.get(message.partition(), 0), message.offset() + 1)
-                self.score_batch(messages, ends, stop)
+                try:
+                    self.score_batch(messages, ends, stop)
+                except InterruptedError:  # stopped while waiting for fp-live: the batch was not committed
+                    break
                 position = ends
                 self.metrics.flush_if_due(self.watcher.model)
         finally:
@@ -358,7 +361,11 @@ class Scorer:
             missing = [i for i in range(len(events)) if any(rows[n][i] is None for n in rows)]
             if not missing:
                 return rows
+            # The live consumer's position first, then the rows again: a row written between a
+            # first read and this look is not taken for a row that will never come.
             applied = self._applied()
+            self._refetch(events, missing, rows)
+            missing = [i for i in missing if any(rows[n][i] is None for n in rows)]
             waiting = [i for i in missing if applied.get(events[i].partition, 0) <= events[i].offset]
             for i in set(missing) - set(waiting):  # applied, yet no row: as the entity's features stand
                 for name in rows:
@@ -376,9 +383,13 @@ class Scorer:
                                    f"{self.feature_wait_s:.0f}s: is fp-live running?")
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
-            fetched = self.reader.own_rows([events[i] for i in waiting])
-            for name in rows:
-                for j, i in enumerate(waiting):
+            self._refetch(events, waiting, rows)
+
+    def _refetch(self, events: Sequence[ScoredEvent], which: Sequence[int], rows: dict[str, list[Any]]) -> None:
+        fetched = self.reader.own_rows([events[i] for i in which])
+        for name in rows:
+            for j, i in enumerate(which):
+                if rows[name][i] is None:
                     rows[name][i] = fetched[name][j]
 
     def _applied(self) -> dict[int, int]:

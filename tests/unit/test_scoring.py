@@ -59,10 +59,17 @@ def test_an_input_of_a_type_the_feature_cannot_fill_is_refused(servable):
 
 def test_integer_and_boolean_features_widen_to_double_inputs(servable):
     check_inputs("models:/m/1", [ModelInput("account_velocity__count_1h", "double", True),
-                                 ModelInput("account_fraud_history__any_fraud_30d", "double", True),
-                                 ModelInput("account_velocity__count_1d", "long", True)], servable)
+                                 ModelInput("account_fraud_history__any_fraud_30d", "double", True)], servable)
     with pytest.raises(ConfigError, match=r"input 'amount_usd' is long, but the feature is double"):
         check_inputs("models:/m/1", [ModelInput("amount_usd", "long", True)], servable)
+
+
+def test_an_integer_or_boolean_input_fed_by_a_feature_that_can_be_missing_is_refused(servable):
+    # An account without a row has no count: a long column with a null fails every batch.
+    with pytest.raises(ConfigError, match=r"input 'account_velocity__count_1d' is long, but the feature can be "
+                                          r"missing.*input 'account_fraud_history__any_fraud_30d' is boolean"):
+        check_inputs("models:/m/1", [ModelInput("account_velocity__count_1d", "long", True),
+                                     ModelInput("account_fraud_history__any_fraud_30d", "boolean", True)], servable)
 
 
 @pytest.mark.parametrize("uri, parsed", [
