@@ -37,13 +37,10 @@ from pipelines.online.store import read_online
 from pipelines.scoring.model import ServableFeature
 from pipelines.training.join import output_column
 
-#: Contract field types -> Spark's names, as features are typed.
-_SPARK_TYPE = {"long": "bigint"}
-
 
 def contract_types(settings: Settings, topic: str) -> dict[str, str]:
     """Field -> Spark type name of ``topic``'s contract."""
-    return {f.name: _SPARK_TYPE.get(f.type, f.type) for f in settings.contract_for(topic).fields}
+    return {f.name: f.sql_type for f in settings.contract_for(topic).fields}
 
 
 def view_feature_types(view: FeatureView, column_types: Mapping[str, str]) -> dict[str, str]:
