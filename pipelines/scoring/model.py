@@ -16,6 +16,7 @@ probability).
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -114,6 +115,18 @@ def parse_model_uri(uri: str) -> tuple[str | None, str | None, str | None]:
         name, version = path.split("/", 1)
         return name, version, None
     raise ConfigError(f"scoring.model: {uri!r} names no version or alias (models:/<name>@<alias> or models:/<name>/<version>)")
+
+
+def deployment_key(uri: str) -> str:
+    """What names one deployment of a model in Kafka (consumer group, ``transactional.id``),
+    Redis and the checkpoints: the URI without its scheme, ``fraud@champion`` for
+    ``models:/fraud@champion``, ``fraud.v3`` for ``models:/fraud/3``, the URI with every
+    character outside ``[A-Za-z0-9_.@-]`` replaced by ``_`` otherwise. A champion and a
+    challenger of one model are two deployments: each scores every event once, apart."""
+    name, version, alias = parse_model_uri(uri)
+    if name is not None:
+        return f"{name}@{alias}" if alias is not None else f"{name}.v{version}"
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", uri)
 
 
 def resolve(client: mlflow.MlflowClient, uri: str) -> ModelRef:

@@ -1,12 +1,13 @@
 """The predictions table: ``predictions/<model>``, the committed predictions of one model copied
-from the predictions topic exactly once.
+from the predictions topic exactly once, each deployment of the model (``deployment``: the
+champion's URI, a challenger's) by a query of its own.
 
 A streaming query reads the predictions topic with ``kafka.isolation.level=read_committed``
-(aborted transactions never reach it), keeps the model's predictions, parses them by the
+(aborted transactions never reach it), keeps its deployment's predictions, parses them by the
 predictions contract and appends them in ``foreachBatch`` with ``txnAppId``/``txnVersion``
 (:func:`pipelines.core.delta.write_delta_idempotent`): a replayed batch writes nothing twice.
-The topic holds one prediction per event id (:mod:`pipelines.scoring.stream`), so the table does
-too. A record that does not parse by the contract stops the query, naming its offset: it is
+The topic holds one prediction per deployment and event id (:mod:`pipelines.scoring.stream`),
+so the table does too. A record that does not parse by the contract stops the query, naming its offset: it is
 never dropped.
 """
 
@@ -25,6 +26,7 @@ from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import streaming_query_id, write_delta_idempotent
 from pipelines.core.runner import with_trigger
 from pipelines.core.settings import Settings
+from pipelines.scoring.model import deployment_key
 
 _PARSED = "_prediction"
 
@@ -34,6 +36,7 @@ SCORING_METRICS_SCHEMA = StructType([
     StructField("interval_end", TimestampType(), False),
     StructField("model_name", StringType(), False),
     StructField("model_version", StringType(), True),
+    StructField("deployment", StringType(), False),
     StructField("scored", LongType(), False),
     StructField("duplicates", LongType(), False),
     # Scored without their own row (the scorer further behind fp-live than live.served_retention).
@@ -59,8 +62,8 @@ def predictions_path(settings: Settings, model: str) -> str:
     return f"{settings.storage.root}/predictions/{table_name(model)}"
 
 
-def prediction_rows(records: DataFrame, contract: Contract, model: str) -> DataFrame:
-    """Predictions-topic records -> table rows of ``model``: every field of the contract (typed),
+def prediction_rows(records: DataFrame, contract: Contract, deployment: str) -> DataFrame:
+    """Predictions-topic records -> table rows of ``deployment`` (its model URI): every field of the contract (typed),
     the record's ``kafka_partition``/``kafka_offset`` and ``event_date`` (UTC day of the event).
     A record that does not parse (or lacks a required field) gets a null ``event_id``, which
     :func:`check_parsed` refuses."""
@@ -76,7 +79,7 @@ def prediction_rows(records: DataFrame, contract: Contract, model: str) -> DataF
         *[F.when(complete, F.col(f"{_PARSED}.{f.name}")).alias(f.name) for f in contract.fields],
         "kafka_partition", "kafka_offset",
     )
-    return (rows.where(F.col("model_name").isNull() | (F.col("model_name") == model))
+    return (rows.where(F.col("deployment").isNull() | (F.col("deployment") == deployment))
             .withColumn("event_date", F.to_date(F.col("event_time"))))
 
 
@@ -88,10 +91,10 @@ def check_parsed(batch: DataFrame) -> None:
                          f"does not parse by the predictions contract")
 
 
-def start_predictions_table(spark: SparkSession, settings: Settings, model: str, available_now: bool,
-                            interval: timedelta = timedelta(seconds=10)) -> StreamingQuery:
-    """The query copying ``model``'s committed predictions to :func:`predictions_path`
-    (checkpoint ``_checkpoints/predictions/<model>``)."""
+def start_predictions_table(spark: SparkSession, settings: Settings, model: str, deployment: str,
+                            available_now: bool, interval: timedelta = timedelta(seconds=10)) -> StreamingQuery:
+    """The query copying the committed predictions of ``deployment`` (a model URI of ``model``)
+    to :func:`predictions_path` (checkpoint ``_checkpoints/predictions/<model>/<deployment key>``)."""
     scoring = settings.scoring
     contract = settings.contracts[scoring.predictions_contract]
     reader = (spark.readStream.format("kafka").option("subscribe", scoring.predictions_topic)
@@ -105,7 +108,10 @@ def start_predictions_table(spark: SparkSession, settings: Settings, model: str,
         check_parsed(batch)
         write_delta_idempotent(batch, path, streaming_query_id(batch.sparkSession), batch_id, partition_by=["event_date"])
 
-    writer = (prediction_rows(reader.load(), contract, model).writeStream.queryName(f"predictions_{table_name(model)}")
+    key = deployment_key(deployment)
+    writer = (prediction_rows(reader.load(), contract, deployment).writeStream
+              .queryName(f"predictions_{table_name(model)}_{table_name(key)}")
               .foreachBatch(write)
-              .option("checkpointLocation", settings.storage.checkpoint_path("predictions", table_name(model))))
+              .option("checkpointLocation",
+                      settings.storage.checkpoint_path("predictions", f"{table_name(model)}/{table_name(key)}")))
     return with_trigger(writer, available_now, interval).start()

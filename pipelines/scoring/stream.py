@@ -10,18 +10,16 @@ its vector (:class:`pipelines.scoring.features.FeatureReader`), and the batch is
 model call.
 
 **Exactly once, in Kafka.** Each batch is one Kafka transaction of a producer whose
-``transactional.id`` is fixed per model and topic (a zombie is fenced): its predictions and the
-consumer group's offsets after it, whose metadata carries the batch's sequence number. A
-``read_committed`` reader sees each batch whole or not at all; a crash before the commit aborts
-it, and the restart scores the same events again.
+``transactional.id`` is fixed per deployment and topic (``fp-score.<deployment>.<topic>.live``,
+:func:`pipelines.scoring.model.deployment_key`; a zombie is fenced): its predictions and the
+consumer group's offsets after it. A ``read_committed`` reader sees each batch whole or not at
+all; a crash before the commit aborts it, and the restart scores the same events again.
 
 **One prediction per event id.** The events topic repeats events (a source duplicate, or the
 validation's replay after a restart). Before its transaction commits, a batch marks each event
-it scores with its sequence number in Redis (hashes per minute of arrival, kept
-``scoring.dedupe_window``). A mark counts only if its batch committed: its sequence is at or
-below the committed one (the offsets' metadata) and is not among the batches found in flight
-at a start (aborted, recorded in Redis). An event with a mark that counts is a duplicate: left
-out, its offset still committed.
+it scores in Redis with the message it scored it from (:class:`ScoreLog`). A mark counts only
+once the committed offsets are past its message, i.e. its batch committed; an event with a mark
+that counts is a duplicate: left out, its offset still committed.
 """
 
 from __future__ import annotations
@@ -51,68 +49,110 @@ from pipelines.features.live_stream import MetricsTableWriter
 from pipelines.online.live_consumer import BatchLog
 from pipelines.online.live_metrics import percentile
 from pipelines.scoring.features import FeatureReader, ScoredEvent, servable_features
-from pipelines.scoring.model import ServableFeature, ServingModel, load_model, model_frame, resolve
+from pipelines.scoring.model import (
+    ServableFeature,
+    ServingModel,
+    deployment_key,
+    load_model,
+    model_frame,
+    resolve,
+)
 from pipelines.scoring.sinks import SCORING_METRICS_SCHEMA, start_predictions_table
 
 log = logging.getLogger(__name__)
-
-SEQ_METADATA = "fp-score-seq="
-
 
 def iso(micros_: int) -> str:
     return from_epoch_micros(micros_).isoformat().replace("+00:00", "Z")
 
 
 class ScoreLog:
-    """The scorer's sequence numbers and duplicate marks in Redis, under
-    ``{namespace}:~score:{model}:{topic}``."""
+    """The scorer's duplicate marks and its batch in flight in Redis, under
+    ``{namespace}:~score:{deployment}:{events topic}``.
 
-    def __init__(self, client: redis.Redis, namespace: str, model: str, topic: str, dedupe_window_s: float):
+    A mark says which message of the events topic an event id was scored from: ``seen:{minute}``
+    hashes (event id -> ``partition:offset``), one per minute of the source record's Kafka
+    append time, listed in the sorted set ``minutes``. A mark counts once the consumer group's
+    committed offset of its partition is past its offset: its batch committed (offsets only move
+    with a committed transaction). A mark of a batch that died in flight, or of a fenced old
+    instance that wrote it after its replacement started, is past the committed offsets and
+    does not count; the event is scored again, and its mark rewritten.
+
+    Bucketing by append time, not by the wall clock, keeps a mark as long as the events topic
+    can repeat its message: ``fp-live``'s replay after a restart re-emits an event with its
+    source record's append time, so after an outage of any length the replayed event finds its
+    bucket. A bucket is deleted once the newest append time the scorer has seen is
+    ``dedupe_window`` past it; a source duplicate sent later than that gets a second prediction.
+    """
+
+    def __init__(self, client: redis.Redis, namespace: str, deployment: str, topic: str, dedupe_window_s: float):
         self.client = client
-        self.prefix = f"{namespace}:~score:{model}:{topic}"
-        self.window_s = dedupe_window_s
-        self.aborted: set[int] = set()
+        self.prefix = f"{namespace}:~score:{deployment}:{topic}"
+        self.window_minutes = int(dedupe_window_s // 60) + 1
+        self.newest_minute: int | None = None
 
-    def start(self, committed: int) -> None:
-        """At a start: a batch begun after the last committed one died in flight; its marks never count."""
-        started = int(self.client.get(f"{self.prefix}:seq") or 0)
-        if started > committed:
-            log.info("scoring: batch %d was in flight at the last stop (committed: %d): its marks are void", started, committed)
-            self.client.sadd(f"{self.prefix}:aborted", *range(committed + 1, started + 1))
-        elif started < committed:  # the Redis keys were lost: go on after the committed batch
-            self.client.set(f"{self.prefix}:seq", committed)
-        self.client.expire(f"{self.prefix}:aborted", int(self.window_s * 4) + 3600)
-        self.aborted = {int(v) for v in self.client.smembers(f"{self.prefix}:aborted")}
+    @property
+    def in_flight_key(self) -> str:
+        return f"{self.prefix}:inflight"
 
-    def next_seq(self) -> int:
-        return int(self.client.incr(f"{self.prefix}:seq"))
+    def start(self, committed: Mapping[int, int]) -> dict[int, int] | None:
+        """At a start: the offsets the last batch of an earlier run was to commit, if it did
+        not (its Kafka transaction is aborted by this start, its marks never count)."""
+        raw = self.client.get(self.in_flight_key)
+        if raw is None:
+            return None
+        ends = {int(p): int(o) for p, o in json.loads(raw)["ends"].items()}
+        if all(committed.get(p, 0) >= o for p, o in ends.items()):
+            return None
+        log.info("scoring: the batch up to offsets %s was in flight at the last stop (committed: %s): "
+                 "aborted, its events are scored again", ends, dict(committed))
+        return ends
 
-    def _buckets(self, now: float) -> list[str]:
-        minute = int(now // 60)
-        return [f"{self.prefix}:seen:{m}" for m in range(minute - int(self.window_s // 60) - 1, minute + 1)]
+    def _minute(self, event: ScoredEvent) -> int:
+        return event.append_micros // 60_000_000
 
-    def scored(self, ids: Sequence[str], committed: int, now: float) -> set[str]:
-        """The ids among ``ids`` scored by a committed batch within the window."""
-        if not ids:
+    def scored(self, events: Sequence[ScoredEvent], committed: Mapping[int, int]) -> set[str]:
+        """The ids among ``events`` already scored from a message below the committed offsets."""
+        if not events:
             return set()
+        ids = [e.event_id for e in events]
+        minutes = [self._minute(e) for e in events]
         pipe = self.client.pipeline(transaction=False)
-        for bucket in self._buckets(now):
-            pipe.hmget(bucket, list(ids))
+        for minute in range(min(minutes) - self.window_minutes, max(minutes) + 1):
+            pipe.hmget(f"{self.prefix}:seen:{minute}", ids)
         found = set()
         for values in pipe.execute():
             for event_id, value in zip(ids, values):
-                if value is not None and (seq := int(value)) <= committed and seq not in self.aborted:
-                    found.add(event_id)
+                if value is not None:
+                    partition, offset = value.split(b":" if isinstance(value, bytes) else ":")
+                    if int(offset) < committed.get(int(partition), 0):
+                        found.add(event_id)
         return found
 
-    def mark(self, ids: Sequence[str], seq: int, now: float) -> None:
-        if not ids:
-            return
-        bucket = self._buckets(now)[-1]
+    def mark(self, events: Sequence[ScoredEvent], ends: Mapping[int, int]) -> None:
+        """Marks ``events`` as scored from their messages, records the batch's ``ends`` as in
+        flight (one round trip), and deletes the buckets behind the window."""
+        by_minute: dict[int, dict[str, str]] = {}
+        for event in events:
+            by_minute.setdefault(self._minute(event), {})[event.event_id] = f"{event.partition}:{event.offset}"
         pipe = self.client.pipeline(transaction=False)
-        pipe.hset(bucket, mapping=dict.fromkeys(ids, seq))
-        pipe.expire(bucket, int(self.window_s) + 120)
+        for minute, marks in by_minute.items():
+            pipe.hset(f"{self.prefix}:seen:{minute}", mapping=marks)
+        if by_minute:
+            pipe.zadd(f"{self.prefix}:minutes", {str(m): m for m in by_minute})
+        pipe.set(self.in_flight_key, json.dumps({"ends": {str(p): o for p, o in ends.items()}}))
         pipe.execute()
+        newest = max(by_minute, default=self.newest_minute)
+        if newest is not None and (self.newest_minute is None or newest > self.newest_minute):
+            self.newest_minute = newest
+            self._trim(newest - self.window_minutes - 1)
+
+    def _trim(self, last_minute: int) -> None:
+        old = self.client.zrangebyscore(f"{self.prefix}:minutes", "-inf", last_minute)
+        if old:
+            pipe = self.client.pipeline(transaction=False)
+            pipe.delete(*[f"{self.prefix}:seen:{int(m)}" for m in old])
+            pipe.zremrangebyscore(f"{self.prefix}:minutes", "-inf", last_minute)
+            pipe.execute()
 
 
 @dataclass
@@ -130,12 +170,17 @@ class ScoringMetrics:
     batches: int = 0
     latencies: list[float] = field(default_factory=list)
     waits: list[float] = field(default_factory=list)
+    #: Per step of a batch (:data:`BATCH_STEPS`), each batch's seconds in it: where the time goes.
+    steps: dict[str, list[float]] = field(default_factory=dict)
     breaches: int = 0
     #: Every interval's row, for ``ops/scoring_metrics`` (drained by a writer off the data path).
     rows: queue.Queue = field(default_factory=queue.Queue)
 
-    def record(self, latencies: Sequence[float], duplicates: int, wait_s: float, without_rows: int = 0) -> None:
+    def record(self, latencies: Sequence[float], duplicates: int, wait_s: float, without_rows: int = 0,
+               steps: Mapping[str, float] | None = None) -> None:
         self.batches += 1
+        for step, seconds in (steps or {}).items():
+            self.steps.setdefault(step, []).append(seconds)
         self.scored += len(latencies)
         self.duplicates += duplicates
         self.without_rows += without_rows
@@ -155,7 +200,7 @@ class ScoringMetrics:
         row = {
             "interval_start": datetime.fromtimestamp(self.started, timezone.utc),
             "interval_end": datetime.fromtimestamp(now, timezone.utc),
-            "model_name": model.label, "model_version": model.ref.version,
+            "model_name": model.label, "model_version": model.ref.version, "deployment": model.ref.uri,
             "scored": self.scored, "duplicates": self.duplicates, "without_rows": self.without_rows,
             "batches": self.batches,
             "events_per_second": self.scored / max(now - self.started, 1e-9),
@@ -167,6 +212,10 @@ class ScoringMetrics:
         text = (f"scoring {model.label} v{model.ref.version or '-'}: {row['scored']} scored "
                 f"({row['events_per_second']:.0f}/s), {row['duplicates']} duplicates left out, event->prediction "
                 + (f"p50 {row['p50_s']:.3f}s p95 {row['p95_s']:.3f}s p99 {row['p99_s']:.3f}s" if ordered else "-"))
+        if self.steps:
+            text += "; per batch (ms, p50/max): " + " ".join(
+                f"{step} {percentile(sorted(values), 0.5) * 1000:.0f}/{max(values) * 1000:.0f}"
+                for step, values in self.steps.items())
         if row["slo_breached"]:
             self.breaches += 1
             log.error("%s: OVER THE LATENCY OBJECTIVE (p99 %.3fs > %.3fs)", text, row["p99_s"], self.slo_p99_s)
@@ -177,7 +226,7 @@ class ScoringMetrics:
             log.info(text)
         self.rows.put(row)
         self.started, self.scored, self.duplicates, self.without_rows, self.batches = now, 0, 0, 0, 0
-        self.latencies, self.waits = [], []
+        self.latencies, self.waits, self.steps = [], [], {}
         return row
 
 
@@ -218,19 +267,25 @@ class Scorer:
         self.events_topic, self.key_field, self.predictions_topic = events_topic, key_field, predictions_topic
         self.max_events = scoring.max_batch_events
         self.feature_wait_s = feature_wait_s
-        name = watcher.model.ref.name or "model"
-        self.group = f"fp-score.{name}.{events_topic}"
+        self.deployment = deployment_key(watcher.uri)
+        self.group = f"fp-score.{self.deployment}.{events_topic}"
         props = settings.kafka.client_properties()
         self.consumer = Consumer({**props, "group.id": self.group, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 20, "enable.partition.eof": False})
         self.producer = Producer({**props, "transactional.id": self.group, "enable.idempotence": True,
                                   "linger.ms": 2, "compression.type": "lz4"})
-        self.log = ScoreLog(client, settings.redis.namespace, name, events_topic, micros(scoring.dedupe_window) / 1e6)
+        self.log = ScoreLog(client, settings.redis.namespace, self.deployment, events_topic,
+                            micros(scoring.dedupe_window) / 1e6)
         self.live_log = BatchLog(client, settings.redis.namespace, events_topic)
         self.metrics = ScoringMetrics(scoring.report_interval.total_seconds(), scoring.latency_slo_p99.total_seconds())
-        self.committed = 0
+        #: Per partition of the events topic, the committed offset (the next to score).
+        self.committed: dict[int, int] = {}
+        #: At a start: the ends of the batch an earlier run had in flight, if it did not commit.
+        self.aborted: dict[int, int] | None = None
         self.batches = 0
+        #: Batches that found an event's own row not yet written and waited for fp-live.
+        self.waited_batches = 0
         #: Called about once a second between batches: raises to stop the scoring (a failed
         #: predictions-table query).
         self.health: Callable[[], None] = lambda: None
@@ -242,22 +297,21 @@ class Scorer:
         return sorted(topic.partitions)
 
     def start(self) -> dict[int, int]:
-        """The position to read from (the committed offsets, else the earliest) and the last
-        committed batch's sequence."""
+        """The position to read from: the committed offsets, else the earliest. Fences an
+        earlier instance of the same deployment first (``init_transactions`` aborts its
+        transaction in flight; a later commit of it fails)."""
         self.producer.init_transactions(30)
         partitions = self.partitions()
         committed = self.consumer.committed([TopicPartition(self.events_topic, p) for p in partitions], timeout=30)
-        position, seqs = {}, [0]
+        position = {}
         for tp in committed:
             if tp.offset >= 0:
                 position[tp.partition] = tp.offset
-                if tp.metadata and tp.metadata.startswith(SEQ_METADATA):
-                    seqs.append(int(tp.metadata[len(SEQ_METADATA):]))
             else:
                 position[tp.partition] = self.consumer.get_watermark_offsets(tp, timeout=30)[0]
-        self.committed = max(seqs)
-        self.log.start(self.committed)
-        log.info("scoring %s: from offsets %s (last committed batch %d)", self.events_topic, position, self.committed)
+        self.committed = dict(position)
+        self.aborted = self.log.start(position)
+        log.info("scoring %s (%s): from offsets %s", self.events_topic, self.deployment, position)
         return position
 
     def run(self, stop: threading.Event, until: Mapping[int, int] | None = None) -> int:
@@ -294,25 +348,30 @@ class Scorer:
         return self.batches
 
     def score_batch(self, messages: Sequence[Message], ends: Mapping[int, int], stop: threading.Event) -> None:
+        clock = [time.perf_counter()]
+
+        def lap() -> float:
+            clock.append(time.perf_counter())
+            return clock[-1] - clock[-2]
+
         model = self.watcher.current()
         if not {i.name for i in model.inputs} <= set(self.reader.names):  # a new version with new inputs
             self.reader = FeatureReader(self.client, self.settings, self.reader.topic, self.watcher.servable,
                                         [i.name for i in model.inputs])
-        seq = self.log.next_seq()
-        now = time.time()
         events, first_seen = [], set()
         for message in messages:
             event = decode_event(message)
             if event.event_id not in first_seen:
                 first_seen.add(event.event_id)
                 events.append(event)
-        done = self.log.scored([e.event_id for e in events], self.committed, now)
+        done = self.log.scored(events, self.committed)
         fresh = [e for e in events if e.event_id not in done]
         duplicates = len(messages) - len(fresh)
-        waited = time.monotonic()
+        steps = {"dedupe": lap()}
         own = self.wait_for_own_rows(fresh, stop)
-        wait_s = time.monotonic() - waited
+        wait_s = steps["wait"] = lap()
         vectors = self.reader.vectors(fresh, own, datetime.now(timezone.utc))
+        steps["read"] = lap()
         records: list[tuple[str | None, str]] = []
         latencies: list[float] = []
         if fresh:
@@ -327,6 +386,7 @@ class Scorer:
                     "score": float(score),
                     "model_name": model.label,
                     "model_version": model.ref.version,
+                    "deployment": self.watcher.uri,
                     "event_time": iso(event.event_micros),
                     "append_time": iso(event.append_micros),
                     "features_ready_time": iso(max(ready) * 1000 if ready else event.event_micros),
@@ -338,17 +398,20 @@ class Scorer:
                 }
                 records.append((record["entity"], json.dumps(record, separators=(",", ":"))))
                 latencies.append((scored_micros - event.event_micros) / 1e6)
-        self.log.mark([e.event_id for e in fresh], seq, now)
+        steps["model"] = lap()
+        self.log.mark(fresh, ends)
+        steps["mark"] = lap()
         self.producer.begin_transaction()
         for key, value in records:
             self.producer.produce(self.predictions_topic, value=value.encode(), key=None if key is None else str(key).encode())
-        offsets = [TopicPartition(self.events_topic, p, o, metadata=f"{SEQ_METADATA}{seq}") for p, o in ends.items()]
+        offsets = [TopicPartition(self.events_topic, p, o) for p, o in ends.items()]
         self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
         self.producer.commit_transaction(60)
-        self.committed = seq
+        self.committed = dict(ends)
+        steps["commit"] = lap()
         self.batches += 1
         without_rows = sum(1 for v in vectors if any(v.rows.get(n) == (None, None) for n in self.reader.own))
-        self.metrics.record(latencies, duplicates, wait_s, without_rows)
+        self.metrics.record(latencies, duplicates, wait_s, without_rows, steps)
 
     def wait_for_own_rows(self, events: Sequence[ScoredEvent], stop: threading.Event) -> dict[str, list[Any]]:
         """The own views' rows of ``events``, once ``fp-live`` has applied each event. An event
@@ -357,6 +420,8 @@ class Scorer:
         rows = self.reader.own_rows(events)
         deadline = time.monotonic() + self.feature_wait_s
         pause = 0.002
+        if any(row is None for column in rows.values() for row in column):
+            self.waited_batches += 1
         while True:
             missing = [i for i in range(len(events)) if any(rows[n][i] is None for n in rows)]
             if not missing:
@@ -471,7 +536,7 @@ def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | Non
                                             SCORING_METRICS_SCHEMA)
         metrics_writer.start()
     if spark is not None and not until_end:
-        table = start_predictions_table(spark, settings, label, available_now=False,
+        table = start_predictions_table(spark, settings, label, uri, available_now=False,
                                         interval=scoring.table_trigger_interval)
         scorer.health = lambda: _raise_if_failed(table)
     try:
@@ -487,7 +552,7 @@ def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | Non
     if table is not None:
         _raise_if_failed(table)
     if spark is not None and until_end:
-        table = start_predictions_table(spark, settings, label, available_now=True)
+        table = start_predictions_table(spark, settings, label, uri, available_now=True)
         table.awaitTermination()
         _raise_if_failed(table)
     return 0

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
-import random
 import signal
 import threading
 import time
@@ -19,7 +19,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 from pyspark.sql import functions as F
 from sklearn.ensemble import HistGradientBoostingClassifier
 
@@ -31,10 +31,10 @@ from pipelines.features.transforms import trailing_features
 from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_events
 from pipelines.local.generator import DUPLICATE, VALID_KINDS, GeneratorSpec, generate, produce
 from pipelines.online.store import redis_client
-from pipelines.scoring.features import servable_features
+from pipelines.scoring.features import ScoredEvent, servable_features
 from pipelines.scoring.model import load_model, register_version
 from pipelines.scoring.sinks import predictions_path
-from pipelines.scoring.stream import run_scoring
+from pipelines.scoring.stream import ModelWatcher, ScoreLog, run_scoring
 from pipelines.training.join import point_in_time_join, view_request
 from tests.support import start_job, topic_names
 
@@ -189,7 +189,54 @@ def score_job_args(settings: Settings, tracking: str, model_uri: str, batch: int
             "--set", f"scoring.max_batch_events={batch}", "--model", model_uri, "--tracking-uri", tracking]
 
 
-def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, isolated, tracking, tmp_path):
+class CommittedOffsets:
+    """The scoring group's committed offsets of the events topic, read from outside the job."""
+
+    def __init__(self, settings: Settings, group: str, topic: str):
+        self.topic = topic
+        # read_uncommitted: the offsets committed so far. (A read_committed client asks for stable
+        # offsets, and the broker makes it wait while a transaction holding offsets is open.)
+        self.consumer = Consumer({**settings.kafka.client_properties(), "group.id": group,
+                                  "enable.auto.commit": False, "isolation.level": "read_uncommitted"})
+        self.partitions = sorted(self.consumer.list_topics(topic, timeout=30).topics[topic].partitions)
+
+    def __call__(self) -> dict[int, int] | None:
+        """The committed offsets; None if the broker holds the answer back for an open transaction
+        with offsets (the batch in flight has not committed)."""
+        try:
+            found = self.consumer.committed([TopicPartition(self.topic, p) for p in self.partitions], timeout=5)
+        except KafkaException as exc:
+            if exc.args[0].code() == KafkaError._TIMED_OUT:
+                return None
+            raise
+        return {tp.partition: tp.offset for tp in found}
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def stop_mid_batch(job, client, in_flight_key: str, committed: CommittedOffsets, past: int, log) -> dict[int, int]:
+    """SIGSTOPs ``job`` (its process group) once its batch in flight ends past ``past`` offsets in
+    all, at an instant when that batch's marks are written and its transaction has not
+    committed (checked while it is stopped; else it runs on to the next batch). Returns the
+    ends of the batch it was stopped in."""
+    deadline = time.monotonic() + 180
+    while True:
+        assert job.poll() is None, log.read_text()[-5000:]
+        assert time.monotonic() < deadline, log.read_text()[-5000:]
+        raw = client.get(in_flight_key)
+        if raw is not None and sum(json.loads(raw)["ends"].values()) > past:
+            os.killpg(job.pid, signal.SIGSTOP)
+            ends = {int(p): o for p, o in json.loads(client.get(in_flight_key))["ends"].items()}
+            now = committed()
+            if now is None or any(now.get(p, -1) < o for p, o in ends.items()):
+                return ends
+            os.killpg(job.pid, signal.SIGCONT)
+        time.sleep(0.001)
+
+
+def test_killed_twice_mid_batch_and_fenced_while_stalled_no_prediction_is_lost_or_duplicated(
+        spark, isolated, tracking, tmp_path):
     settings = scoring_settings(isolated)
     name = f"fraud_{uuid.uuid4().hex[:6]}"
     register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=5)
@@ -203,27 +250,42 @@ def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, i
                     available_now=True) == 0
     client = redis_client(settings.redis)
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
-    args = score_job_args(settings, tracking, f"models:/{name}@champion")
+    uri = f"models:/{name}@champion"
+    args = score_job_args(settings, tracking, uri)
     log = tmp_path / "score.log"
-    seq_key = f"{settings.redis.namespace}:~score:{name}:{settings.live.events_topic(settings.scoring.topic)}:seq"
-    rng = random.Random(9)
-    # Killed (the whole process group) twice, each a few batches on, at an arbitrary instant of a batch.
-    for target in (4, 12):
-        job = start_job("score", conf_dir, log, *args)
+    events_topic = settings.live.events_topic(settings.scoring.topic)
+    in_flight_key = f"{settings.redis.namespace}:~score:{name}@champion:{events_topic}:inflight"
+    committed = CommittedOffsets(settings, f"fp-score.{name}@champion.{events_topic}", events_topic)
+    try:
+        # SIGKILLed twice, each time stopped first at an instant when the batch's duplicate marks
+        # are in Redis and its transaction is open.
+        for past in (150, 600):
+            job = start_job("score", conf_dir, log, *args)
+            stop_mid_batch(job, client, in_flight_key, committed, past, log)
+            os.killpg(job.pid, signal.SIGKILL)
+            job.wait(timeout=60)
+        # A third instance stalls mid-batch (a long GC pause, a frozen VM); its replacement
+        # starts, fences it and scores to the end. The stalled one wakes up and must commit nothing.
+        stalled = start_job("score", conf_dir, log, *args)
+        stop_mid_batch(stalled, client, in_flight_key, committed, 1000, log)
+        job = start_job("score", conf_dir, log, *args, "--until-end")
         deadline = time.monotonic() + 180
-        while int(client.get(seq_key) or 0) < target:
-            assert job.poll() is None, log.read_text()[-5000:]
-            assert time.monotonic() < deadline, log.read_text()[-5000:]
-            time.sleep(0.01)
-        time.sleep(rng.uniform(0, 0.3))
-        os.killpg(job.pid, signal.SIGKILL)
-        job.wait(timeout=60)
-    job = start_job("score", conf_dir, log, *args, "--until-end")
-    assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
+        while log.read_text().count(": from offsets") < 4:
+            assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(0.05)
+        os.killpg(stalled.pid, signal.SIGCONT)
+        assert stalled.wait(timeout=120) != 0, "the stalled instance went on after its replacement started"
+        assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
+    finally:
+        committed.close()
+    text = log.read_text()
+    assert text.count("was in flight at the last stop") == 3, "each restart found the batch in flight"
+    assert "fenced" in text.lower(), text[-5000:]
     predictions = committed_predictions(settings)
     ids = [p["event_id"] for p in predictions]
     assert len(ids) == len(set(ids)), "a duplicate prediction among the committed ones"
     assert set(ids) == valid
+    assert {p["deployment"] for p in predictions} == {uri}
     # Each counted in its own row, the out-of-order ones too (they are served their entity's
     # features as they stood when they came, with them counted).
     unserved = [p["event_id"] for p in predictions if (json.loads(p["features"])["account_velocity__count_1h"] or 0) < 1]
@@ -231,8 +293,6 @@ def test_sigkilled_twice_mid_stream_no_prediction_is_lost_or_duplicated(spark, i
     # The Delta table, written by the killed jobs' queries too: each prediction once.
     table = [r["event_id"] for r in spark.read.format("delta").load(predictions_path(settings, name)).collect()]
     assert sorted(table) == sorted(ids)
-    # The restarts found the batch in flight at each kill (or none, if the kill fell between two).
-    assert log.read_text().count(": from offsets") == 3
 
 
 def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_restart(spark, isolated, tracking, tmp_path):
@@ -244,8 +304,11 @@ def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_resta
     names = topic_names(settings)
 
     def send(seed: int, ago: timedelta) -> set[str]:
+        # In order: the scores run while fp-live applies these (the scorer waits for its rows),
+        # and each vector must still be the point-in-time one.
         spec = GeneratorSpec(count=300, accounts=20, seed=seed, bad_rate=0.0, duplicate_rate=0.0, label_rate=0.0,
-                             end=datetime.now(timezone.utc) - ago, span=timedelta(minutes=30))
+                             out_of_order_rate=0.0, late_rate=0.0, end=datetime.now(timezone.utc) - ago,
+                             span=timedelta(minutes=30))
         records = list(generate(spec))
         produce(iter(records), settings.kafka.client_properties(), topic_names=names)
         assert run_live(spark, settings, views, available_now=True) == 0
@@ -276,6 +339,59 @@ def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_resta
     predictions = {p["event_id"]: p for p in committed_predictions(settings)}
     assert {predictions[i]["model_version"] for i in before} == {first}
     assert {predictions[i]["model_version"] for i in after} == {second} and second != first
-    vectors = [json.loads(predictions[i]["features"]) for i in after]
-    assert all(set(v) == {*INPUTS, "account_velocity__count_1d"} and v["account_velocity__count_1d"] >= 1 for v in vectors)
+    vectors = {i: json.loads(predictions[i]["features"]) for i in before | after}
+    assert all(set(vectors[i]) == {*INPUTS, "account_velocity__count_1d"} for i in after)
+    expected = expected_vectors(spark, settings)
+    wrong = [(i, v) for i, v in vectors.items() if any(not same(value, expected[i][n]) for n, value in v.items())]
+    assert wrong == [], wrong[:3]
     assert scorers[0].watcher.model.ref.version == second
+    assert scorers[0].waited_batches > 0, "no batch waited for fp-live: the wait was not exercised"
+
+
+def scored_event(event_id: str, partition: int, offset: int, append_minute: int) -> ScoredEvent:
+    return ScoredEvent(event_id, 0, append_minute * 60_000_000 + 7, partition, offset, {})
+
+
+def test_a_duplicate_mark_counts_only_once_the_committed_offsets_pass_its_message(isolated):
+    settings = isolated()
+    marks = ScoreLog(redis_client(settings.redis), settings.redis.namespace, "fraud@champion", "tx.live", 1800)
+    batch = [scored_event("e1", 0, 10, 100), scored_event("e2", 1, 5, 100)]
+    marks.mark(batch, {0: 11, 1: 6})
+    # Not committed (the batch in flight, or a fenced instance's batch): no mark counts.
+    assert marks.scored(batch, {0: 10, 1: 5}) == set()
+    assert marks.scored(batch, {0: 11, 1: 5}) == {"e1"}
+    # A source duplicate of e1, later in the topic and 20 minutes of append time on.
+    assert marks.scored([scored_event("e1", 0, 400, 120)], {0: 400, 1: 6}) == {"e1"}
+    # The next start finds that batch in flight unless the committed offsets reached its ends.
+    assert marks.start({0: 11, 1: 5}) == {0: 11, 1: 6}
+    assert marks.start({0: 11, 1: 6}) is None
+
+
+def test_duplicate_marks_are_kept_by_append_time_not_by_the_clock(isolated):
+    settings = isolated()
+    marks = ScoreLog(redis_client(settings.redis), settings.redis.namespace, "fraud@champion", "tx.live", 1800)
+    marks.mark([scored_event("e1", 0, 1, 100)], {0: 2})
+    # fp-live's replay re-emits e1 with its source append time, however long the outage was.
+    marks.mark([scored_event("e2", 0, 60, 131)], {0: 61})
+    assert marks.scored([scored_event("e1", 0, 70, 100)], {0: 70}) == {"e1"}
+    assert marks.scored([scored_event("e1", 0, 70, 131)], {0: 70}) == {"e1"}  # 31 minutes on
+    # Once the newest append time seen is the window (30 min) and a minute past a bucket, it is deleted.
+    marks.mark([scored_event("e3", 0, 80, 133)], {0: 81})
+    assert marks.scored([scored_event("e1", 0, 90, 100)], {0: 90}) == set()
+    assert marks.scored([scored_event("e2", 0, 90, 133)], {0: 90}) == {"e2"}
+
+
+def test_an_alias_moved_to_a_version_the_job_cannot_serve_keeps_the_old_version_scoring(isolated, tracking, tmp_path,
+                                                                                        caplog):
+    settings = isolated()
+    name = f"fraud_{uuid.uuid4().hex[:6]}"
+    first = register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=8)
+    watcher = ModelWatcher(mlflow.MlflowClient(tracking), f"models:/{name}@champion",
+                           servable_features(settings, settings.scoring.topic), refresh_s=0.0)
+    register_model(tracking, tmp_path / "artifacts", name, ["amount_usd", "account_velocity__count_2h"], seed=9)
+    with caplog.at_level(logging.ERROR, logger="pipelines.scoring.stream"):
+        assert watcher.current().ref.version == first
+    assert any("could not be refreshed, still scoring with version" in r.getMessage()
+               and "account_velocity__count_2h" in r.getMessage() for r in caplog.records)
+    third = register_model(tracking, tmp_path / "artifacts", name, INPUTS[:3], seed=10)
+    assert watcher.current().ref.version == third

@@ -11,7 +11,7 @@ import pytest
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.scoring.features import servable_features
-from pipelines.scoring.model import ModelInput, ModelRef, ServingModel, check_inputs, parse_model_uri
+from pipelines.scoring.model import ModelInput, ModelRef, ServingModel, check_inputs, deployment_key, parse_model_uri
 from pipelines.scoring.sinks import check_parsed, prediction_rows
 from pipelines.scoring.stream import ScoringMetrics
 
@@ -81,6 +81,16 @@ def test_model_uris_name_a_version_or_an_alias(uri, parsed):
     assert parse_model_uri(uri) == parsed
 
 
+@pytest.mark.parametrize("uri, key", [
+    ("models:/fraud@champion", "fraud@champion"),
+    ("models:/fraud@challenger", "fraud@challenger"),
+    ("models:/fraud/3", "fraud.v3"),
+    ("runs:/0a1b/model", "runs__0a1b_model"),
+])
+def test_each_deployment_of_a_model_has_a_key_of_its_own(uri, key):
+    assert deployment_key(uri) == key
+
+
 def test_a_registered_model_uri_without_version_or_alias_is_refused():
     with pytest.raises(ConfigError, match=r"names no version or alias"):
         parse_model_uri("models:/fraud")
@@ -104,21 +114,22 @@ def prediction_record(spark, value: str, offset: int):
     return spark.createDataFrame([(value.encode(), 0, offset)], "value binary, partition int, offset long")
 
 
-def test_prediction_rows_keep_the_models_own_and_type_them(spark):
+def test_prediction_rows_keep_the_deployments_own_and_type_them(spark):
     contract = load_settings("local", CONF).contracts["predictions"]
     base = {"event_id": "e1", "entity": "a1", "score": 0.25, "model_name": "fraud", "model_version": "2",
-            "event_time": "2026-12-01T23:59:59.5Z", "append_time": "2026-12-02T00:00:00Z",
+            "deployment": "models:/fraud@champion", "event_time": "2026-12-01T23:59:59.5Z", "append_time": "2026-12-02T00:00:00Z",
             "features_ready_time": "2026-12-02T00:00:00.1Z", "scored_time": "2026-12-02T00:00:00.2Z",
             "latency_ms": 700.0, "view_times": "{}", "features": "{\"amount_usd\":3.0}"}
     records = prediction_record(spark, json.dumps(base), 7).union(
-        prediction_record(spark, json.dumps({**base, "event_id": "e2", "model_name": "other"}), 8))
-    [row] = prediction_rows(records, contract, "fraud").collect()
+        prediction_record(spark, json.dumps({**base, "event_id": "e2", "deployment": "models:/fraud@challenger"}), 8))
+    [row] = prediction_rows(records, contract, "models:/fraud@champion").collect()
     assert (row["event_id"], row["score"], row["kafka_offset"]) == ("e1", 0.25, 7)
     assert str(row["event_date"]) == "2026-12-01"  # the event's UTC day
 
 
 def test_a_prediction_record_that_does_not_parse_stops_the_table_naming_its_offset(spark):
     contract = load_settings("local", CONF).contracts["predictions"]
-    rows = prediction_rows(prediction_record(spark, '{"event_id": "e1", "score": "high"', 42), contract, "fraud")
+    rows = prediction_rows(prediction_record(spark, '{"event_id": "e1", "score": "high"', 42), contract,
+                           "models:/fraud@champion")
     with pytest.raises(ValueError, match=r"partition 0 offset 42 does not parse"):
         check_parsed(rows)
