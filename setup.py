@@ -65,6 +65,7 @@ setup(
             "fp-features=jobs.features:main",
             "fp-live=jobs.live:main",
             "fp-score=jobs.score:main",
+            "fp-model-quality=jobs.model_quality:main",
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",

@@ -134,6 +134,16 @@ class StorageSettings:
         return f"{self.root}/ops/scoring_metrics"
 
     @property
+    def feature_drift_path(self) -> str:
+        """``fp-model-quality``: PSI per model version, hour and feature against the training set."""
+        return f"{self.root}/ops/feature_drift"
+
+    @property
+    def model_quality_path(self) -> str:
+        """``fp-model-quality``: precision, recall and AUC per model version and day, from the labels."""
+        return f"{self.root}/ops/model_quality"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 
@@ -232,6 +242,9 @@ class ScoringSettings:
     report_interval: timedelta = timedelta(seconds=10)
     #: How often the predictions table (``predictions/<model>``) takes the committed predictions.
     table_trigger_interval: timedelta = timedelta(seconds=10)
+    #: The serving threshold: a score at or above it flags the event (``fp-model-quality``'s
+    #: precision and recall are at it). Strictly between 0 and 1.
+    threshold: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -451,6 +464,8 @@ def _check_references(settings: Settings, source: Path) -> None:
     for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval", "table_trigger_interval"):
         if getattr(scoring, key) <= timedelta(0):
             raise ConfigError(f"{source}: scoring.{key}: must be positive")
+    if not 0 < scoring.threshold < 1:
+        raise ConfigError(f"{source}: scoring.threshold: {scoring.threshold} is not strictly between 0 and 1")
     if settings.features.trigger_interval <= timedelta(0):
         raise ConfigError(f"{source}: features.trigger_interval: must be positive")
     if settings.features.max_files_per_trigger <= 0:

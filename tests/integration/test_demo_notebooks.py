@@ -5,7 +5,8 @@ ingest -> feature streams), built once for the module:
   exactly the latest Delta row of each, and it draws its plots;
 * train_fraud_model: builds a training set, trains on it with pandas, and logs a model whose
   MLflow run points at the training-set run that built exactly the data it read, registered
-  as ``fraud@champion`` with inputs fp-score serves."""
+  as ``fraud@champion`` with inputs fp-score serves, and its training distributions beside it
+  (``reference_profile.json``, for fp-model-quality)."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import load_model
+from pipelines.scoring.profile import load_profile
 from pipelines.training.join import content_hash
 from tests.support import topic_names
 
@@ -110,3 +112,7 @@ def test_training_notebook_logs_a_model_linked_to_the_run_that_built_its_data(sp
     assert client.get_model_version("fraud", version).run_id == model_run_id
     served = load_model(client, "models:/fraud@champion", servable_features(settings, settings.ingest.topics[0]))
     assert served.ref.version == version and len(served.inputs) > 10
+    # Its training distributions for fp-model-quality: every input and the score, over the training rows.
+    profile = load_profile(client, "fraud", version)
+    assert sorted(profile.features) == sorted(i.name for i in served.inputs)
+    assert profile.rows == int(table.count() * 0.75)
