@@ -20,7 +20,7 @@ from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.features.live_stream import SPARE_TASK_SLOTS
 
 JOB_NAMES = {"ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate",
-             "build_training_set", "rebuild_training_set"}
+             "build_training_set", "rebuild_training_set", "model_quality"}
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
 #: The levels the top-level (bundle or target) permissions mapping accepts.
 TOP_LEVEL_PERMISSION_LEVELS = {"CAN_VIEW", "CAN_MANAGE", "CAN_RUN"}
@@ -144,7 +144,7 @@ def test_include_globs_pick_up_one_file_per_job():
         {name: f"resources/{name}.yml" for name in JOB_NAMES}
 
 
-def test_the_bundle_defines_the_nine_jobs():
+def test_the_bundle_defines_every_job_the_platform_schedules():
     assert set(JOBS) == JOB_NAMES
 
 
@@ -167,19 +167,20 @@ def test_every_job_cluster_is_its_entry_of_the_shared_definition():
         "rehydrate": ["${var.job_cluster.rehydrate}"],
         "build_training_set": ["${var.job_cluster.training}"],
         "rebuild_training_set": ["${var.job_cluster.training}"],
+        "model_quality": ["${var.job_cluster.model_quality}"],
     }
 
 
 def test_the_job_clusters_differ_only_in_workers_and_secrets():
     first, *others = [{key: value for key, value in entry.items() if key not in ("num_workers", "spark_env_vars")}
                       for entry in VALUES["job_cluster"].values()]
-    assert len(others) == 8 and others == [first] * 8
+    assert len(others) == 9 and others == [first] * 9
 
 
 def test_each_job_keeps_its_worker_count():
     assert {name: resolved_cluster(name)["num_workers"] for name in JOBS} == {
         "ingest": 2, "features": 2, "live": 9, "score": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
-        "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4,
+        "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4, "model_quality": 1,
     }
 
 
@@ -203,7 +204,8 @@ def test_the_shared_cluster_is_a_valid_cluster_spec_for_every_job():
         Variable(path="var.job_cluster", type=dict[str, ClusterSpec]))
     assert {name: type(entry) for name, entry in entries.items()} == {
         name: ClusterSpec for name in
-        ("ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate", "training")}
+        ("ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate", "training",
+         "model_quality")}
 
 
 @pytest.mark.parametrize("name", sorted(JOB_NAMES))
@@ -224,6 +226,7 @@ def test_each_job_cluster_gets_only_the_secrets_its_job_reads():
         "rehydrate": [redis],
         "build_training_set": [],
         "rebuild_training_set": [],
+        "model_quality": [],  # Delta tables and the MLflow registry of the workspace
     }
 
 
@@ -253,6 +256,7 @@ def test_job_names_name_their_target():
         "rehydrate": "feature-platform-rehydrate-${bundle.target}",
         "build_training_set": "feature-platform-training-set-${bundle.target}",
         "rebuild_training_set": "feature-platform-training-set-rebuild-${bundle.target}",
+        "model_quality": "feature-platform-model-quality-${bundle.target}",
     }
 
 
@@ -313,7 +317,7 @@ def test_prod_runs_as_the_service_principal_variable():
 
 def test_prod_unpauses_the_hourly_jobs():
     assert {name: spec["schedule"]["pause_status"] for name, spec in PROD["resources"]["jobs"].items()} == \
-        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED"}
+        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED", "model_quality": "UNPAUSED"}
 
 
 def test_job_parameters_reach_the_batch_jobs_arguments():
