@@ -65,30 +65,61 @@ def iso(micros_: int) -> str:
     return from_epoch_micros(micros_).isoformat().replace("+00:00", "Z")
 
 
+#: Trims the marks of the oldest listed append minute at or before ARGV[1]: pops up to ARGV[2]
+#: ids from that minute's list and deletes each one's mark unless it was rewritten since for a
+#: later minute (a value ``partition:offset:minute``). KEYS: the marks hash, the minutes' sorted
+#: set, the minute's list. Returns the ids popped.
+_TRIM = """
+local last = tonumber(ARGV[1])
+local ids = redis.call('LPOP', KEYS[3], tonumber(ARGV[2]))
+if ids then
+  for _, id in ipairs(ids) do
+    local mark = redis.call('HGET', KEYS[1], id)
+    if mark then
+      local minute = tonumber(string.match(mark, ':(-?%d+)$'))
+      if minute and minute <= last then redis.call('HDEL', KEYS[1], id) end
+    end
+  end
+end
+if redis.call('LLEN', KEYS[3]) == 0 then redis.call('ZREM', KEYS[2], ARGV[3]) end
+return ids and #ids or 0
+"""
+
+
 class ScoreLog:
     """The scorer's duplicate marks and its batch in flight in Redis, under
-    ``{namespace}:~score:{deployment}:{events topic}``.
+    ``{namespace}:~score:{<deployment>:<events topic>}`` (one hash slot).
 
-    A mark says which message of the events topic an event id was scored from: ``seen:{minute}``
-    hashes (event id -> ``partition:offset``), one per minute of the source record's Kafka
-    append time, listed in the sorted set ``minutes``. A mark counts once the consumer group's
-    committed offset of its partition is past its offset: its batch committed (offsets only move
-    with a committed transaction). A mark of a batch that died in flight, or of a fenced old
-    instance that wrote it after its replacement started, is past the committed offsets and
-    does not count; the event is scored again, and its mark rewritten.
+    A mark says which message of the events topic an event id was scored from: the hash
+    ``marks`` (event id -> ``partition:offset:minute``, the minute of the source record's Kafka
+    append time), with each minute's ids listed (``ids:<minute>``, and the minutes in the sorted
+    set ``minutes``) to delete them later. A mark counts once the consumer group's committed
+    offset of its partition is past its offset: its batch committed (offsets only move with a
+    committed transaction). A mark of a batch that died in flight, or of a fenced old instance
+    that wrote it after its replacement started, is past the committed offsets and does not
+    count; the event is scored again, and its mark rewritten. Looking an event up is one field
+    of one hash, whatever the window.
 
-    Bucketing by append time, not by the wall clock, keeps a mark as long as the events topic
-    can repeat its message: ``fp-live``'s replay after a restart re-emits an event with its
-    source record's append time, so after an outage of any length the replayed event finds its
-    bucket. A bucket is deleted once the newest append time the scorer has seen is
-    ``dedupe_window`` past it; a source duplicate sent later than that gets a second prediction.
+    Kept by append time, not by the clock: ``fp-live``'s replay after a restart re-emits an event
+    with its source record's append time, so after an outage of any length the replayed event
+    still finds its mark. A minute's marks are deleted once the newest append time the scorer has
+    seen is ``dedupe_window`` and a minute past it (a few thousand ids per batch, off the lookup's
+    path); a source duplicate appended later than that after the original gets a second
+    prediction.
     """
+
+    #: Marks deleted per trimming call (one call per batch while minutes are due).
+    TRIM_CHUNK = 5000
 
     def __init__(self, client: redis.Redis, namespace: str, deployment: str, topic: str, dedupe_window_s: float):
         self.client = client
-        self.prefix = f"{namespace}:~score:{deployment}:{topic}"
+        self.prefix = f"{namespace}:~score:{{{deployment}:{topic}}}"
+        self.marks_key, self.minutes_key = f"{self.prefix}:marks", f"{self.prefix}:minutes"
         self.window_minutes = int(dedupe_window_s // 60) + 1
         self.newest_minute: int | None = None
+        #: The last minute trimmed through with nothing left (no call until the window moves on).
+        self.clean_through: int | None = None
+        self._trim = client.register_script(_TRIM)
 
     @property
     def in_flight_key(self) -> str:
@@ -107,7 +138,8 @@ class ScoreLog:
                  "aborted, its events are scored again", ends, dict(committed))
         return ends
 
-    def _minute(self, event: ScoredEvent) -> int:
+    @staticmethod
+    def _minute(event: ScoredEvent) -> int:
         return event.append_micros // 60_000_000
 
     def scored(self, events: Sequence[ScoredEvent], committed: Mapping[int, int]) -> set[str]:
@@ -115,44 +147,48 @@ class ScoreLog:
         if not events:
             return set()
         ids = [e.event_id for e in events]
-        minutes = [self._minute(e) for e in events]
-        pipe = self.client.pipeline(transaction=False)
-        for minute in range(min(minutes) - self.window_minutes, max(minutes) + 1):
-            pipe.hmget(f"{self.prefix}:seen:{minute}", ids)
         found = set()
-        for values in pipe.execute():
-            for event_id, value in zip(ids, values):
-                if value is not None:
-                    partition, offset = value.split(b":" if isinstance(value, bytes) else ":")
-                    if int(offset) < committed.get(int(partition), 0):
-                        found.add(event_id)
+        for event_id, value in zip(ids, self.client.hmget(self.marks_key, ids)):
+            if value is not None:
+                partition, offset, _ = (value.decode() if isinstance(value, bytes) else value).split(":")
+                if int(offset) < committed.get(int(partition), 0):
+                    found.add(event_id)
         return found
 
     def mark(self, events: Sequence[ScoredEvent], ends: Mapping[int, int]) -> None:
-        """Marks ``events`` as scored from their messages, records the batch's ``ends`` as in
-        flight (one round trip), and deletes the buckets behind the window."""
-        by_minute: dict[int, dict[str, str]] = {}
+        """Marks ``events`` as scored from their messages and records the batch's ``ends`` as in
+        flight (one round trip); then deletes one chunk of the marks behind the window, if due."""
+        by_minute: dict[int, list[str]] = {}
+        marks = {}
         for event in events:
-            by_minute.setdefault(self._minute(event), {})[event.event_id] = f"{event.partition}:{event.offset}"
+            minute = self._minute(event)
+            by_minute.setdefault(minute, []).append(event.event_id)
+            marks[event.event_id] = f"{event.partition}:{event.offset}:{minute}"
         pipe = self.client.pipeline(transaction=False)
-        for minute, marks in by_minute.items():
-            pipe.hset(f"{self.prefix}:seen:{minute}", mapping=marks)
-        if by_minute:
-            pipe.zadd(f"{self.prefix}:minutes", {str(m): m for m in by_minute})
+        if marks:
+            pipe.hset(self.marks_key, mapping=marks)
+            for minute, ids in by_minute.items():
+                pipe.rpush(f"{self.prefix}:ids:{minute}", *ids)
+            pipe.zadd(self.minutes_key, {str(m): m for m in by_minute})
         pipe.set(self.in_flight_key, json.dumps({"ends": {str(p): o for p, o in ends.items()}}))
         pipe.execute()
         newest = max(by_minute, default=self.newest_minute)
         if newest is not None and (self.newest_minute is None or newest > self.newest_minute):
             self.newest_minute = newest
-            self._trim(newest - self.window_minutes - 1)
+        if self.newest_minute is not None:
+            last = self.newest_minute - self.window_minutes - 1
+            if last != self.clean_through and self.trim(last) == 0:
+                self.clean_through = last
 
-    def _trim(self, last_minute: int) -> None:
-        old = self.client.zrangebyscore(f"{self.prefix}:minutes", "-inf", last_minute)
-        if old:
-            pipe = self.client.pipeline(transaction=False)
-            pipe.delete(*[f"{self.prefix}:seen:{int(m)}" for m in old])
-            pipe.zremrangebyscore(f"{self.prefix}:minutes", "-inf", last_minute)
-            pipe.execute()
+    def trim(self, last_minute: int) -> int:
+        """Deletes up to :attr:`TRIM_CHUNK` marks of the oldest minute at or before
+        ``last_minute``; returns how many ids it looked at (0: nothing is due)."""
+        due = self.client.zrangebyscore(self.minutes_key, "-inf", last_minute, start=0, num=1)
+        if not due:
+            return 0
+        minute = int(due[0])
+        return int(self._trim(keys=[self.marks_key, self.minutes_key, f"{self.prefix}:ids:{minute}"],
+                              args=[last_minute, self.TRIM_CHUNK, str(minute)]))
 
 
 @dataclass

@@ -254,21 +254,27 @@ def test_killed_twice_mid_batch_and_fenced_while_stalled_no_prediction_is_lost_o
     args = score_job_args(settings, tracking, uri)
     log = tmp_path / "score.log"
     events_topic = settings.live.events_topic(settings.scoring.topic)
-    in_flight_key = f"{settings.redis.namespace}:~score:{name}@champion:{events_topic}:inflight"
+    in_flight_key = ScoreLog(client, settings.redis.namespace, f"{name}@champion", events_topic, 1800).in_flight_key
     committed = CommittedOffsets(settings, f"fp-score.{name}@champion.{events_topic}", events_topic)
+    started = []
+
+    def start(*extra: str):
+        started.append(start_job("score", conf_dir, log, *args, *extra))
+        return started[-1]
+
     try:
         # SIGKILLed twice, each time stopped first at an instant when the batch's duplicate marks
         # are in Redis and its transaction is open.
         for past in (150, 600):
-            job = start_job("score", conf_dir, log, *args)
+            job = start()
             stop_mid_batch(job, client, in_flight_key, committed, past, log)
             os.killpg(job.pid, signal.SIGKILL)
             job.wait(timeout=60)
         # A third instance stalls mid-batch (a long GC pause, a frozen VM); its replacement
         # starts, fences it and scores to the end. The stalled one wakes up and must commit nothing.
-        stalled = start_job("score", conf_dir, log, *args)
+        stalled = start()
         stop_mid_batch(stalled, client, in_flight_key, committed, 1000, log)
-        job = start_job("score", conf_dir, log, *args, "--until-end")
+        job = start("--until-end")
         deadline = time.monotonic() + 180
         while log.read_text().count(": from offsets") < 4:
             assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
@@ -278,6 +284,10 @@ def test_killed_twice_mid_batch_and_fenced_while_stalled_no_prediction_is_lost_o
         assert job.wait(timeout=300) == 0, log.read_text()[-5000:]
     finally:
         committed.close()
+        for process in started:  # a failed assertion must not leave a stopped job behind
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=60)
     text = log.read_text()
     assert text.count("was in flight at the last stop") == 3, "each restart found the batch in flight"
     assert "fenced" in text.lower(), text[-5000:]
@@ -370,7 +380,8 @@ def test_a_duplicate_mark_counts_only_once_the_committed_offsets_pass_its_messag
 def test_duplicate_marks_are_kept_by_append_time_not_by_the_clock(isolated):
     settings = isolated()
     marks = ScoreLog(redis_client(settings.redis), settings.redis.namespace, "fraud@champion", "tx.live", 1800)
-    marks.mark([scored_event("e1", 0, 1, 100)], {0: 2})
+    marks.mark([scored_event("e1", 0, 1, 100), scored_event("e4", 0, 2, 100)], {0: 3})
+    marks.mark([scored_event("e4", 0, 50, 120)], {0: 51})  # e4 scored again (its batch had not committed)
     # fp-live's replay re-emits e1 with its source append time, however long the outage was.
     marks.mark([scored_event("e2", 0, 60, 131)], {0: 61})
     assert marks.scored([scored_event("e1", 0, 70, 100)], {0: 70}) == {"e1"}
@@ -379,6 +390,7 @@ def test_duplicate_marks_are_kept_by_append_time_not_by_the_clock(isolated):
     marks.mark([scored_event("e3", 0, 80, 133)], {0: 81})
     assert marks.scored([scored_event("e1", 0, 90, 100)], {0: 90}) == set()
     assert marks.scored([scored_event("e2", 0, 90, 133)], {0: 90}) == {"e2"}
+    assert marks.scored([scored_event("e4", 0, 90, 133)], {0: 90}) == {"e4"}  # its newer mark is kept
 
 
 def test_an_alias_moved_to_a_version_the_job_cannot_serve_keeps_the_old_version_scoring(isolated, tracking, tmp_path,
