@@ -66,6 +66,7 @@ setup(
             "fp-live=jobs.live:main",
             "fp-score=jobs.score:main",
             "fp-model-quality=jobs.model_quality:main",
+            "fp-skew=jobs.skew:main",
             "fp-online=jobs.online:main",
             "fp-backfill=jobs.backfill:main",
             "fp-rehydrate=jobs.rehydrate:main",
