@@ -11,11 +11,15 @@ features, registered for the run in its own MLflow store (``models:/fraud_bench@
   when each prediction becomes visible; an event's latency is that moment minus its event
   time. The predictions' own ``features_ready_time`` gives the features path's share (event ->
   its own row computed in Redis).
-* **baseline**: one Python process (started beside the jobs) that consumes the raw topic,
+* **baseline**: one Python process that consumes the raw topic,
   parses each JSON event, reads the entity's current ``account_velocity`` hash from the live
   path's Redis (no validation, no de-duplication, no own row: whatever the hash holds) and calls
-  the same model on each poll's events; its latency is the moment the score is computed minus
-  the event time.
+  the same model on each poll's events (its native threads capped as fp-score's are); its
+  latency is the moment the score is computed minus the event time.
+
+The two run in phases of their own, on the same run's topic and features path: fp-score first
+(``--seconds`` of events at the rate, then its drain; it is stopped), then the baseline on as many
+new events at the same rate, with ``fp-live`` still applying the topic to Redis.
 
 The first ``--warmup`` seconds of events are left out. The last line printed is JSON:
 ``{"score": {"1000": {"p50": ..., "p95": ..., "p99": ...}, ...}, "features_ready": {...},
@@ -63,7 +67,7 @@ from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import epoch_micros
 from pipelines.online.store import read_online, redis_client
-from pipelines.scoring.model import register_version
+from pipelines.scoring.model import limit_model_threads, register_version
 
 log = logging.getLogger("bench")
 MODEL = "fraud_bench"
@@ -121,6 +125,7 @@ def baseline(settings_args: tuple[str, str | None, dict], topic: str, tracking: 
     settings = load_settings(env, conf_dir, overrides)
     client = redis_client(settings.redis)
     model = mlflow.pyfunc.load_model(mlflow.MlflowClient(tracking).get_model_version_download_uri(MODEL, version))
+    limit_model_threads(settings.scoring.model_threads)  # as fp-score does: the same model, the same threads
     features = [n.split("__", 1)[1] for n in INPUTS if "__" in n]
     consumer = Consumer({**settings.kafka.client_properties(), "group.id": f"bench-baseline-{topic}",
                          "auto.offset.reset": "latest", "enable.auto.commit": False, "fetch.wait.max.ms": 10})
@@ -183,25 +188,35 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
             jobs[0].check()
             assert time.monotonic() < deadline, "fp-live did not create its events topic"
             time.sleep(1)
-        jobs.append(Job("score", [*common, *set_arguments(overrides), "--model", f"models:/{MODEL}@champion",
-                                  "--tracking-uri", tracking], root / "score.log"))
-        baseline_process.start()
+        score = Job("score", [*common, *set_arguments(overrides), "--model", f"models:/{MODEL}@champion",
+                              "--tracking-uri", tracking], root / "score.log")
+        jobs.append(score)
         visible.start()
         time.sleep(args.settle)
         wait_for_aof_rewrite(client)
-        for job in jobs:
-            job.check()
-        log.info("%s: producing %d events/s for %ds", label, rate, args.seconds)
 
         def check_jobs() -> None:
             for job in jobs:
                 job.check()
 
+        # Phase 1: fp-score, with the features path.
+        check_jobs()
+        log.info("%s: fp-score: producing %d events/s for %ds", label, rate, args.seconds)
         sent = produce_at_rate(settings, topic, rate, args.seconds, args.accounts, seed=23, check=check_jobs)
         deadline = time.monotonic() + args.drain
         while len(visible.seen) < len(sent) and time.monotonic() < deadline:
             check_jobs()
             time.sleep(1)
+        score.stop()
+        jobs.remove(score)
+        # Phase 2: the baseline alone beside the same features path (fp-live goes on applying
+        # the topic to Redis), on new events of the same rate.
+        baseline_process.start()
+        time.sleep(args.settle / 3)
+        check_jobs()
+        log.info("%s: baseline: producing %d events/s for %ds", label, rate, args.seconds)
+        baseline_sent = produce_at_rate(settings, topic, rate, args.seconds, args.accounts, seed=29, check=check_jobs)
+        time.sleep(5)
     finally:
         stop_baseline.set()
         visible.stopping.set()
@@ -219,7 +234,10 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
         "features_ready": figures([(v[2] - v[1]) / 1e6 for v in counted]),
     }
     pairs = json.loads(baseline_out.read_text()) if baseline_out.exists() else []
-    results["baseline"] = figures([(s - e) / 1e6 for e, s in pairs if e >= since])
+    baseline_since = baseline_sent[int(args.warmup * rate)][1]
+    baseline_counted = [(s - e) / 1e6 for e, s in pairs if e >= baseline_since]
+    results["baseline"] = figures(baseline_counted,
+                                  max(0, len(baseline_sent) - int(args.warmup * rate) - len(baseline_counted)))
     for path, result in results.items():
         log.info("%s %s: %s", path, label, result)
     if not args.keep:

@@ -242,6 +242,10 @@ class ScoringSettings:
     report_interval: timedelta = timedelta(seconds=10)
     #: How often the predictions table (``predictions/<model>``) takes the committed predictions.
     table_trigger_interval: timedelta = timedelta(seconds=10)
+    #: Threads a model call may use (OpenMP, BLAS): 1 by default, since the features path shares
+    #: the machine's cores and a parallel predict then waits at every barrier
+    #: (:func:`pipelines.scoring.model.limit_model_threads`).
+    model_threads: int = 1
     #: The serving threshold: a score at or above it flags the event (``fp-model-quality``'s
     #: precision and recall are at it). Strictly between 0 and 1.
     threshold: float = 0.5
@@ -464,6 +468,8 @@ def _check_references(settings: Settings, source: Path) -> None:
     for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval", "table_trigger_interval"):
         if getattr(scoring, key) <= timedelta(0):
             raise ConfigError(f"{source}: scoring.{key}: must be positive")
+    if scoring.model_threads < 1:
+        raise ConfigError(f"{source}: scoring.model_threads: {scoring.model_threads} must be at least 1")
     if not 0 < scoring.threshold < 1:
         raise ConfigError(f"{source}: scoring.threshold: {scoring.threshold} is not strictly between 0 and 1")
     if settings.features.trigger_interval <= timedelta(0):

@@ -26,6 +26,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
+from threadpoolctl import threadpool_limits
 
 from pipelines.core.errors import ConfigError
 
@@ -201,6 +202,19 @@ def load_model(client: mlflow.MlflowClient, uri: str, servable: Mapping[str, Ser
     check_inputs(fixed, inputs, servable)
     log.info("scoring: model %s version %s (%s), %d inputs", ref.name or uri, ref.version or "-", fixed, len(inputs))
     return ServingModel(ref, inputs, pyfunc)
+
+
+def limit_model_threads(threads: int) -> None:
+    """Caps the threads of every native thread pool loaded in the process (OpenMP, BLAS) at
+    ``threads``, for the model's calls; call it again after loading a model (a new library may
+    have come with it).
+
+    Why: a tree ensemble's predict (scikit-learn's HistGradientBoosting: one OpenMP parallel
+    region per tree) on a machine whose cores are busy with other work (the features path's
+    JVM and consumer) waits at every region's barrier for a descheduled thread: on this
+    2-core machine, 60% of fp-score's CPU samples and 100-800 ms per 1,000-row batch, against
+    3 ms single-threaded (BENCHMARKS.md "Streaming scoring")."""
+    threadpool_limits(limits=threads)
 
 
 def register_version(client: mlflow.MlflowClient, experiment_id: str, save: Callable[[str], None], name: str,

@@ -53,6 +53,7 @@ from pipelines.scoring.model import (
     ServableFeature,
     ServingModel,
     deployment_key,
+    limit_model_threads,
     load_model,
     model_frame,
     resolve,
@@ -271,9 +272,11 @@ class ModelWatcher:
     ``refresh_s``). A new version that fails to load or whose inputs the job cannot serve is
     logged as an error and not taken: the old one keeps scoring."""
 
-    def __init__(self, client: mlflow.MlflowClient, uri: str, servable: Mapping[str, ServableFeature], refresh_s: float):
-        self.client, self.uri, self.servable, self.refresh_s = client, uri, servable, refresh_s
+    def __init__(self, client: mlflow.MlflowClient, uri: str, servable: Mapping[str, ServableFeature], refresh_s: float,
+                 threads: int = 1):
+        self.client, self.uri, self.servable, self.refresh_s, self.threads = client, uri, servable, refresh_s, threads
         self.model = load_model(client, uri, servable)
+        limit_model_threads(threads)
         self.checked = time.monotonic()
 
     def current(self) -> ServingModel:
@@ -284,6 +287,7 @@ class ModelWatcher:
             ref = resolve(self.client, self.uri)
             if ref.version != self.model.ref.version:
                 model = load_model(self.client, self.uri, self.servable)
+                limit_model_threads(self.threads)
                 log.info("scoring: %s moved to version %s (was %s): scoring with it from the next batch",
                          self.uri, model.ref.version, self.model.ref.version)
                 self.model = model
@@ -546,7 +550,8 @@ def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | Non
         raise ConfigError("scoring.model: not set, and no --model given")
     topic = scoring.topic
     servable = servable_features(settings, topic)
-    watcher = ModelWatcher(mlflow.MlflowClient(tracking_uri), uri, servable, scoring.model_refresh.total_seconds())
+    watcher = ModelWatcher(mlflow.MlflowClient(tracking_uri), uri, servable, scoring.model_refresh.total_seconds(),
+                           scoring.model_threads)
     reader = FeatureReader(client, settings, topic, servable, [i.name for i in watcher.model.inputs])
     events_topic = settings.live.events_topic(topic)
     contract = settings.contract_for(topic)
