@@ -7,10 +7,11 @@ run as the jobs they are (each its own Spark driver), on the run's topic, lake a
 namespace; the model is a small classifier over ``amount_usd`` and ``account_velocity``'s
 features, registered for the run in its own MLflow store (``models:/fraud_bench@champion``).
 
-* **fp-score**: a ``read_committed`` consumer of the predictions topic in this process notes
-  when each prediction becomes visible; an event's latency is that moment minus its event
+* **fp-score**: a ``read_committed`` consumer of the predictions topic (a process of its own)
+  notes when each prediction becomes visible; an event's latency is that moment minus its event
   time. The predictions' own ``features_ready_time`` gives the features path's share (event ->
-  its own row computed in Redis).
+  its own row computed in Redis), their ``scored_time`` the scorer's (event -> the model's
+  output, before the Kafka commit).
 * **baseline**: one Python process that consumes the raw topic,
   parses each JSON event, reads the entity's current ``account_velocity`` hash from the live
   path's Redis (no validation, no de-duplication, no own row: whatever the hash holds) and calls
@@ -23,7 +24,7 @@ new events at the same rate, with ``fp-live`` still applying the topic to Redis.
 
 The first ``--warmup`` seconds of events are left out. The last line printed is JSON:
 ``{"score": {"1000": {"p50": ..., "p95": ..., "p99": ...}, ...}, "features_ready": {...},
-"baseline": {...}}`` (seconds).
+"scored": {...}, "baseline": {...}}`` (seconds).
 
 Usage: python bench/scoring_latency.py --env local [--rates 1000,5000] [--seconds 300]
 """
@@ -40,7 +41,6 @@ import platform as host
 import shutil
 import signal
 import sys
-import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,27 +90,26 @@ def register_bench_model(tracking: str, artifacts: Path) -> str:
         skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]), MODEL, "champion")
 
 
-class VisiblePredictions(threading.Thread):
-    """Notes when each prediction of ``topic`` becomes visible to a read_committed consumer."""
-
-    def __init__(self, settings, topic: str):
-        super().__init__(name="predictions", daemon=True)
-        self.consumer = Consumer({**settings.kafka.client_properties(), "group.id": f"bench-{topic}",
-                                  "isolation.level": "read_committed", "auto.offset.reset": "earliest",
-                                  "enable.auto.commit": False, "fetch.wait.max.ms": 10})
-        self.consumer.subscribe([topic])
-        self.seen: dict[str, tuple[int, int, int]] = {}  # event id -> (visible, event, features ready) µs
-        self.stopping = threading.Event()
-
-    def run(self) -> None:
-        while not self.stopping.is_set():
-            for message in self.consumer.consume(1000, timeout=0.2):
-                if message.error() is None:
-                    visible = time.time_ns() // 1000
-                    p = json.loads(message.value())
-                    self.seen.setdefault(p["event_id"], (visible, iso_micros(p["event_time"]),
-                                                         iso_micros(p["features_ready_time"])))
-        self.consumer.close()
+def watch_predictions(props: dict, topic: str, out: str, stop, count) -> None:
+    """Notes when each prediction of ``topic`` becomes visible to a read_committed consumer (a
+    process of its own: in the bench's process it would share the producer's GIL); writes
+    [visible, event, features ready, scored] µs per event id to ``out`` and counts them in
+    ``count``."""
+    consumer = Consumer({**props, "group.id": f"bench-{topic}", "isolation.level": "read_committed",
+                         "auto.offset.reset": "earliest", "enable.auto.commit": False, "fetch.wait.max.ms": 10})
+    consumer.subscribe([topic])
+    seen: dict[str, tuple[int, int, int, int]] = {}
+    while not stop.is_set():
+        for message in consumer.consume(1000, timeout=0.2):
+            if message.error() is None:
+                visible = time.time_ns() // 1000
+                p = json.loads(message.value())
+                if p["event_id"] not in seen:
+                    seen[p["event_id"]] = (visible, iso_micros(p["event_time"]), iso_micros(p["features_ready_time"]),
+                                           iso_micros(p["scored_time"]))
+                    count.value += 1
+    consumer.close()
+    Path(out).write_text(json.dumps(list(seen.values())))
 
 
 def iso_micros(text: str) -> int:
@@ -173,9 +172,11 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
     common = ["--env", args.env, "--conf-dir", str(conf_dir)]
     jobs = [Job("live", [*common, *set_arguments(overrides), "--views", "account_velocity"], root / "live.log")]
     client = redis_client(settings.redis)
-    visible = VisiblePredictions(settings, predictions)
     spawn = multiprocessing.get_context("spawn")  # not a fork of this process's Kafka and Redis clients
-    stop_baseline = spawn.Event()
+    stop_baseline, stop_visible, visible_count = spawn.Event(), spawn.Event(), spawn.Value("q", 0)
+    visible_out = root / "visible.json"
+    visible = spawn.Process(target=watch_predictions, args=(settings.kafka.client_properties(), predictions,
+                                                            str(visible_out), stop_visible, visible_count))
     baseline_out = root / "baseline.json"
     baseline_process = spawn.Process(
         target=baseline, args=((args.env, str(conf_dir), overrides), topic, tracking, version, str(baseline_out),
@@ -204,7 +205,7 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
         log.info("%s: fp-score: producing %d events/s for %ds", label, rate, args.seconds)
         sent = produce_at_rate(settings, topic, rate, args.seconds, args.accounts, seed=23, check=check_jobs)
         deadline = time.monotonic() + args.drain
-        while len(visible.seen) < len(sent) and time.monotonic() < deadline:
+        while visible_count.value < len(sent) and time.monotonic() < deadline:
             check_jobs()
             time.sleep(1)
         score.stop()
@@ -219,19 +220,24 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
         time.sleep(5)
     finally:
         stop_baseline.set()
-        visible.stopping.set()
+        stop_visible.set()
         for job in reversed(jobs):
             job.stop()
         if baseline_process.pid is not None:
             baseline_process.join(timeout=120)
+        if visible.pid is not None:
+            visible.join(timeout=120)
         for key in client.scan_iter(f"{settings.redis.namespace}:*", count=1000):
             client.unlink(key)
     since = sent[int(args.warmup * rate)][1]
-    counted = [v for v in visible.seen.values() if v[1] >= since]
+    seen = json.loads(visible_out.read_text()) if visible_out.exists() else []
+    counted = [v for v in seen if v[1] >= since]
     expected = len(sent) - int(args.warmup * rate)
     results = {
         "score": figures([(v[0] - v[1]) / 1e6 for v in counted], max(0, expected - len(counted))),
         "features_ready": figures([(v[2] - v[1]) / 1e6 for v in counted]),
+        # The scorer's own clock: event time -> the model's output, before its Kafka commit.
+        "scored": figures([(v[3] - v[1]) / 1e6 for v in counted]),
     }
     pairs = json.loads(baseline_out.read_text()) if baseline_out.exists() else []
     baseline_since = baseline_sent[int(args.warmup * rate)][1]
@@ -261,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     settings_from_args(args)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    results: dict[str, dict[str, dict]] = {"score": {}, "features_ready": {}, "baseline": {}}
+    results: dict[str, dict[str, dict]] = {"score": {}, "features_ready": {}, "scored": {}, "baseline": {}}
     for rate in (int(r) for r in args.rates.split(",")):
         for path, result in measure_rate(args, run_id, rate).items():
             results[path][str(rate)] = result
