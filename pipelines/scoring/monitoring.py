@@ -38,7 +38,7 @@ from pipelines.scoring.drift import (
     hourly_psi,
 )
 from pipelines.scoring.profile import ReferenceProfile, load_profile
-from pipelines.scoring.sinks import predictions_path
+from pipelines.scoring.sinks import read_predictions as read_model_predictions
 
 log = logging.getLogger(__name__)
 
@@ -99,20 +99,13 @@ def _sql_timestamp(moment: datetime) -> str:
 
 
 def read_predictions(spark: SparkSession, settings: Settings, model: str, start: datetime, end: datetime) -> DataFrame:
-    """``model``'s predictions with an event time in ``[start, end)``, one per model version and
-    event id (two deployments serving one version score an event twice: the first scored is
-    kept). ConfigError naming the model when it has no predictions table."""
-    path = predictions_path(settings, model)
-    if not DeltaTable.isDeltaTable(spark, path):
-        raise ConfigError(f"--model {model}: no predictions table at {path} (has fp-score run for this model?)")
-    first = start.astimezone(timezone.utc).date() - timedelta(days=1)  # event_date only prunes: a day either side
-    last = end.astimezone(timezone.utc).date() + timedelta(days=1)
-    rows = (spark.read.format("delta").load(path)
-            .where((F.col("event_date") >= F.lit(first)) & (F.col("event_date") <= F.lit(last)))
-            .where((F.col("event_time") >= F.lit(start)) & (F.col("event_time") < F.lit(end)))
-            .where(F.col("model_name") == model))
+    """``model``'s predictions with an event time in ``[start, end)``
+    (:func:`pipelines.scoring.sinks.read_predictions`), one per model version and event id (two
+    deployments serving one version score an event twice: the first scored is kept)."""
+    rows, _ = read_model_predictions(spark, settings, model, start, end)
     once = Window.partitionBy("model_version", "event_id").orderBy("scored_time", "kafka_partition", "kafka_offset")
-    return rows.withColumn("_n", F.row_number().over(once)).where("_n = 1").drop("_n")
+    return (rows.where(F.col("model_name") == model)
+            .withColumn("_n", F.row_number().over(once)).where("_n = 1").drop("_n"))
 
 
 def labels_topic(settings: Settings) -> str:

@@ -14,8 +14,9 @@ never dropped.
 from __future__ import annotations
 
 import re
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
+from delta.tables import DeltaTable
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
@@ -23,7 +24,8 @@ from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, Str
 
 from pipelines.contracts.spark_schema import contract_schema
 from pipelines.core.contract_spec import Contract
-from pipelines.core.delta import streaming_query_id, write_delta_idempotent
+from pipelines.core.delta import read_delta_version, streaming_query_id, write_delta_idempotent
+from pipelines.core.errors import ConfigError
 from pipelines.core.runner import with_trigger
 from pipelines.core.settings import Settings
 from pipelines.scoring.model import deployment_key
@@ -60,6 +62,24 @@ def table_name(model: str) -> str:
 
 def predictions_path(settings: Settings, model: str) -> str:
     return f"{settings.storage.root}/predictions/{table_name(model)}"
+
+
+def read_predictions(spark: SparkSession, settings: Settings, model: str, start: datetime,
+                     end: datetime) -> tuple[DataFrame, int]:
+    """``model``'s predictions (every deployment's) with an event time in ``[start, end)``, from
+    the table's current version (pinned: every read of one run sees the same rows), and that
+    version. A ConfigError naming the model when it has no predictions table (``fp-score`` has
+    not scored with it here; the table is named for the registered model)."""
+    path = predictions_path(settings, model)
+    if not DeltaTable.isDeltaTable(spark, path):
+        raise ConfigError(f"--model {model}: no predictions table at {path} (has fp-score scored with this model "
+                          f"here? the table is named for the registered model)")
+    table, version = read_delta_version(spark, path, None, f"predictions of {model}")
+    first = start.astimezone(timezone.utc).date() - timedelta(days=1)  # event_date only prunes: a day either side
+    last = end.astimezone(timezone.utc).date() + timedelta(days=1)
+    rows = (table.where((F.col("event_date") >= F.lit(first)) & (F.col("event_date") <= F.lit(last)))
+            .where((F.col("event_time") >= F.lit(start)) & (F.col("event_time") < F.lit(end))))
+    return rows, version
 
 
 def prediction_rows(records: DataFrame, contract: Contract, deployment: str) -> DataFrame:

@@ -43,7 +43,7 @@ from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView
 from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import parse_model_uri
-from pipelines.scoring.sinks import predictions_path, table_name
+from pipelines.scoring.sinks import predictions_path, read_predictions, table_name
 from pipelines.scoring.skew import (
     DEFAULT_TOLERANCE,
     compare_vectors,
@@ -102,20 +102,6 @@ def range_predicate(start: datetime, end: datetime) -> str:
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(timezone.utc).isoformat()
-
-
-def read_predictions(spark: SparkSession, settings: Settings, model: str, start: datetime,
-                     end: datetime) -> tuple[DataFrame, int]:
-    """The model's predictions with event time in ``[start, end)`` and the table version read.
-    A ConfigError (exit 2) when the model has no predictions table."""
-    path = predictions_path(settings, model)
-    if not DeltaTable.isDeltaTable(spark, path):
-        raise ConfigError(f"--model {model}: no predictions table at {path} (has fp-score scored with this model "
-                          f"here? the table is named for the registered model)")
-    table, version = read_delta_version(spark, path, None, f"predictions of {model}")
-    rows = table.where((F.col("event_date") >= F.lit(start.date())) & (F.col("event_date") <= F.lit(end.date()))
-                       & (F.col("event_time") >= F.lit(start)) & (F.col("event_time") < F.lit(end)))
-    return rows, version
 
 
 def own_view(settings: Settings, view: FeatureView) -> bool:
