@@ -90,6 +90,14 @@ def register_bench_model(tracking: str, artifacts: Path) -> str:
         skops_trusted_types=["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]), MODEL, "champion")
 
 
+def poll_available(consumer: Consumer, limit: int = 1000) -> list:
+    """The messages available now (at most ``limit``), waiting up to 0.2 s for the first.
+    ``consume(limit, timeout)`` alone would wait for ``limit`` messages or the whole timeout:
+    at 1,000 predictions/s in batches of tens that added 0.1 s at p50 to every figure."""
+    first = consumer.consume(1, timeout=0.2)
+    return first + consumer.consume(limit - 1, timeout=0) if first else first
+
+
 def watch_predictions(props: dict, topic: str, out: str, stop, count) -> None:
     """Notes when each prediction of ``topic`` becomes visible to a read_committed consumer (a
     process of its own: in the bench's process it would share the producer's GIL); writes
@@ -100,7 +108,7 @@ def watch_predictions(props: dict, topic: str, out: str, stop, count) -> None:
     consumer.subscribe([topic])
     seen: dict[str, tuple[int, int, int, int]] = {}
     while not stop.is_set():
-        for message in consumer.consume(1000, timeout=0.2):
+        for message in poll_available(consumer):
             if message.error() is None:
                 visible = time.time_ns() // 1000
                 p = json.loads(message.value())
@@ -131,7 +139,7 @@ def baseline(settings_args: tuple[str, str | None, dict], topic: str, tracking: 
     consumer.subscribe([topic])
     pairs = []
     while not stop.is_set():
-        messages = [m for m in consumer.consume(1000, timeout=0.2) if m.error() is None]
+        messages = [m for m in poll_available(consumer) if m.error() is None]
         if not messages:
             continue
         events = [json.loads(m.value()) for m in messages]
