@@ -53,6 +53,7 @@ from confluent_kafka.admin import AdminClient
 from feature_latency import (
     Job,
     bench_conf,
+    descendants,
     overrides_for,
     percentile,
     produce_at_rate,
@@ -66,6 +67,7 @@ from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import epoch_micros
+from pipelines.local.platform import LocalPlatform
 from pipelines.online.store import read_online, redis_client
 from pipelines.scoring.model import limit_model_threads, register_version
 
@@ -155,6 +157,56 @@ def baseline(settings_args: tuple[str, str | None, dict], topic: str, tracking: 
     Path(out).write_text(json.dumps(pairs))
 
 
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pid: int | None, children: bool = False) -> float:
+    """CPU time (user + system) of ``pid``, or with ``children`` of its live descendants (a job's
+    Spark JVM), in seconds."""
+    if pid is None:
+        return 0.0
+    total = 0
+    for each in descendants(pid) if children else [pid]:
+        try:
+            stat = Path(f"/proc/{each}/stat").read_text()
+        except OSError:  # gone
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / _TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine spent busy (all but idle and iowait), from ``/proc/stat``."""
+    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in Path("/proc/stat").read_text().split()[1:9])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
+class CpuMeter:
+    """Who used the CPU over a phase: each named process tree's CPU seconds, and the machine's.
+    Where the cores go at a rate is what says whether a path can keep up on this machine."""
+
+    def __init__(self, pids: dict[str, tuple[int | None, bool]]):
+        """``pids``: name -> (pid, whether its descendants are meant rather than the pid itself)."""
+        self.pids = pids
+        self.start = self.sample()
+
+    def sample(self) -> tuple[float, float, dict[str, float]]:
+        return (time.monotonic(), machine_busy_seconds(),
+                {name: cpu_seconds(pid, children) for name, (pid, children) in self.pids.items()})
+
+    def report(self, events: int) -> dict:
+        """Per process tree and for the machine: cores used on average, and CPU ms per 1,000 events."""
+        (t0, busy0, by0), (t1, busy1, by1) = self.start, self.sample()
+        wall = t1 - t0
+        used = {name: by1[name] - by0.get(name, 0.0) for name in by1}
+        used["other"] = max(0.0, (busy1 - busy0) - sum(used.values()))
+        used["machine"] = busy1 - busy0
+        return {"seconds": round(wall, 1), "events": events,
+                **{name: {"cores": round(cpu / wall, 2), "ms_per_1000_events": round(cpu * 1e6 / max(events, 1), 1)}
+                   for name, cpu in used.items()}}
+
+
 def figures(values: list[float], missing: int = 0) -> dict:
     ranked = sorted(values) + [math.inf] * missing
     if not ranked:
@@ -168,7 +220,11 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
     overrides, root = overrides_for(args, run_id, rate, label)
     root.mkdir(parents=True, exist_ok=True)
     conf_dir = bench_conf(Path(args.conf_dir) if args.conf_dir else PROJECT_ROOT / "conf", root / "conf")
-    jars_dir = load_settings(args.env, args.conf_dir, parse_overrides(args.set)).spark.jars_dir
+    project_settings = load_settings(args.env, args.conf_dir, parse_overrides(args.set))
+    jars_dir = project_settings.spark.jars_dir
+    # The broker's and Redis's pid files, where `python -m pipelines.local up` put them (the
+    # bench's copy of the conf resolves relative paths elsewhere).
+    platform = LocalPlatform(project_settings.local) if project_settings.local else None
     topic = next(iter(overrides["kafka"]["topics"]))
     predictions = f"{topic}_predictions"
     overrides = deep_merge(overrides, {"spark": {"jars_dir": jars_dir} if jars_dir else {},
@@ -211,7 +267,13 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
         # Phase 1: fp-score, with the features path.
         check_jobs()
         log.info("%s: fp-score: producing %d events/s for %ds", label, rate, args.seconds)
+        meter = CpuMeter({"producer (bench)": (os.getpid(), False),
+                          "fp-live": (jobs[0].process.pid, False), "fp-live JVM": (jobs[0].process.pid, True),
+                          "fp-score": (score.process.pid, False), "fp-score JVM": (score.process.pid, True), "kafka": (platform and platform.kafka.pid(), False),
+                          "redis": (platform and platform.redis.pid(), False), "watcher (bench)": (visible.pid, False)})
         sent = produce_at_rate(settings, topic, rate, args.seconds, args.accounts, seed=23, check=check_jobs)
+        cpu = meter.report(len(sent))
+        log.info("%s: CPU while producing: %s", label, json.dumps(cpu))
         deadline = time.monotonic() + args.drain
         while visible_count.value < len(sent) and time.monotonic() < deadline:
             check_jobs()
@@ -254,6 +316,7 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
                                   max(0, len(baseline_sent) - int(args.warmup * rate) - len(baseline_counted)))
     for path, result in results.items():
         log.info("%s %s: %s", path, label, result)
+    results["cpu"] = cpu
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
     return results
@@ -275,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(logging.INFO)
     settings_from_args(args)
     run_id = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
-    results: dict[str, dict[str, dict]] = {"score": {}, "features_ready": {}, "scored": {}, "baseline": {}}
+    results: dict[str, dict[str, dict]] = {"score": {}, "features_ready": {}, "scored": {}, "baseline": {}, "cpu": {}}
     for rate in (int(r) for r in args.rates.split(",")):
         for path, result in measure_rate(args, run_id, rate).items():
             results[path][str(rate)] = result
@@ -286,12 +349,19 @@ def main(argv: list[str] | None = None) -> int:
                                                                "system": host.platform()}}, indent=2))
     print(f"\nevent -> prediction latency, {args.seconds}s per rate (seconds)\n")
     print("| path | events/s | events | p50 | p95 | p99 |\n|---|---|---|---|---|---|")
-    for path, by_rate in results.items():
+    latency = {path: by_rate for path, by_rate in results.items() if path != "cpu"}
+    for path, by_rate in latency.items():
         for rate, r in by_rate.items():
             print(f"| {path} | {rate} | {r.get('events', 0):,} | {r.get('p50')} | {r.get('p95')} | {r.get('p99')} |")
+    print("\nCPU while fp-score's phase produced (cores on average; CPU ms per 1,000 events)\n")
+    print("| events/s | " + " | ".join(n for n in next(iter(results["cpu"].values()), {}) if n not in ("seconds", "events"))
+          + " |")
+    for rate, cpu in results["cpu"].items():
+        print(f"| {rate} | " + " | ".join(f"{v['cores']} ({v['ms_per_1000_events']})" for n, v in cpu.items()
+                                         if n not in ("seconds", "events")) + " |")
     print(f"\nresults: {out}")
     print(json.dumps({path: {rate: {k: r.get(k) for k in ("p50", "p95", "p99")} for rate, r in by_rate.items()}
-                      for path, by_rate in results.items()}))
+                      for path, by_rate in latency.items()}))
     return 0
 
 
