@@ -20,7 +20,7 @@ from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.features.live_stream import SPARE_TASK_SLOTS
 
 JOB_NAMES = {"ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate",
-             "build_training_set", "rebuild_training_set", "model_quality"}
+             "build_training_set", "rebuild_training_set", "model_quality", "skew"}
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
 #: The levels the top-level (bundle or target) permissions mapping accepts.
 TOP_LEVEL_PERMISSION_LEVELS = {"CAN_VIEW", "CAN_MANAGE", "CAN_RUN"}
@@ -167,7 +167,8 @@ def test_every_job_cluster_is_its_entry_of_the_shared_definition():
         "rehydrate": ["${var.job_cluster.rehydrate}"],
         "build_training_set": ["${var.job_cluster.training}"],
         "rebuild_training_set": ["${var.job_cluster.training}"],
-        "model_quality": ["${var.job_cluster.model_quality}"],
+        "model_quality": ["${var.job_cluster.monitoring}"],
+        "skew": ["${var.job_cluster.monitoring}"],
     }
 
 
@@ -181,6 +182,7 @@ def test_each_job_keeps_its_worker_count():
     assert {name: resolved_cluster(name)["num_workers"] for name in JOBS} == {
         "ingest": 2, "features": 2, "live": 9, "score": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
         "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4, "model_quality": 1,
+        "skew": 1,
     }
 
 
@@ -205,7 +207,7 @@ def test_the_shared_cluster_is_a_valid_cluster_spec_for_every_job():
     assert {name: type(entry) for name, entry in entries.items()} == {
         name: ClusterSpec for name in
         ("ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate", "training",
-         "model_quality")}
+         "monitoring")}
 
 
 @pytest.mark.parametrize("name", sorted(JOB_NAMES))
@@ -227,6 +229,7 @@ def test_each_job_cluster_gets_only_the_secrets_its_job_reads():
         "build_training_set": [],
         "rebuild_training_set": [],
         "model_quality": [],  # Delta tables and the MLflow registry of the workspace
+        "skew": [],  # bronze, the predictions table and the MLflow registry
     }
 
 
@@ -257,6 +260,7 @@ def test_job_names_name_their_target():
         "build_training_set": "feature-platform-training-set-${bundle.target}",
         "rebuild_training_set": "feature-platform-training-set-rebuild-${bundle.target}",
         "model_quality": "feature-platform-model-quality-${bundle.target}",
+        "skew": "feature-platform-skew-${bundle.target}",
     }
 
 
@@ -315,9 +319,9 @@ def test_prod_runs_as_the_service_principal_variable():
     JobRunAs.from_dict(resolve(PROD["run_as"], variable_values(BUNDLE, "prod")))  # Databricks' model accepts it
 
 
-def test_prod_unpauses_the_hourly_jobs():
+def test_prod_unpauses_the_scheduled_jobs():
     assert {name: spec["schedule"]["pause_status"] for name, spec in PROD["resources"]["jobs"].items()} == \
-        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED", "model_quality": "UNPAUSED"}
+        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED", "model_quality": "UNPAUSED", "skew": "UNPAUSED"}
 
 
 def test_job_parameters_reach_the_batch_jobs_arguments():
