@@ -230,6 +230,9 @@ class ScoringSettings:
     predictions_contract: str = "predictions"
     #: At most this many events scored per batch (one model call, one Kafka transaction).
     max_batch_events: int = 1000
+    #: How long a batch waits, after its first event, for more (up to ``max_batch_events``):
+    #: fewer, larger Kafka transactions for up to this much latency. 0: what is fetched already.
+    batch_linger: timedelta = timedelta(0)
     #: How often the registry is asked where the alias points (a new version is loaded between
     #: batches, without a restart).
     model_refresh: timedelta = timedelta(seconds=30)
@@ -240,8 +243,9 @@ class ScoringSettings:
     latency_slo_p99: timedelta = timedelta(seconds=2)
     #: One progress line and one ``ops/scoring_metrics`` row per interval.
     report_interval: timedelta = timedelta(seconds=10)
-    #: How often the predictions table (``predictions/<model>``) takes the committed predictions.
-    table_trigger_interval: timedelta = timedelta(seconds=10)
+    #: How often the predictions table (``predictions/<model>``) takes the committed predictions
+    #: (the topic is the real-time output; each micro-batch costs the scorer's JVM a Delta commit).
+    table_trigger_interval: timedelta = timedelta(minutes=1)
     #: Threads a model call may use (OpenMP, BLAS): 1 by default, since the features path shares
     #: the machine's cores and a parallel predict then waits at every barrier
     #: (:func:`pipelines.scoring.model.limit_model_threads`).
@@ -468,6 +472,8 @@ def _check_references(settings: Settings, source: Path) -> None:
     for key in ("model_refresh", "dedupe_window", "latency_slo_p99", "report_interval", "table_trigger_interval"):
         if getattr(scoring, key) <= timedelta(0):
             raise ConfigError(f"{source}: scoring.{key}: must be positive")
+    if scoring.batch_linger < timedelta(0):
+        raise ConfigError(f"{source}: scoring.batch_linger: must not be negative")
     if scoring.model_threads < 1:
         raise ConfigError(f"{source}: scoring.model_threads: {scoring.model_threads} must be at least 1")
     if not 0 < scoring.threshold < 1:

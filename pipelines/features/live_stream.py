@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import queue
 import re
 import signal
@@ -177,23 +178,38 @@ def events_topic_rows(events: DataFrame) -> DataFrame:
 class MetricsTableWriter(threading.Thread):
     """Appends queued metrics rows (``schema``'s) to an ops table (``ops/live_metrics`` by
     default) off the batch thread (best effort: a failed append is logged; the data path never
-    waits for it)."""
+    waits for it).
 
-    def __init__(self, spark: SparkSession, path: str, rows: queue.Queue, schema: StructType = LIVE_METRICS_SCHEMA):
+    The first row is appended at once; after that, whatever has queued is appended together at
+    most every ``every`` seconds, and what is left when ``stopping`` is set right away. A Delta
+    append costs the driver's JVM about as much whether it carries one row or fifty (the log, the
+    commit), and one a report interval (10 s) was a steady share of a core on this machine's two
+    (BENCHMARKS.md "Streaming scoring"); the progress lines stay per interval."""
+
+    def __init__(self, spark: SparkSession, path: str, rows: queue.Queue, schema: StructType = LIVE_METRICS_SCHEMA,
+                 every: float = 60.0):
         super().__init__(name="metrics-table", daemon=True)
-        self.spark, self.path, self.rows, self.schema = spark, path, rows, schema
+        self.spark, self.path, self.rows, self.schema, self.every = spark, path, rows, schema, every
         self.stopping = threading.Event()
 
     def run(self) -> None:
+        last_append = -math.inf
         while not (self.stopping.is_set() and self.rows.empty()):
             try:
-                row = self.rows.get(timeout=0.5)
+                pending = [self.rows.get(timeout=0.5)]
             except queue.Empty:
                 continue
+            self.stopping.wait(max(0.0, last_append + self.every - time.monotonic()))
+            while True:
+                try:
+                    pending.append(self.rows.get_nowait())
+                except queue.Empty:
+                    break
+            last_append = time.monotonic()
             try:
-                self.spark.createDataFrame([row], self.schema).write.format("delta").mode("append").save(self.path)
+                self.spark.createDataFrame(pending, self.schema).write.format("delta").mode("append").save(self.path)
             except Exception as exc:  # noqa: BLE001 - metrics must never stop the live path
-                log.warning("live metrics row not written to %s: %s", self.path, exc)
+                log.warning("%d metrics rows not written to %s: %s", len(pending), self.path, exc)
 
 
 #: Task slots beyond the real-time tasks': the live metrics rows' Delta appends run there. A

@@ -306,6 +306,7 @@ class Scorer:
         self.settings, self.client, self.watcher, self.reader = settings, client, watcher, reader
         self.events_topic, self.key_field, self.predictions_topic = events_topic, key_field, predictions_topic
         self.max_events = scoring.max_batch_events
+        self.linger_s = scoring.batch_linger.total_seconds()
         self.feature_wait_s = feature_wait_s
         self.deployment = deployment_key(watcher.uri)
         self.group = f"fp-score.{self.deployment}.{events_topic}"
@@ -371,7 +372,9 @@ class Scorer:
                 if not first:
                     self.metrics.flush_if_due(self.watcher.model)
                     continue
-                messages = first + (self._consume(timeout=0, count=self.max_events - 1) if self.max_events > 1 else [])
+                # consume(n, timeout) returns once n messages are there or the timeout passed.
+                messages = first + (self._consume(timeout=self.linger_s, count=self.max_events - 1)
+                                    if self.max_events > 1 else [])
                 ends = dict(position)
                 for message in messages:
                     ends[message.partition()] = max(ends.get(message.partition(), 0), message.offset() + 1)
