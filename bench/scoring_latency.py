@@ -269,8 +269,10 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
         log.info("%s: fp-score: producing %d events/s for %ds", label, rate, args.seconds)
         meter = CpuMeter({"producer (bench)": (os.getpid(), False),
                           "fp-live": (jobs[0].process.pid, False), "fp-live JVM": (jobs[0].process.pid, True),
-                          "fp-score": (score.process.pid, False), "fp-score JVM": (score.process.pid, True), "kafka": (platform and platform.kafka.pid(), False),
-                          "redis": (platform and platform.redis.pid(), False), "watcher (bench)": (visible.pid, False)})
+                          "fp-score": (score.process.pid, False), "fp-score JVM": (score.process.pid, True),
+                          "kafka": (platform and platform.kafka.pid(), False),
+                          "redis": (platform and platform.redis.pid(), False),
+                          "watcher (bench)": (visible.pid, False)})
         sent = produce_at_rate(settings, topic, rate, args.seconds, args.accounts, seed=23, check=check_jobs)
         cpu = meter.report(len(sent))
         log.info("%s: CPU while producing: %s", label, json.dumps(cpu))
