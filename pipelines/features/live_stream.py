@@ -61,6 +61,7 @@ from pipelines.contracts.avro import WriterSchema
 from pipelines.contracts.registry import SchemaRegistry, avro_topics, writer_schemas
 from pipelines.contracts.spark_schema import spark_type
 from pipelines.contracts.validation import ValidationRules
+from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import ConfigError
@@ -266,7 +267,8 @@ def start_validation(spark: SparkSession, settings: Settings, topic: str,
     events = live_events(records, contract, ValidationRules.of(settings.ingest), writers, unknown_ids)
     writer = (events_topic_rows(events).writeStream.queryName(validation_query_name(topic)).format("kafka")
               .option("topic", settings.live.events_topic(topic))
-              .option("checkpointLocation", settings.storage.checkpoint_path("live_validation", topic)))
+              .option("checkpointLocation",
+                      checkpoint_location(spark, settings.storage.checkpoint_path("live_validation", topic))))
     for key, value in settings.kafka.spark_options().items():
         writer = writer.option(key, value)
     if realtime:

@@ -13,6 +13,7 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.streaming import StreamingQuery
 
+from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import SourceError
 from pipelines.core.progress import ProgressListener
@@ -69,7 +70,7 @@ def start_features(spark: SparkSession, settings: Settings, views: list[FeatureV
         writer = (
             feature_stream(spark, settings, view).writeStream.queryName(name)
             .foreachBatch(gate.wrap(handler) if gate else handler)
-            .option("checkpointLocation", settings.storage.checkpoint_path("features", view.name))
+            .option("checkpointLocation", checkpoint_location(spark, settings.storage.checkpoint_path("features", view.name)))
         )
         queries.append(with_trigger(writer, available_now, settings.features.trigger_interval).start())
         log.info("features %s (%s) -> %s", view.name, view.kind, settings.storage.feature_path(view.name))

@@ -23,6 +23,7 @@ from pyspark.sql.streaming import StreamingQuery
 from pipelines.contracts.avro import WriterSchema
 from pipelines.contracts.registry import SchemaRegistry, avro_topics, writer_schemas
 from pipelines.contracts.validation import ValidationRules
+from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.progress import ProgressListener
@@ -118,7 +119,7 @@ def start_ingest(
         writer = (
             bronze_stream(records, contract, rules, writers).writeStream.queryName(name)
             .foreachBatch(gate.wrap(handler))
-            .option("checkpointLocation", settings.storage.checkpoint_path("ingest", topic))
+            .option("checkpointLocation", checkpoint_location(spark, settings.storage.checkpoint_path("ingest", topic)))
         )
         query = with_trigger(writer, available_now, settings.ingest.trigger_interval).start()
         topic_of[query.id] = topic

@@ -24,6 +24,7 @@ from pyspark.sql.streaming import StreamingQuery
 from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, StructField, StructType, TimestampType
 
 from pipelines.contracts.spark_schema import contract_schema
+from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import read_delta_version, streaming_query_id, write_delta_idempotent
 from pipelines.core.errors import ConfigError
@@ -141,5 +142,6 @@ def start_predictions_table(spark: SparkSession, settings: Settings, model: str,
               .queryName(f"predictions_{table_name(model)}_{table_name(key)}")
               .foreachBatch(write)
               .option("checkpointLocation",
-                      settings.storage.checkpoint_path("predictions", f"{table_name(model)}/{table_name(key)}")))
+                      checkpoint_location(spark, settings.storage.checkpoint_path(
+                          "predictions", f"{table_name(model)}/{table_name(key)}"))))
     return with_trigger(writer, available_now, interval).start()
