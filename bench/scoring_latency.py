@@ -253,7 +253,9 @@ def measure_rate(args, run_id: str, rate: int) -> dict[str, dict]:
             jobs[0].check()
             assert time.monotonic() < deadline, "fp-live did not create its events topic"
             time.sleep(1)
-        score = Job("score", [*common, *set_arguments(overrides), "--model", f"models:/{MODEL}@champion",
+        # --score-master: the scorer's Spark (the predictions table, the metrics rows) on fewer cores.
+        master = ["--set", f"spark.master={args.score_master}"] if args.score_master else []
+        score = Job("score", [*common, *set_arguments(overrides), *master, "--model", f"models:/{MODEL}@champion",
                               "--tracking-uri", tracking], root / "score.log")
         jobs.append(score)
         visible.start()
@@ -334,6 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accounts", type=int, default=500)
     parser.add_argument("--trigger", default="1s", help="(unused here; the shared overrides take it)")
     parser.add_argument("--drain", type=float, default=300.0, help="seconds to wait for the last predictions")
+    parser.add_argument("--score-master", help="spark.master of fp-score's Spark session (e.g. local[1]: its "
+                        "predictions table on one core); default: the conf's")
     parser.add_argument("--keep", action="store_true", help="keep each run's lake, checkpoints, MLflow store and logs")
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
@@ -347,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     out = PROJECT_ROOT / "bench" / "results" / f"scoring-{run_id}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"run": run_id, "seconds": args.seconds, "warmup": args.warmup, "accounts": args.accounts,
-                               "figures": results, "machine": {"cpus": os.cpu_count(), "python": host.python_version(),
+                               "score_master": args.score_master, "set": args.set or [], "figures": results, "machine": {"cpus": os.cpu_count(), "python": host.python_version(),
                                                                "system": host.platform()}}, indent=2))
     print(f"\nevent -> prediction latency, {args.seconds}s per rate (seconds)\n")
     print("| path | events/s | events | p50 | p95 | p99 |\n|---|---|---|---|---|---|")

@@ -13,7 +13,7 @@ from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.scoring.features import servable_features
 from pipelines.scoring.model import ModelInput, ModelRef, ServingModel, check_inputs, deployment_key, parse_model_uri
 from pipelines.scoring.sinks import check_parsed, prediction_rows
-from pipelines.scoring.stream import ScoringMetrics
+from pipelines.scoring.stream import ScoringMetrics, iso
 
 CONF = PROJECT_ROOT / "conf"
 
@@ -94,6 +94,18 @@ def test_each_deployment_of_a_model_has_a_key_of_its_own(uri, key):
 def test_a_registered_model_uri_without_version_or_alias_is_refused():
     with pytest.raises(ConfigError, match=r"names no version or alias"):
         parse_model_uri("models:/fraud")
+
+
+@pytest.mark.parametrize("micros, text", [
+    (1_733_270_400_000_000, "2024-12-04T00:00:00Z"),  # a whole second: no fraction, as isoformat
+    (1_733_270_400_000_001, "2024-12-04T00:00:00.000001Z"),
+    (1_733_270_459_999_999, "2024-12-04T00:00:59.999999Z"),
+    (1_733_270_460_500_000, "2024-12-04T00:01:00.500000Z"),
+    (-1, "1969-12-31T23:59:59.999999Z"),  # before the epoch: the second below, not a negative fraction
+])
+def test_prediction_times_are_iso_text_in_utc_with_microseconds_unless_whole(micros, text):
+    assert iso(micros) == text
+    assert iso(micros) == text  # the second's text comes from the cache the second time
 
 
 def test_an_interval_whose_p99_is_over_the_objective_is_logged_as_an_error_and_flagged(caplog):
