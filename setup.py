@@ -38,6 +38,7 @@ setup(
             "pyarrow==25.0.1",
             "pyyaml==6.0.3",
             "matplotlib>=3.9",  # the training-set build's feature histograms
+            "psycopg[binary]==3.3.9",  # the local platform's PostgreSQL: its bootstrap, the generator's writes
         ],
         # What the notebooks import beyond the package: the training notebook's model (scikit-learn,
         # logged by MLflow in the skops format) and the kernel they run on.

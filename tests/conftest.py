@@ -7,6 +7,8 @@ tests import live in :mod:`tests.support`."""
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,8 +29,18 @@ def test_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def base_overrides(test_root: Path) -> dict[str, Any]:
-    kafka_port, controller_port, redis_port, registry_port, management_port = free_ports(5)
+def postgres_dir() -> Iterator[Path]:
+    """PostgreSQL's folder: outside pytest's temporary root, which only its owner may enter (as
+    root, the platform runs PostgreSQL as the postgres user)."""
+    folder = Path(tempfile.mkdtemp(prefix="fp-test-postgres-"))
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_overrides(test_root: Path, postgres_dir: Path) -> dict[str, Any]:
+    kafka_port, controller_port, redis_port, registry_port, management_port, postgres_port, connect_port = free_ports(7)
     return {
         "spark": {"master": "local[2]", "shuffle_partitions": 2, "driver_memory": "2g",
                   "jars_dir": str(JARS_ROOT / "spark")},
@@ -38,7 +50,8 @@ def base_overrides(test_root: Path) -> dict[str, Any]:
         "local": {"root": str(test_root / "services"), "kafka_port": kafka_port,
                   "kafka_controller_port": controller_port, "redis_port": redis_port,
                   "kafka_heap": "768m", "registry_port": registry_port,
-                  "registry_management_port": management_port},
+                  "registry_management_port": management_port, "postgres_port": postgres_port,
+                  "connect_port": connect_port, "postgres_dir": str(postgres_dir)},
         "redis": {"port": redis_port},
         # Training-set builds are tracked in the test's own MLflow store, never the project's.
         "mlflow": {"tracking_uri": f"sqlite:///{test_root}/mlflow/mlflow.db",

@@ -315,6 +315,47 @@ class SchemaRegistrySettings:
 
 
 @dataclass(frozen=True)
+class CdcDatabaseSettings:
+    """The PostgreSQL database whose changes are captured."""
+
+    host: str = "127.0.0.1"
+    #: Unset with the local platform: its server's (``local.postgres_port``).
+    port: int | None = None
+    dbname: str = "app"
+    #: The connector's login: ``REPLICATION`` and ``SELECT`` on the captured tables.
+    user: str = "cdc"
+    #: Environment variable holding that login's password (never in the conf).
+    password_env: str = "CDC_DB_PASSWORD"
+
+
+@dataclass(frozen=True)
+class CdcSettings:
+    """Change data capture: Debezium's PostgreSQL connector in Kafka Connect, one change event
+    per committed row change to ``<topic_prefix>.<schema>.<table>`` (README "Change data capture")."""
+
+    #: Kafka Connect's REST API. Unset with the local platform: its worker (``local.connect_port``).
+    connect_url: str | None = None
+    #: The connector's name in Connect (its offsets are kept under it).
+    connector: str = "app-cdc"
+    database: CdcDatabaseSettings = field(default_factory=CdcDatabaseSettings)
+    topic_prefix: str = "cdc"
+    #: ``schema.table`` of each captured table.
+    tables: tuple[str, ...] = ("public.accounts",)
+    #: The replication slot the connector reads (one per connector; dropped with it).
+    slot: str = "fp_cdc"
+    #: The publication of ``tables`` (created by the database's owner, not the connector).
+    publication: str = "fp_cdc"
+    #: How often the connector polls its queue of decoded changes: commit -> Kafka latency.
+    poll_interval: timedelta = timedelta(milliseconds=50)
+    #: A heartbeat record this often: the slot's position moves on while the tables are quiet.
+    heartbeat_interval: timedelta = timedelta(seconds=10)
+
+    def topic_for(self, table: str) -> str:
+        """The change-event topic of ``schema.table``."""
+        return f"{self.topic_prefix}.{table}"
+
+
+@dataclass(frozen=True)
 class LocalPlatformSettings:
     """The embedded local platform: a real Kafka broker (KRaft), Redis and the Apicurio schema
     registry on loopback."""
@@ -332,6 +373,14 @@ class LocalPlatformSettings:
     registry_heap: str = "512m"
     #: JDK (21+) to run the registry with; unset: the newest JDK 21+ found on the machine.
     registry_java_home: str | None = None
+    #: Start PostgreSQL and a Kafka Connect worker with Debezium's connector (``cdc``) too.
+    cdc_enabled: bool = True
+    postgres_port: int = 5433
+    #: PostgreSQL's folder (data, socket); unset: ``<root>/postgres``. When the platform runs as
+    #: root, PostgreSQL runs as the ``postgres`` user, which must be able to reach it.
+    postgres_dir: str | None = None
+    connect_port: int = 8083
+    connect_heap: str = "512m"
 
 
 @dataclass(frozen=True)
@@ -349,6 +398,7 @@ class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)
+    cdc: CdcSettings = field(default_factory=CdcSettings)
     local: LocalPlatformSettings | None = None
     #: Contract name -> contract, loaded from ``conf/contracts/``.
     contracts: Mapping[str, Contract] = field(default_factory=dict, metadata={"yaml": False})
@@ -406,7 +456,8 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
 
     spark = dataclasses.replace(settings.spark, jars_dir=resolve(settings.spark.jars_dir))
     storage = dataclasses.replace(settings.storage, root=resolve(settings.storage.root))
-    local = settings.local and dataclasses.replace(settings.local, root=resolve(settings.local.root))
+    local = settings.local and dataclasses.replace(settings.local, root=resolve(settings.local.root),
+                                                   postgres_dir=resolve(settings.local.postgres_dir))
     tracking_uri = settings.mlflow.tracking_uri
     if tracking_uri and tracking_uri.startswith("sqlite:///") and not tracking_uri.startswith("sqlite:////"):
         # sqlite:///relative/path.db: relative to the project root, like the other local paths.
@@ -417,8 +468,20 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
     if registry.url is None and local is not None and local.registry_enabled:
         # The embedded platform's registry, unless the environment names another one.
         registry = dataclasses.replace(registry, url=local_registry_url(local.registry_port))
+    cdc = settings.cdc
+    if local is not None and local.cdc_enabled:
+        # The embedded platform's database and Connect worker, unless the environment names others.
+        if cdc.database.port is None:
+            cdc = dataclasses.replace(cdc, database=dataclasses.replace(cdc.database, port=local.postgres_port))
+        if cdc.connect_url is None:
+            cdc = dataclasses.replace(cdc, connect_url=local_connect_url(local.connect_port))
     return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow,
-                               schema_registry=registry)
+                               schema_registry=registry, cdc=cdc)
+
+
+def local_connect_url(port: int) -> str:
+    """The REST API of the local Kafka Connect worker on ``port``."""
+    return f"http://127.0.0.1:{port}"
 
 
 def local_registry_url(port: int) -> str:

@@ -1,5 +1,5 @@
-"""Start, check and stop the embedded local platform (Kafka in KRaft mode, Redis and the schema
-registry on loopback).
+"""Start, check and stop the embedded local platform (Kafka in KRaft mode, Redis, the schema
+registry, and PostgreSQL with a Kafka Connect worker running Debezium, on loopback).
 
 Usage: python -m pipelines.local up|down|status|reset [--env local] [--set local.kafka_port=19092]
 """
@@ -21,7 +21,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.local", description=__doc__.splitlines()[0])
     parser.add_argument("command", choices=["up", "down", "status", "reset"],
                         help="up: start and create topics (idempotent); down: stop; status: what runs "
-                             "where; reset: stop and delete the broker's (and so the registry's) and Redis's data")
+                             "where; reset: stop and delete the broker's (and so the registry's and "
+                             "the connector's offsets), Redis's and PostgreSQL's data")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
@@ -39,11 +40,15 @@ def main(argv: list[str] | None = None) -> int:
             platform.up()
             created = ensure_topics(settings.kafka.client_properties(), platform_topics(settings.kafka))
             print(f"topics created: {', '.join(created) or 'none (all exist)'}")
+            if platform.with_cdc:
+                platform.start_cdc(settings.cdc)
         elif args.command == "down":
             platform.down()
         elif args.command == "reset":
             platform.down()
-            for service in (platform.kafka, platform.redis, platform.registry):
+            # The broker's data (and so the connector's offsets) and PostgreSQL's (and so its
+            # replication slot) go together: one without the other is a gap or a replay.
+            for service in (platform.kafka, platform.redis, platform.registry, platform.postgres, platform.connect):
                 shutil.rmtree(service.root, ignore_errors=True)
         for status in platform.status():
             print(status.line())

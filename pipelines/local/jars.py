@@ -5,6 +5,10 @@ mirror settings) into a git-ignored folder.
   every artifact pyspark already ships in ``pyspark/jars`` (two copies of one library on the
   classpath is a bug waiting for a classloader). Passed to the session as ``spark.jars``.
 * ``kafka``: the Apache Kafka broker and a log4j2 binding, run by :mod:`pipelines.local`.
+* ``connect``: a Kafka Connect worker (the broker's version), run by :mod:`pipelines.local`.
+* ``debezium-postgres``: Debezium's PostgreSQL connector, a plugin of that worker, in
+  ``connect-plugins/debezium-postgres`` (the worker's ``plugin.path`` is ``connect-plugins``:
+  each folder under it is one plugin, loaded in isolation).
 * ``registry``: the Apicurio Registry distribution (a Quarkus app, ``tar.gz`` from Maven
   Central), unpacked; run by :mod:`pipelines.local` on a Java 21+ JDK.
 
@@ -32,7 +36,9 @@ from pipelines.core.settings import PROJECT_ROOT
 log = logging.getLogger(__name__)
 
 DESCRIPTORS = Path(__file__).resolve().parent / "jvm"
-BUNDLES = ("spark", "kafka")
+BUNDLES = ("spark", "kafka", "connect", "debezium-postgres")
+#: Where a bundle goes under the jars root, when not in a folder of its own name.
+BUNDLE_FOLDERS = {"debezium-postgres": "connect-plugins/debezium-postgres"}
 DEFAULT_ROOT = PROJECT_ROOT / ".local" / "jars"
 _STAMP = ".descriptor.sha256"
 #: The schema registry's distribution: groupId:artifactId:version:type:classifier.
@@ -58,14 +64,19 @@ def _descriptor_hash(bundle: str) -> str:
     return hashlib.sha256((DESCRIPTORS / bundle / "pom.xml").read_bytes()).hexdigest()
 
 
+def bundle_folder(bundle: str, root: Path = DEFAULT_ROOT) -> Path:
+    """Where ``bundle``'s jars go under ``root``."""
+    return Path(root) / BUNDLE_FOLDERS.get(bundle, bundle)
+
+
 def is_fetched(bundle: str, root: Path = DEFAULT_ROOT) -> bool:
-    stamp = Path(root) / bundle / _STAMP
+    stamp = bundle_folder(bundle, root) / _STAMP
     return stamp.exists() and stamp.read_text().strip() == _descriptor_hash(bundle)
 
 
 def fetch(bundle: str, root: Path = DEFAULT_ROOT, force: bool = False) -> Path:
-    """Resolve ``bundle``'s jars with Maven into ``root/bundle``; returns that folder."""
-    target = Path(root) / bundle
+    """Resolve ``bundle``'s jars with Maven into :func:`bundle_folder`; returns that folder."""
+    target = bundle_folder(bundle, root)
     if not force and is_fetched(bundle, root):
         return target
     if shutil.which("mvn") is None:

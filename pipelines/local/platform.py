@@ -14,25 +14,34 @@ from __future__ import annotations
 import base64
 import logging
 import os
-import re
-import shutil
-import signal
-import socket
 import subprocess
-import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 from confluent_kafka.admin import AdminClient
 
-from pipelines.core.errors import PipelineError
-from pipelines.core.settings import LocalPlatformSettings, local_registry_url
+from pipelines.core.kafka_connect import debezium_postgres_config
+from pipelines.core.settings import CdcSettings, LocalPlatformSettings, local_registry_url
+from pipelines.local import appdb
+from pipelines.local.connect import ConnectWorker
 from pipelines.local.jars import fetch, fetch_registry
+from pipelines.local.postgres import PostgresServer
+from pipelines.local.services import (  # noqa: F401 - PlatformError and the JDK lookups are this module's API too
+    PlatformError,
+    Service,
+    ServiceStatus,
+    ensure_debian_package,
+    find_java,
+    find_jdk,
+    java_version,
+    megabytes,
+    port_open,
+    wait_healthy,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,155 +56,12 @@ def kraft_cluster_id(draw: Callable[[], bytes] = lambda: uuid.uuid4().bytes) -> 
             return cluster_id
 
 
-class PlatformError(PipelineError):
-    """A service of the local platform cannot be installed, started or reached."""
+def ensure_redis_installed() -> str:
+    """Path of ``redis-server``; installs Debian's package when missing (needs root)."""
+    return ensure_debian_package("redis-server", ["redis-server", "/usr/bin/redis-server"])
 
 
-@dataclass(frozen=True)
-class ServiceStatus:
-    name: str
-    running: bool
-    pid: int | None
-    address: str
-    detail: str = ""
-
-    def line(self) -> str:
-        state = f"running (pid {self.pid})" if self.running else "stopped"
-        return f"{self.name:<8} {state:<22} {self.address}  {self.detail}".rstrip()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie (exited, not yet reaped by its parent) counts as stopped.
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
-
-
-def _port_open(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(0.5)
-        return sock.connect_ex((host, port)) == 0
-
-
-def find_java() -> str:
-    """``$JAVA_HOME/bin/java`` when set, else ``java`` on PATH (Java 17+ for Kafka 4)."""
-    home = os.environ.get("JAVA_HOME")
-    java = str(Path(home) / "bin" / "java") if home else shutil.which("java")
-    if not java or not Path(java).exists():
-        raise PlatformError("no Java runtime found (set JAVA_HOME or put java on PATH)")
-    return java
-
-
-def java_version(java_home: Path) -> int | None:
-    """The feature version (17, 21, 25, ...) of the JDK or JRE at ``java_home``; None if there is
-    no runnable ``bin/java`` there."""
-    java = java_home / "bin" / "java"
-    if not java.exists():
-        return None
-    release = java_home / "release"
-    text = release.read_text(errors="replace") if release.exists() else ""
-    match = re.search(r'^JAVA_VERSION="(\d+)(?:\.(\d+))?', text, re.MULTILINE)
-    if not match:
-        result = subprocess.run([str(java), "-XshowSettings:properties", "-version"],
-                                capture_output=True, text=True)
-        match = re.search(r"java\.specification\.version = (\d+)(?:\.(\d+))?", result.stderr)
-        if not match:
-            return None
-    major = int(match.group(1))
-    return int(match.group(2)) if major == 1 and match.group(2) else major  # 1.8 -> 8
-
-
-def find_jdk(minimum: int, configured: str | None = None) -> Path:
-    """A Java home of version ``minimum`` or newer: ``configured`` if given (it must qualify),
-    else the newest of ``$JAVA_HOME``, the ``java`` on PATH and the JDKs under ``/usr/lib/jvm``
-    and ``/opt/java``. PlatformError naming what was found when none qualifies."""
-    if configured:
-        version = java_version(Path(configured))
-        if version is None or version < minimum:
-            raise PlatformError(
-                f"local.registry_java_home: {configured} is Java {version or '(no bin/java)'}, need {minimum}+"
-            )
-        return Path(configured)
-    candidates: list[Path] = []
-    if os.environ.get("JAVA_HOME"):
-        candidates.append(Path(os.environ["JAVA_HOME"]))
-    on_path = shutil.which("java")
-    if on_path:
-        candidates.append(Path(on_path).resolve().parent.parent)
-    for folder in (Path("/usr/lib/jvm"), Path("/opt/java")):
-        if folder.is_dir():
-            candidates += sorted(p for p in folder.iterdir() if p.is_dir())
-    found = {home.resolve(): java_version(home) for home in candidates}
-    usable = sorted(((v, str(h)) for h, v in found.items() if v is not None and v >= minimum), reverse=True)
-    if not usable:
-        seen = ", ".join(f"Java {v} at {h}" for h, v in found.items() if v is not None) or "no JDK at all"
-        raise PlatformError(
-            f"the schema registry needs a Java {minimum}+ JDK; found {seen}. Install one (e.g. "
-            f"`apt-get install openjdk-{minimum}-jdk-headless`) or set local.registry_java_home"
-        )
-    return Path(usable[0][1])
-
-
-class _Service:
-    """A process started by the platform, tracked by a pid file."""
-
-    name = ""
-
-    def __init__(self, root: Path):
-        self.root = root
-        self.pid_file = root / "service.pid"
-        self.log_file = root / "service.out"
-
-    def pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (FileNotFoundError, ValueError):
-            return None
-        return pid if _pid_alive(pid) else None
-
-    def _spawn(self, command: list[str], env: dict[str, str] | None = None) -> int:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with open(self.log_file, "ab") as out:
-            process = subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True, env=env, cwd=self.root,
-            )
-        self.pid_file.write_text(str(process.pid))
-        return process.pid
-
-    def stop(self, timeout: float = 60.0) -> None:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return
-        log.info("stopping %s (pid %d)", self.name, pid)
-        os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if _pid_alive(pid):
-            log.warning("%s did not stop within %.0fs: killing it", self.name, timeout)
-            os.kill(pid, signal.SIGKILL)
-            while _pid_alive(pid):
-                time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
-
-    def tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return ""
-
-
-class KafkaBroker(_Service):
+class KafkaBroker(Service):
     """Kafka 4.x in KRaft mode: one process is both broker and controller."""
 
     name = "kafka"
@@ -264,7 +130,7 @@ class KafkaBroker(_Service):
 
     def _java(self, main_class: str, *args: str) -> list[str]:
         return [
-            find_java(), f"-Xmx{self.heap}", f"-Xms{min(256, _megabytes(self.heap))}m",
+            find_java(), f"-Xmx{self.heap}", f"-Xms{min(256, megabytes(self.heap))}m",
             "-XX:+UseG1GC", "-Djava.awt.headless=true",
             f"-Dlog4j2.configurationFile={self.root / 'log4j2.properties'}",
             "-cp", f"{self.jars_root / 'kafka'}/*", main_class, *args,
@@ -285,7 +151,7 @@ class KafkaBroker(_Service):
     def start(self) -> None:
         if self.pid() is not None:
             return
-        if _port_open(self.port):
+        if port_open(self.port):
             raise PlatformError(f"port {self.port} is taken by another process: set local.kafka_port")
         fetch("kafka", self.jars_root)
         self._write_config()
@@ -295,7 +161,7 @@ class KafkaBroker(_Service):
 
     def healthy(self) -> bool:
         """True once a metadata request to the broker succeeds."""
-        if self.pid() is None or not _port_open(self.port):
+        if self.pid() is None or not port_open(self.port):
             return False
         try:
             metadata = AdminClient({"bootstrap.servers": self.bootstrap}).list_topics(timeout=3)
@@ -304,7 +170,7 @@ class KafkaBroker(_Service):
         return bool(metadata.brokers)
 
 
-class RedisServer(_Service):
+class RedisServer(Service):
     name = "redis"
 
     def __init__(self, root: Path, port: int):
@@ -318,7 +184,7 @@ class RedisServer(_Service):
     def start(self) -> None:
         if self.pid() is not None:
             return
-        if _port_open(self.port):
+        if port_open(self.port):
             raise PlatformError(f"port {self.port} is taken by another process: set local.redis_port")
         binary = ensure_redis_installed()
         self.root.mkdir(parents=True, exist_ok=True)
@@ -337,7 +203,7 @@ class RedisServer(_Service):
             return False
 
 
-class SchemaRegistry(_Service):
+class SchemaRegistry(Service):
     """Apicurio Registry 3 with ``kafkasql`` storage on the local broker; clients use its
     Confluent-compatible API (:attr:`url`)."""
 
@@ -363,9 +229,9 @@ class SchemaRegistry(_Service):
     def start(self) -> None:
         if self.pid() is not None:
             return
-        if _port_open(self.port):
+        if port_open(self.port):
             raise PlatformError(f"port {self.port} is taken by another process: set local.registry_port")
-        if _port_open(self.management_port):
+        if port_open(self.management_port):
             raise PlatformError(f"port {self.management_port} is taken by another process: "
                                 "set local.registry_management_port")
         java = find_jdk(self.MINIMUM_JAVA, self.java_home) / "bin" / "java"
@@ -387,7 +253,7 @@ class SchemaRegistry(_Service):
 
     def healthy(self) -> bool:
         """True once the Confluent API lists subjects (storage loaded from Kafka)."""
-        if self.pid() is None or not _port_open(self.port):
+        if self.pid() is None or not port_open(self.port):
             return False
         try:
             with urllib.request.urlopen(f"{self.url}/subjects", timeout=2) as response:
@@ -396,49 +262,12 @@ class SchemaRegistry(_Service):
             return False
 
 
-def ensure_redis_installed() -> str:
-    """Path of ``redis-server``; installs Debian's package when missing (needs root)."""
-    binary = shutil.which("redis-server") or ("/usr/bin/redis-server" if Path("/usr/bin/redis-server").exists() else None)
-    if binary:
-        return binary
-    if os.geteuid() != 0:
-        raise PlatformError("redis-server is not installed: run `sudo apt-get install -y redis-server`")
-    log.info("installing redis-server from Debian's packages")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "redis-server"]):
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        if result.returncode != 0:
-            raise PlatformError(f"{' '.join(command)} failed:\n{result.stdout}{result.stderr}")
-    binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-    if not Path(binary).exists():
-        raise PlatformError("redis-server still missing after apt-get install")
-    return binary
-
-
-def _megabytes(size: str) -> int:
-    units = {"k": 1 / 1024, "m": 1, "g": 1024}
-    return int(float(size[:-1]) * units[size[-1].lower()]) if size[-1].lower() in units else int(size) // 2**20
-
-
-def wait_healthy(service, timeout: float) -> None:
-    """Block until ``service`` answers; PlatformError (with its log's tail) if it exits or
-    ``timeout`` seconds pass first."""
-    deadline = time.monotonic() + timeout
-    while not service.healthy():
-        if service.pid() is None:
-            raise PlatformError(f"{service.name} exited during start-up:\n{service.tail()}")
-        if time.monotonic() > deadline:
-            raise PlatformError(f"{service.name} not healthy after {timeout:.0f}s:\n{service.tail()}")
-        time.sleep(0.5)
-    log.info("%s is up", service.name)
-
-
 class LocalPlatform:
-    """Kafka, Redis and the schema registry for local runs and tests, driven by
-    :class:`LocalPlatformSettings`."""
+    """Kafka, Redis and the schema registry for local runs and tests, with PostgreSQL and a Kafka
+    Connect worker for change data capture, driven by :class:`LocalPlatformSettings`."""
 
     def __init__(self, settings: LocalPlatformSettings, jars_root: Path | None = None,
-                 with_registry: bool | None = None):
+                 with_registry: bool | None = None, with_cdc: bool | None = None):
         root = Path(settings.root)
         self.root = root
         jars_root = jars_root or root / "jars"
@@ -449,11 +278,17 @@ class LocalPlatform:
         self.registry = SchemaRegistry(root, settings.registry_port, settings.registry_management_port,
                                        settings.registry_heap,
                                        self.kafka.bootstrap, jars_root, settings.registry_java_home)
+        self.postgres = PostgresServer(Path(settings.postgres_dir) if settings.postgres_dir else root / "postgres",
+                                       settings.postgres_port)
+        self.connect = ConnectWorker(root, settings.connect_port, settings.connect_heap, self.kafka.bootstrap,
+                                     jars_root)
         self.with_registry = settings.registry_enabled if with_registry is None else with_registry
+        self.with_cdc = settings.cdc_enabled if with_cdc is None else with_cdc
 
     def up(self, timeout: float = 180.0) -> None:
         """Start what is not running and wait until each answers; idempotent. The registry
-        starts once the broker answers (it keeps its schemas there)."""
+        starts once the broker answers (it keeps its schemas there). Change data capture is
+        started apart (:meth:`start_cdc`): it needs the ``cdc`` settings."""
         for service in (self.kafka, self.redis):
             service.start()
         for service in (self.kafka, self.redis):
@@ -466,17 +301,38 @@ class LocalPlatform:
         self.registry.start()
         wait_healthy(self.registry, timeout)
 
+    def start_cdc(self, cdc: CdcSettings, timeout: float = 180.0) -> None:
+        """PostgreSQL with the application's tables, the connector's role and the publication;
+        the Connect worker (the broker must be up); the connector registered (idempotent: an
+        existing one keeps its offsets) and RUNNING."""
+        self.postgres.start()
+        wait_healthy(self.postgres, timeout)
+        password = self.postgres.cdc_password(cdc.database.password_env)
+        self.postgres.bootstrap(cdc.database.dbname, appdb.APP_ROLE, cdc.database.user, password, appdb.DDL,
+                                cdc.tables, cdc.publication)
+        self.connect.secrets = {cdc.database.password_env: password}
+        self.connect.start()
+        wait_healthy(self.connect, timeout)
+        client = self.connect.client()
+        client.put_config(cdc.connector, debezium_postgres_config(cdc))
+        client.wait_running(cdc.connector, timeout)
+        log.info("connector %s running: %s -> %s.*", cdc.connector, ", ".join(cdc.tables), cdc.topic_prefix)
+
     def down(self) -> None:
-        """Stop every service (the registry first, the broker last) and wait for each to exit."""
-        for service in (self.registry, self.redis, self.kafka):
+        """Stop every service and wait for each to exit: the Connect worker first (it commits
+        its offsets), the broker after the services that use it, PostgreSQL last."""
+        for service in (self.connect, self.registry, self.redis, self.kafka, self.postgres):
             service.stop()
 
     def status(self) -> list[ServiceStatus]:
         statuses = []
-        for service, address in ((self.kafka, self.kafka.bootstrap), (self.redis, self.redis.address),
-                                 (self.registry, self.registry.url)):
+        for service, address, wanted in (
+            (self.kafka, self.kafka.bootstrap, True), (self.redis, self.redis.address, True),
+            (self.registry, self.registry.url, self.with_registry),
+            (self.postgres, self.postgres.address, self.with_cdc), (self.connect, self.connect.url, self.with_cdc),
+        ):
             pid = service.pid()
-            if service is self.registry and pid is None and not self.with_registry:
+            if pid is None and not wanted:
                 continue
             statuses.append(ServiceStatus(service.name, pid is not None, pid, address,
                                           "healthy" if pid and service.healthy() else ""))

@@ -1,6 +1,7 @@
-"""Fixtures of the integration tests: the real local platform (Kafka KRaft and Redis, and the
-Apicurio registry for the tests that ask for it) started once per session on free loopback ports
-with its data in a temporary folder, and isolated topics, lake and Redis namespace per test."""
+"""Fixtures of the integration tests: the real local platform (Kafka KRaft and Redis; the Apicurio
+registry, PostgreSQL and Kafka Connect for the tests that ask for them) started once per session
+on free loopback ports with its data in a temporary folder, and isolated topics, lake and Redis
+namespace per test."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def platform(settings: Settings) -> Iterator[LocalPlatform]:
     """The real Kafka broker and Redis server, up for the whole test session (the schema
     registry is started by the ``registry`` fixture, for the tests that need it)."""
     fetch("kafka", JARS_ROOT)
-    local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False)
+    local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False, with_cdc=False)
     local.up()
     try:
         yield local
@@ -40,6 +41,15 @@ def registry(platform: LocalPlatform) -> LocalPlatform:
     """The real Apicurio schema registry on the test broker (``schema_registry.url`` of the
     test settings points at it); started once, on first use."""
     platform.start_registry()
+    return platform
+
+
+@pytest.fixture(scope="session")
+def cdc(platform: LocalPlatform, settings: Settings) -> LocalPlatform:
+    """PostgreSQL with the application's tables, and the Kafka Connect worker with the session's
+    Debezium connector (``settings.cdc``) registered and running; started once, on first use."""
+    platform.with_cdc = True
+    platform.start_cdc(settings.cdc)
     return platform
 
 

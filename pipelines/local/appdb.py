@@ -1,0 +1,25 @@
+"""The local platform's application database: the operational table a fraud model wants to know
+about, kept by "the application" (the generator writes it in step with the transactions it
+produces) and captured by Debezium.
+
+``public.accounts``: one row per account, keyed by the id the transactions carry; its status,
+credit limit and home country change over time, and accounts are closed (deleted).
+"""
+
+from __future__ import annotations
+
+#: The application's own role: owns the database and its tables, writes them.
+APP_ROLE = "app"
+
+#: Idempotent DDL of the application's tables (run by the table owner at every ``up``).
+DDL = (
+    """
+    create table if not exists public.accounts (
+        account_id   text primary key,
+        status       text not null,
+        credit_limit numeric(12, 2) not null,
+        home_country text not null,
+        updated_at   timestamptz not null default now()
+    )
+    """,
+)
