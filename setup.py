@@ -67,6 +67,7 @@ setup(
             "fp-features=jobs.features:main",
             "fp-live=jobs.live:main",
             "fp-score=jobs.score:main",
+            "fp-cdc=jobs.cdc:main",
             "fp-model-quality=jobs.model_quality:main",
             "fp-skew=jobs.skew:main",
             "fp-online=jobs.online:main",

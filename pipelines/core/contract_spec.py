@@ -38,12 +38,12 @@ FIELD_TYPES: Mapping[str, str] = {
     "timestamp": "timestamp",
 }
 
-FORMATS = ("json", "avro")
+FORMATS = ("json", "avro", "debezium")
 
 #: Columns the bronze layer adds beside a contract's fields; no field may take these names
 #: (nor any name starting with ``kafka_``).
 RESERVED_COLUMNS = frozenset(
-    {"validated_at", "error_class", "error_reason", "event_date", "ingested_at", "failed_at",
+    {"cdc_op", "cdc_lsn", "cdc_tx_id", "cdc_commit_time", "cdc_snapshot", "cdc_deleted", "validated_at", "error_class", "error_reason", "event_date", "ingested_at", "failed_at",
      "failed_date", "contract_name", "contract_version", "_watermark_time", "_dedupe_key", "_verdict",
      "schema_id", "writer_schema_id", "writer_schema_version", "_wire"}
 )
@@ -66,23 +66,33 @@ class ContractField:
 
 @dataclass(frozen=True)
 class Contract:
-    """The agreed shape of one topic's events."""
+    """The agreed shape of one topic's events, or (``format: debezium``) of one table's rows
+    whose changes the topic carries."""
 
     name: str
     version: int
-    #: Field whose value is the Kafka message key (the entity the topic is partitioned by).
+    #: Field whose value is the Kafka message key (the entity the topic is partitioned by; for
+    #: a table, its primary key).
     key_field: str
-    #: Field that identifies an event: the same id delivered twice is one event.
-    id_field: str
-    #: Field holding the event time the watermark, horizons and features use.
-    event_time_field: str
-    fields: tuple[ContractField, ...]
+    fields: tuple[ContractField, ...] = ()
+    #: Field that identifies an event: the same id delivered twice is one event. Events only:
+    #: a change is identified by its LSN and key.
+    id_field: str | None = None
+    #: Field holding the event time the watermark, horizons and features use. Events only: a
+    #: change's time is its commit time, from the envelope.
+    event_time_field: str | None = None
     strict: bool = True
     description: str = ""
-    #: How the topic's values are encoded: ``json`` (checked field by field at ingest) or
+    #: How the topic's values are encoded: ``json`` (checked field by field at ingest),
     #: ``avro`` (Confluent wire format; the Avro schema is derived from this contract and
-    #: registered under ``<topic>-value``).
+    #: registered under ``<topic>-value``), or ``debezium``: Debezium's change events as
+    #: schemaless JSON, ``fields`` being the table's columns (:mod:`pipelines.cdc`).
     format: str = "json"
+
+    @property
+    def is_changes(self) -> bool:
+        """Whether the topic carries a table's change events (``format: debezium``)."""
+        return self.format == "debezium"
 
     @property
     def field_names(self) -> tuple[str, ...]:
@@ -113,13 +123,24 @@ def parse_contract(data: Mapping, source: str) -> Contract:
         if f.non_negative and f.type not in ("double", "long"):
             raise ConfigError(f"{source}: fields[{i}].non_negative: only for double/long fields")
         seen.add(f.name)
-    for role in ("key_field", "id_field", "event_time_field"):
+    if not contract.fields:
+        raise ConfigError(f"{source}: fields: at least one field must be declared")
+    roles = ["key_field"]
+    for role in ("id_field", "event_time_field"):
+        if contract.is_changes and getattr(contract, role) is not None:
+            raise ConfigError(f"{source}: {role}: not for format debezium (a change is identified by its LSN and "
+                              "key, and its time is its commit time)")
+        if not contract.is_changes:
+            if getattr(contract, role) is None:
+                raise ConfigError(f"{source}: {role}: required for format {contract.format}")
+            roles.append(role)
+    for role in roles:
         name = getattr(contract, role)
         if name not in seen:
             raise ConfigError(f"{source}: {role}: {name!r} is not a declared field")
         if not contract.field(name).required:
             raise ConfigError(f"{source}: {role}: {name!r} must be a required field")
-    if contract.field(contract.event_time_field).type != "timestamp":
+    if contract.event_time_field is not None and contract.field(contract.event_time_field).type != "timestamp":
         raise ConfigError(f"{source}: event_time_field: {contract.event_time_field!r} must be a timestamp")
     return contract
 

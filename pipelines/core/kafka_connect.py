@@ -36,8 +36,9 @@ def debezium_postgres_config(cdc: CdcSettings) -> dict[str, str]:
     * ``pgoutput`` (built into PostgreSQL 10+), the publication created by the table owner
       (``publication.autocreate.mode=disabled``: the connector's role cannot create it);
     * an initial snapshot (``op`` ``r``) of each table when the connector has no offsets yet;
-    * schemaless JSON keys and values; ``decimal.handling.mode=string`` (the default, precise,
-      would be base64 bytes in schemaless JSON) and microsecond times;
+    * schemaless JSON keys and values; ``decimal.handling.mode=double`` (a ``numeric`` as a JSON
+      number, as the contracts' ``double`` takes it; the default, precise, would be base64 bytes
+      in schemaless JSON) and microsecond times;
     * a tombstone after each delete, so that a compacted topic forgets the key;
     * exactly-once delivery (``exactly.once.support=required``, one Kafka transaction per poll):
       a crash of the worker neither loses nor repeats a change for a ``read_committed`` reader;
@@ -60,7 +61,7 @@ def debezium_postgres_config(cdc: CdcSettings) -> dict[str, str]:
         "slot.name": cdc.slot,
         "table.include.list": ",".join(cdc.tables),
         "snapshot.mode": "initial",
-        "decimal.handling.mode": "string",
+        "decimal.handling.mode": "double",
         "time.precision.mode": "adaptive_time_microseconds",
         "tombstones.on.delete": "true",
         "poll.interval.ms": str(int(cdc.poll_interval.total_seconds() * 1000)),

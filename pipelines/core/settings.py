@@ -114,6 +114,10 @@ class StorageSettings:
     def dead_letter_path(self) -> str:
         return f"{self.root}/bronze/_dead_letter"
 
+    def cdc_path(self, topic: str, table: str) -> str:
+        """A change-event topic's ``current`` or ``history`` table (:mod:`pipelines.cdc.tables`)."""
+        return f"{self.root}/cdc/{topic}/{table}"
+
     def feature_path(self, view: str) -> str:
         return f"{self.root}/features/{view}"
 
@@ -565,6 +569,22 @@ def _check_references(settings: Settings, source: Path) -> None:
                 f"{source}: schema_registry.url: not set, and topic {name!r} carries Avro "
                 f"(contract {topic.contract!r} has format: avro)"
             )
+    for section, topics in (("ingest.topics", settings.ingest.topics), ("scoring.topic", [scoring.topic])):
+        for topic in topics:
+            if settings.contract_for(topic).is_changes:
+                raise ConfigError(f"{source}: {section}: {topic!r} carries change events (contract "
+                                  f"{settings.kafka.topics[topic].contract!r} has format: debezium): fp-cdc ingests it")
+    cdc = settings.cdc
+    for table in cdc.tables:
+        if not re.fullmatch(r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*", table):
+            raise ConfigError(f"{source}: cdc.tables: {table!r} is not schema.table")
+        topic = cdc.topic_for(table)
+        if topic not in settings.kafka.topics or not settings.contract_for(topic).is_changes:
+            raise ConfigError(f"{source}: cdc.tables: {table!r}: its change topic {topic!r} must be declared under "
+                              "kafka.topics with a contract of format: debezium")
+    for key in ("poll_interval", "heartbeat_interval"):
+        if getattr(cdc, key) <= timedelta(0):
+            raise ConfigError(f"{source}: cdc.{key}: must be positive")
     for name, view in settings.views.items():
         topics = _topics_of(settings, view.source.contract)
         if len(topics) != 1:

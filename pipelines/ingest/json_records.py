@@ -195,8 +195,9 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
 
     wrong_type = {f.name: given[f.name] & typed_value[f.name].isNull() for f in fields}
     negative = {f.name: typed_value[f.name] < 0 for f in fields if f.non_negative}
+    # A table's rows (format: debezium) have no event time of their own: no time checks.
     event_name = contract.event_time_field
-    event_time = typed_value[event_name]
+    event_time = typed_value[event_name] if event_name else F.lit(None).cast("timestamp")
     now = F.col(batch_time)
     ahead = F.unix_micros(event_time) - F.unix_micros(now)
     # The keys are distinct here (a repeated key is not JSON), so the undeclared ones are the
@@ -234,8 +235,8 @@ def json_verdicts(with_text: DataFrame, contract: Contract, rules: ValidationRul
         (_any([~given[f.name] for f in required]), F.lit("null_field")),
         (_any(list(wrong_type.values())), F.lit("wrong_type")),
         (_any(list(negative.values())), F.lit("negative_value")),
-        (ahead > micros(rules.future_tolerance), F.lit("future_event_time")),
-        (-ahead > micros(rules.max_event_age), F.lit("stale_event_time")),
+        *([(ahead > micros(rules.future_tolerance), F.lit("future_event_time")),
+           (-ahead > micros(rules.max_event_age), F.lit("stale_event_time"))] if event_name else []),
     ]
     error_class = F.lit(None).cast("string")
     for condition, name in reversed(classes):

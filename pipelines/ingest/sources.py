@@ -12,14 +12,16 @@ from pipelines.core.settings import IngestSettings, KafkaSettings
 
 
 def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ingest: IngestSettings,
-                      bounded: bool = True) -> DataFrame:
+                      bounded: bool = True, read_committed: bool = False) -> DataFrame:
     """A streaming DataFrame of ``topic``'s records (key, value, topic, partition, offset,
     timestamp, timestampType, headers); ``bounded``: at most ``max_offsets_per_trigger`` records
     a micro-batch (real-time mode refuses the bound).
 
     ``startingOffsets`` applies only to a query with a new checkpoint; a restarted query resumes
     from its checkpoint. ``failOnDataLoss`` stops the query when offsets it has not read were
-    deleted (retention) instead of skipping them.
+    deleted (retention) instead of skipping them. ``read_committed``: only the records of
+    committed Kafka transactions (a transactional producer's topic, e.g. Kafka Connect's with
+    exactly-once delivery); Kafka's default also returns those of aborted ones.
     """
     reader = (
         spark.readStream.format("kafka")
@@ -30,6 +32,8 @@ def read_kafka_stream(spark: SparkSession, kafka: KafkaSettings, topic: str, ing
     )
     if bounded:
         reader = reader.option("maxOffsetsPerTrigger", str(ingest.max_offsets_per_trigger))
+    if read_committed:
+        reader = reader.option("kafka.isolation.level", "read_committed")
     for key, value in kafka.spark_options().items():
         reader = reader.option(key, value)
     return reader.load()

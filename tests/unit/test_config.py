@@ -21,7 +21,8 @@ CONF = PROJECT_ROOT / "conf"
 def test_every_environment_loads_with_every_contract(env):
     settings = load_settings(env, CONF)
     assert settings.env == env
-    assert set(settings.contracts) == {"transactions", "labels", "predictions"}
+    assert set(settings.contracts) == {"transactions", "labels", "predictions", "accounts"}
+    assert settings.contract_for("cdc.public.accounts").is_changes
     assert settings.contract_for("transactions").id_field == "transaction_id"
 
 

@@ -1,0 +1,200 @@
+"""``fp-cdc``: one streaming query per change-event topic, Kafka -> change rows -> bronze, the
+dead-letter table, the current and history tables, exactly once.
+
+Each query reads its topic ``read_committed`` (the connector writes in Kafka transactions: an
+aborted one must stay unseen) with its own checkpoint (``_checkpoints/cdc/<topic>``). Its
+``foreachBatch`` handler (:class:`CdcBatchWriter`) writes, per batch:
+
+1. every valid change to bronze (``bronze/<topic>``, partitioned by commit date), every invalid
+   record to the dead-letter table with its bytes, reason and Kafka coordinates (both appends
+   carry ``txnAppId``/``txnVersion``);
+2. the columns the table gained (``cdc_extra``'s names) to the current and history tables, as
+   new nullable string columns, before the rows that carry them;
+3. the changes into the current and history tables (:mod:`pipelines.cdc.tables`, ``MERGE``\\ s
+   with Delta's idempotent-write identifiers);
+4. each key's last change of the batch to Redis (:mod:`pipelines.online.attributes`: newer wins
+   by LSN, a delete removes the key), after the Delta tables: a replayed batch writes it again,
+   and Redis keeps what it has.
+
+A tombstone has no write of its own (the delete before it does); it is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from pyspark import StorageLevel
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.streaming import StreamingQuery
+
+from pipelines.cdc.changes import CHANGE_COLUMNS, change_rows
+from pipelines.cdc.tables import (
+    current_schema,
+    history_schema,
+    idempotent,
+    last_change_per_key,
+    merge_current,
+    merge_history,
+)
+from pipelines.contracts.validation import ValidationRules
+from pipelines.core.checkpoints import checkpoint_location
+from pipelines.core.contract_spec import Contract
+from pipelines.core.delta import ensure_delta_table, streaming_query_id, write_delta_idempotent
+from pipelines.core.errors import ConfigError
+from pipelines.core.runner import BatchGate, run_queries, with_trigger
+from pipelines.core.settings import Settings
+from pipelines.ingest.bronze import BRONZE_METADATA, dead_letter_rows
+from pipelines.ingest.sources import read_kafka_stream
+from pipelines.online.attributes import AttributeChange, AttributeStoreWriter
+from pipelines.online.store import redis_client
+
+log = logging.getLogger(__name__)
+
+#: The table's own columns the tables add beside a change's values.
+_TABLE_COLUMNS = frozenset({"cdc_lsn", "cdc_commit_time", "cdc_op", "cdc_tx_id", "cdc_deleted", "valid_from", "valid_to"})
+
+
+def bronze_change_rows(rows: DataFrame, contract: Contract) -> DataFrame:
+    """Valid changes as bronze rows: the contract's columns, the envelope's, ``cdc_extra``,
+    the Kafka metadata, ``ingested_at`` and ``commit_date`` (the partition column)."""
+    return rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone")).select(
+        *contract.field_names, *CHANGE_COLUMNS, "cdc_extra", *BRONZE_METADATA,
+        F.col("validated_at").alias("ingested_at"),
+        F.to_date("cdc_commit_time").alias("commit_date"),
+    )
+
+
+def with_extra_columns(changes: DataFrame, extra: Sequence[str]) -> DataFrame:
+    """``changes`` with each name of ``extra`` as a column of its own (from ``cdc_extra``; null
+    where a change does not carry it: a delete, or a change from before the column existed)."""
+    return changes.withColumns({name: F.element_at(F.col("cdc_extra"), F.lit(name)) for name in extra})
+
+
+@dataclass(frozen=True)
+class CdcBatchResult:
+    changes: int
+    tombstones: int
+    dead_letters: int
+    new_columns: tuple[str, ...]
+    #: Keys Redis took (the others held a newer change already).
+    online_applied: int = 0
+
+
+class CdcBatchWriter:
+    """``foreachBatch`` handler of one change-event topic (see the module docstring)."""
+
+    def __init__(self, topic: str, contract: Contract, settings: Settings):
+        self.topic, self.contract, self.settings = topic, contract, settings
+        storage = settings.storage
+        self.bronze = storage.bronze_path(topic)
+        self.current, self.history = storage.cdc_path(topic, "current"), storage.cdc_path(topic, "history")
+        self.results: dict[int, CdcBatchResult] = {}
+        self._lock = threading.Lock()
+        self.online = AttributeStoreWriter(redis_client(settings.redis), settings.redis.namespace, contract.name)
+
+    def extra_columns(self, spark: SparkSession) -> list[str]:
+        """The columns the current table holds beyond the contract's: ones the source table gained."""
+        known = {*self.contract.field_names, *_TABLE_COLUMNS}
+        return [f.name for f in spark.read.format("delta").load(self.current).schema.fields if f.name not in known]
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
+        spark = batch.sparkSession
+        app_id = f"cdc:{self.topic}:{streaming_query_id(spark)}"
+        rows = batch.persist(StorageLevel.MEMORY_AND_DISK)
+        try:
+            counts = {(r["kind"]): r["n"] for r in rows.groupBy(
+                F.when(F.col("error_class").isNotNull(), "invalid").when(F.col("cdc_tombstone"), "tombstone")
+                .otherwise("change").alias("kind")).count().withColumnRenamed("count", "n").collect()}
+            if counts.get("change"):
+                write_delta_idempotent(bronze_change_rows(rows, self.contract), self.bronze, app_id, batch_id,
+                                       ["commit_date"])
+            if counts.get("invalid"):
+                write_delta_idempotent(dead_letter_rows(rows, self.contract), self.settings.storage.dead_letter_path,
+                                       app_id, batch_id, ["failed_date"])
+            new_columns: list[str] = []
+            online_applied = 0
+            if counts.get("change"):
+                changes = rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
+                known = self.extra_columns(spark)
+                seen = [r[0] for r in changes.select(F.explode(F.map_keys("cdc_extra"))).distinct().collect()]
+                new_columns = sorted(set(seen) - set(known) - _TABLE_COLUMNS)
+                extra = [*known, *new_columns]
+                for path in (self.current, self.history):
+                    # Per table, what it lacks: a replay after a crash between the two finds one done.
+                    have = set(spark.read.format("delta").load(path).columns)
+                    for name in (n for n in extra if n not in have):
+                        spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS (`{name}` STRING)")
+                if new_columns:
+                    log.warning("%s: the source table gained column(s) %s: added to %s and %s as nullable strings",
+                                self.topic, ", ".join(new_columns), self.current, self.history)
+                expanded = with_extra_columns(changes, extra)
+                with idempotent(spark, f"{app_id}:current", batch_id):
+                    merge_current(spark, self.current, expanded, self.contract, extra)
+                with idempotent(spark, f"{app_id}:history", batch_id):
+                    merge_history(spark, self.history, expanded, self.contract, extra)
+                online_applied = self.write_online(expanded, extra)
+        finally:
+            rows.unpersist()
+        result = CdcBatchResult(counts.get("change", 0), counts.get("tombstone", 0), counts.get("invalid", 0),
+                                tuple(new_columns), online_applied)
+        log.info("%s batch %d: %d changes, %d tombstones, %d dead letters%s", self.topic, batch_id, result.changes,
+                 result.tombstones, result.dead_letters,
+                 f", new columns {', '.join(new_columns)}" if new_columns else "")
+        with self._lock:
+            self.results[batch_id] = result
+
+
+    def write_online(self, changes: DataFrame, extra: Sequence[str]) -> int:
+        """Each key's last change of the batch to Redis; returns how many keys Redis took."""
+        key = self.contract.key_field
+        columns = [*self.contract.field_names, *extra]
+        latest = last_change_per_key(changes, key).select(*columns, "cdc_lsn", "cdc_deleted")
+        result = self.online.write(
+            AttributeChange(row[key], row["cdc_lsn"], row["cdc_deleted"], {c: row[c] for c in columns if c != key})
+            for row in latest.toLocalIterator())
+        return result.applied
+
+
+def create_cdc_tables(spark: SparkSession, settings: Settings, topic: str) -> None:
+    contract = settings.contract_for(topic)
+    storage = settings.storage
+    ensure_delta_table(spark, storage.cdc_path(topic, "current"), current_schema(contract))
+    ensure_delta_table(spark, storage.cdc_path(topic, "history"), history_schema(contract))
+
+
+def start_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | None = None,
+              available_now: bool = False) -> tuple[list[StreamingQuery], BatchGate]:
+    """One query per change-event topic (default: each of ``cdc.tables``')."""
+    topics = list(topics or [settings.cdc.topic_for(t) for t in settings.cdc.tables])
+    rules = ValidationRules.of(settings.ingest)
+    gate = BatchGate()
+    queries = []
+    for topic in topics:
+        if topic not in settings.kafka.topics:
+            raise ConfigError(f"--topics: {topic!r} is not declared under kafka.topics")
+        contract = settings.contract_for(topic)
+        if not contract.is_changes:
+            raise ConfigError(f"--topics: {topic!r} has contract {contract.name!r}, not a change-event contract "
+                              "(format: debezium)")
+        create_cdc_tables(spark, settings, topic)
+        records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest, read_committed=True)
+        handler = CdcBatchWriter(topic, contract, settings)
+        writer = (change_rows(records, contract, rules).writeStream.queryName(f"cdc_{topic}")
+                  .foreachBatch(gate.wrap(handler))
+                  .option("checkpointLocation", checkpoint_location(spark, settings.storage.checkpoint_path("cdc", topic))))
+        queries.append(with_trigger(writer, available_now, settings.ingest.trigger_interval).start())
+        log.info("cdc %s -> %s, %s", topic, handler.current, handler.history)
+    return queries, gate
+
+
+def run_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | None = None,
+            available_now: bool = False, timeout: float | None = None) -> int:
+    """Run the CDC queries until they end (``available_now``), ``timeout`` seconds pass, or a
+    signal asks for a graceful stop. Returns 0."""
+    queries, gate = start_cdc(spark, settings, topics, available_now)
+    run_queries(queries, timeout, gate=gate)
+    return 0

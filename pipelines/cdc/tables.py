@@ -1,0 +1,151 @@
+"""A table's change rows (:mod:`pipelines.cdc.changes`) into two Delta tables, exactly once:
+
+* **current** (``cdc/<table>/current``): one row per live primary key, as the database has it
+  now: the contract's columns, ``cdc_lsn`` and ``cdc_commit_time`` of the change it is at. A
+  ``MERGE`` per batch: of several changes of one key in the batch, the last (highest LSN) is
+  applied; a change applies only over an older one (``s.cdc_lsn > t.cdc_lsn``), so a replayed
+  batch changes nothing; an insert or update upserts, a delete removes the key.
+* **history** (``cdc/<table>/history``): one row per committed change, with
+  ``valid_from`` (its commit time) and ``valid_to`` (the commit time of the key's next change;
+  null while it is the latest). A delete is a row too (``cdc_deleted``, its columns null): from
+  its commit on, the key has no attributes. A point-in-time lookup at T takes the key's row with
+  ``valid_from <= T < valid_to`` (:func:`as_of`). A ``MERGE`` per batch inserts the batch's
+  changes it does not hold yet (by key and LSN) and closes each key's open row with the batch's
+  first change of that key.
+
+Both writes carry Delta's idempotent-write identifiers (``txnAppId``/``txnVersion``, through the
+session settings Delta reads for ``MERGE``), so a batch replayed after a crash is skipped by
+Delta, and both ``MERGE``\\ s are idempotent by construction besides.
+
+Per key, LSN order is commit order: PostgreSQL's row locks make a second transaction wait for
+the first to commit before it changes the same row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from delta.tables import DeltaTable
+from pyspark.sql import Column, DataFrame, SparkSession, Window
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, LongType, StringType, StructField, StructType, TimestampType
+
+from pipelines.contracts.spark_schema import spark_type
+from pipelines.core.contract_spec import Contract
+
+TXN_APP_ID = "spark.databricks.delta.write.txnAppId"
+TXN_VERSION = "spark.databricks.delta.write.txnVersion"
+
+
+def current_schema(contract: Contract, extra: Sequence[str] = ()) -> StructType:
+    """The current table's columns: the contract's, ``extra`` ones (strings), the change's LSN
+    and commit time."""
+    return StructType([
+        *[StructField(f.name, spark_type(f), f.name != contract.key_field) for f in contract.fields],
+        *[StructField(name, StringType(), True) for name in extra],
+        StructField("cdc_lsn", LongType(), False),
+        StructField("cdc_commit_time", TimestampType(), False),
+    ])
+
+
+def history_schema(contract: Contract, extra: Sequence[str] = ()) -> StructType:
+    """The history table's columns: the contract's (null in a delete's row), ``extra`` ones,
+    the change's op, LSN, transaction and whether it deleted the key, and its validity."""
+    return StructType([
+        *[StructField(f.name, spark_type(f), f.name != contract.key_field) for f in contract.fields],
+        *[StructField(name, StringType(), True) for name in extra],
+        StructField("cdc_op", StringType(), False),
+        StructField("cdc_lsn", LongType(), False),
+        StructField("cdc_tx_id", LongType(), True),
+        StructField("cdc_deleted", BooleanType(), False),
+        StructField("valid_from", TimestampType(), False),
+        StructField("valid_to", TimestampType(), True),
+    ])
+
+
+def valid_changes(rows: DataFrame) -> DataFrame:
+    """The changes among change rows: valid, and not a tombstone."""
+    return rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
+
+
+def last_change_per_key(changes: DataFrame, key: str) -> DataFrame:
+    """Per key, its change with the highest LSN (of several in one batch, the last)."""
+    latest = Window.partitionBy(key).orderBy(F.col("cdc_lsn").desc())
+    return changes.withColumn("_cdc_rank", F.row_number().over(latest)).filter("_cdc_rank = 1").drop("_cdc_rank")
+
+
+def _columns(contract: Contract, extra: Sequence[str]) -> list[str]:
+    return [*contract.field_names, *extra]
+
+
+def merge_current(spark: SparkSession, path: str, changes: DataFrame, contract: Contract,
+                  extra: Sequence[str] = ()) -> None:
+    """Apply ``changes`` (valid changes, any number per key) to the current table at ``path``
+    (see the module docstring)."""
+    key = contract.key_field
+    latest = last_change_per_key(changes, key)
+    columns = [*_columns(contract, extra), "cdc_lsn", "cdc_commit_time"]
+    values = {c: F.col(f"s.{c}") for c in columns}
+    newer = F.col("s.cdc_lsn") > F.col("t.cdc_lsn")
+    (DeltaTable.forPath(spark, path).alias("t")
+     .merge(latest.alias("s"), F.col(f"t.{key}") == F.col(f"s.{key}"))
+     .whenMatchedDelete(condition=newer & F.col("s.cdc_deleted"))
+     .whenMatchedUpdate(condition=newer & ~F.col("s.cdc_deleted"), set=values)
+     .whenNotMatchedInsert(condition=~F.col("s.cdc_deleted"), values=values)
+     .execute())
+
+
+def history_rows(changes: DataFrame, contract: Contract, extra: Sequence[str] = ()) -> DataFrame:
+    """``changes`` as history rows, each valid until the key's next change in the same batch
+    (null for the last of the batch: the table's MERGE leaves it open)."""
+    key = contract.key_field
+    by_lsn = Window.partitionBy(key).orderBy("cdc_lsn")
+    return changes.select(
+        *[F.col(c) for c in _columns(contract, extra)],
+        "cdc_op", "cdc_lsn", "cdc_tx_id", "cdc_deleted",
+        F.col("cdc_commit_time").alias("valid_from"),
+        F.lead("cdc_commit_time").over(by_lsn).alias("valid_to"),
+    )
+
+
+def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: Contract,
+                  extra: Sequence[str] = ()) -> None:
+    """Append ``changes`` to the history table at ``path`` and close the rows they follow
+    (see the module docstring)."""
+    key = contract.key_field
+    rows = history_rows(changes, contract, extra).withColumn("_cdc_kind", F.lit("row"))
+    first = Window.partitionBy(key).orderBy("cdc_lsn")
+    # One closing row per key: its first change in the batch ends the key's open row.
+    closers = (rows.withColumn("_cdc_first", F.row_number().over(first)).filter("_cdc_first = 1")
+               .drop("_cdc_first").withColumn("_cdc_kind", F.lit("close")))
+    source = rows.unionByName(closers)
+    same_change = (F.col("s._cdc_kind") == "row") & (F.col("t.cdc_lsn") == F.col("s.cdc_lsn"))
+    closes = ((F.col("s._cdc_kind") == "close") & F.col("t.valid_to").isNull()
+              & (F.col("t.cdc_lsn") < F.col("s.cdc_lsn")))
+    columns = [*_columns(contract, extra), "cdc_op", "cdc_lsn", "cdc_tx_id", "cdc_deleted", "valid_from", "valid_to"]
+    (DeltaTable.forPath(spark, path).alias("t")
+     .merge(source.alias("s"), (F.col(f"t.{key}") == F.col(f"s.{key}")) & (same_change | closes))
+     .whenMatchedUpdate(condition=F.col("s._cdc_kind") == "close", set={"valid_to": F.col("s.valid_from")})
+     .whenNotMatchedInsert(condition=F.col("s._cdc_kind") == "row", values={c: F.col(f"s.{c}") for c in columns})
+     .execute())
+
+
+def as_of(history: DataFrame, key: str, at: Column) -> DataFrame:
+    """The history rows valid at ``at`` (a timestamp column or literal): per key, the change in
+    force then (a delete's row included: the key had no attributes then)."""
+    return history.filter((F.col("valid_from") <= at) & (F.col("valid_to").isNull() | (at < F.col("valid_to"))))
+
+
+@contextmanager
+def idempotent(spark: SparkSession, app_id: str, version: int) -> Iterator[None]:
+    """Delta's idempotent-write identifiers for the writes (``MERGE`` included) made inside, on
+    ``spark``: a foreachBatch's own session (each streaming query runs on a clone of its own),
+    cleared after. A write whose ``app_id`` already committed ``version`` is skipped."""
+    spark.conf.set(TXN_APP_ID, app_id)
+    spark.conf.set(TXN_VERSION, str(version))
+    try:
+        yield
+    finally:
+        spark.conf.unset(TXN_APP_ID)
+        spark.conf.unset(TXN_VERSION)

@@ -1,0 +1,144 @@
+"""``fp-cdc`` against the real platform: PostgreSQL -> Debezium (Kafka Connect) -> Kafka -> the
+current and history Delta tables. After each step the current table must equal ``SELECT * FROM
+accounts`` and the history must hold one row per committed change.
+
+The module has a connector of its own (its own slot and topic prefix): it starts with a snapshot
+of the accounts table as the other tests left it, then streams."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from datetime import timezone
+from decimal import Decimal
+
+import pytest
+from confluent_kafka import Consumer, TopicPartition
+
+from pipelines.cdc.stream import run_cdc
+from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.kafka_connect import debezium_postgres_config
+from pipelines.local import appdb
+from pipelines.online.attributes import read_attributes
+from pipelines.online.store import redis_client
+from tests.support import isolation
+
+COLUMNS = ("account_id", "status", "credit_limit", "home_country", "updated_at")
+
+
+@pytest.fixture(scope="module")
+def capture(cdc, base_overrides, tmp_path_factory):
+    """Settings with this module's connector, topic and lake; the connector running."""
+    run = uuid.uuid4().hex[:8]
+    prefix = f"cdc{run}"
+    topic = f"{prefix}.public.accounts"
+    make = isolation(base_overrides, tmp_path_factory.mktemp("cdc"))
+    settings = make(kafka={"topics": {topic: {"contract": "accounts", "partitions": 2, "replication_factor": 1}}},
+                    cdc={"connector": f"cdc-test-{run}", "slot": f"cdc_test_{run}", "topic_prefix": prefix})
+    ensure_topics(settings.kafka.client_properties(), [TopicSpec(topic, 2, 1)])
+    client = cdc.connect.client()
+    client.put_config(settings.cdc.connector, debezium_postgres_config(settings.cdc))
+    client.wait_running(settings.cdc.connector)
+    yield settings
+    client.delete(settings.cdc.connector)
+    deadline = time.monotonic() + 60
+    while not cdc.postgres.drop_slot(settings.cdc.slot) and time.monotonic() < deadline:
+        time.sleep(0.5)
+
+
+def write(cdc, settings, *statements):
+    """Runs each (sql, params) in its own committed transaction, as the application would."""
+    with cdc.postgres.connect(settings.cdc.database.dbname, appdb.APP_ROLE) as conn:
+        for sql, params in statements:
+            conn.execute(sql, params)
+            conn.commit()
+
+
+def captured_up_to_now(cdc, settings, timeout: float = 90.0) -> None:
+    """Waits until every change committed so far is on the topic: a marker row's change is."""
+    marker = f"marker-{uuid.uuid4().hex[:8]}"
+    write(cdc, settings, ("insert into accounts (account_id, status, credit_limit, home_country) "
+                          "values (%s, 'marker', 0, 'ZZ')", [marker]))
+    topic = settings.cdc.topic_for("public.accounts")
+    consumer = Consumer({**settings.kafka.client_properties(), "group.id": f"marker-{marker}",
+                         "isolation.level": "read_committed"})
+    partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is None and message.key() \
+                    and json.loads(message.key())["account_id"] == marker:
+                return
+        raise AssertionError(f"the marker row {marker} did not reach {topic} in {timeout:.0f}s")
+    finally:
+        consumer.close()
+
+
+def database_rows(cdc, settings) -> list[tuple]:
+    with cdc.postgres.connect(settings.cdc.database.dbname, appdb.APP_ROLE) as conn:
+        rows = conn.execute(f"select {', '.join(COLUMNS)} from accounts").fetchall()
+    return sorted((a, s, float(c) if isinstance(c, Decimal) else c, h, u.astimezone(timezone.utc)) for a, s, c, h, u in rows)
+
+
+def table_rows(spark, path) -> list[tuple]:
+    frame = spark.read.format("delta").load(path).select(*COLUMNS)
+    return sorted((a, s, c, h, u.replace(tzinfo=timezone.utc)) for a, s, c, h, u in frame.collect())
+
+
+def redis_rows(capture, keys) -> list[tuple]:
+    """The attributes Redis serves for ``keys``, as database rows (absent keys left out)."""
+    stored = read_attributes(redis_client(capture.redis), capture.redis.namespace, "accounts", keys, COLUMNS[1:])
+    return sorted((key, r["status"], r["credit_limit"], r["home_country"], r["updated_at"].astimezone(timezone.utc))
+                  for key, r in zip(keys, stored) if r is not None)
+
+
+def sync(spark, capture, cdc):
+    captured_up_to_now(cdc, capture)
+    run_cdc(spark, capture, available_now=True)
+    return capture.storage.cdc_path(capture.cdc.topic_for("public.accounts"), "current")
+
+
+def test_the_current_table_equals_the_database_after_snapshot_inserts_updates_and_deletes(spark, cdc, capture):
+    run = uuid.uuid4().hex[:6]
+    a, b, c = (f"acct-e2e-{run}-{n}" for n in range(3))
+    insert = "insert into accounts (account_id, status, credit_limit, home_country) values (%s, %s, %s, %s)"
+    write(cdc, capture, (insert, [a, "active", 100, "DE"]), (insert, [b, "active", 200, "FR"]),
+          (insert, [c, "active", 300, "PL"]))
+    # Several changes of one key land in one micro-batch; a delete with its tombstone.
+    write(cdc, capture, *[("update accounts set credit_limit = %s, updated_at = now() where account_id = %s", [n, a])
+                          for n in (110, 120, 130)])
+    write(cdc, capture, ("update accounts set status = 'frozen' where account_id = %s", [b]),
+          ("delete from accounts where account_id = %s", [c]))
+    current = sync(spark, capture, cdc)
+    database = database_rows(cdc, capture)
+    assert table_rows(spark, current) == database
+    assert redis_rows(capture, [row[0] for row in database] + [c]) == database  # c was deleted: not served
+    history = spark.read.format("delta").load(capture.storage.cdc_path(capture.cdc.topic_for("public.accounts"),
+                                                                       "history"))
+    mine = history.filter(history.account_id.isin(a, b, c))
+    assert mine.count() == 3 + 3 + 1 + 1  # three inserts, three updates of a, b's update, c's delete
+    assert mine.filter("valid_to is null").count() == 3  # each key's latest change is open
+    assert [r.credit_limit for r in mine.filter(f"account_id = '{a}'").orderBy("cdc_lsn").collect()] == [
+        100.0, 110.0, 120.0, 130.0]
+
+
+def test_a_column_added_to_the_table_appears_as_a_new_nullable_column(spark, cdc, capture):
+    run = uuid.uuid4().hex[:6]
+    column = f"tier_{run}"
+    account = f"acct-col-{run}"
+    with cdc.postgres.connect(capture.cdc.database.dbname, appdb.APP_ROLE, autocommit=True) as conn:
+        conn.execute(f"alter table accounts add column {column} text")
+    try:
+        write(cdc, capture, ("insert into accounts (account_id, status, credit_limit, home_country, "
+                             f"{column}) values (%s, 'active', 5, 'IT', 'gold')", [account]))
+        current = sync(spark, capture, cdc)
+        frame = spark.read.format("delta").load(current)
+        assert column in frame.columns
+        assert {r.account_id: r[column] for r in frame.filter(f"account_id = '{account}'").collect()} == {account: "gold"}
+        assert table_rows(spark, current) == database_rows(cdc, capture)
+    finally:
+        with cdc.postgres.connect(capture.cdc.database.dbname, appdb.APP_ROLE, autocommit=True) as conn:
+            conn.execute(f"alter table accounts drop column {column}")

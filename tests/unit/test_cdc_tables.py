@@ -1,0 +1,141 @@
+"""Change rows into the current and history tables (:mod:`pipelines.cdc.tables`)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from chispa import assert_df_equality
+from delta.tables import DeltaTable
+from pyspark.sql import functions as F
+from pyspark.sql.types import BooleanType, DoubleType, LongType, StringType, StructField, StructType, TimestampType
+
+from pipelines.cdc.tables import (
+    as_of,
+    current_schema,
+    history_schema,
+    idempotent,
+    merge_current,
+    merge_history,
+)
+from pipelines.core.delta import ensure_delta_table
+from pipelines.core.settings import PROJECT_ROOT, load_settings
+
+T = datetime(2026, 12, 4, 12, 0, tzinfo=timezone.utc)
+CHANGE_SCHEMA = StructType([
+    StructField("account_id", StringType()), StructField("status", StringType()),
+    StructField("credit_limit", DoubleType()), StructField("home_country", StringType()),
+    StructField("updated_at", TimestampType()),
+    StructField("cdc_op", StringType()), StructField("cdc_lsn", LongType()), StructField("cdc_tx_id", LongType()),
+    StructField("cdc_commit_time", TimestampType()), StructField("cdc_deleted", BooleanType()),
+])
+
+
+@pytest.fixture(scope="module")
+def contract():
+    return load_settings("local", PROJECT_ROOT / "conf").contracts["accounts"]
+
+
+def at(seconds: int) -> datetime:
+    return T + timedelta(seconds=seconds)
+
+
+def change(account, op, lsn, status=None, limit=None, country="DE", second=None):
+    """One change row; a delete carries the key only."""
+    if op == "d":
+        return (account, None, None, None, None, "d", lsn, lsn, at(second if second is not None else lsn), True)
+    return (account, status, limit, country, at(lsn), op, lsn, lsn, at(second if second is not None else lsn), False)
+
+
+@pytest.fixture
+def tables(spark, tmp_path, contract):
+    current, history = str(tmp_path / "current"), str(tmp_path / "history")
+    ensure_delta_table(spark, current, current_schema(contract))
+    ensure_delta_table(spark, history, history_schema(contract))
+    return current, history
+
+
+def apply(spark, tables, contract, rows, batch_id=0, app_id="test"):
+    frame = spark.createDataFrame(rows, CHANGE_SCHEMA)
+    current, history = tables
+    with idempotent(spark, f"{app_id}:current", batch_id):
+        merge_current(spark, current, frame, contract)
+    with idempotent(spark, f"{app_id}:history", batch_id):
+        merge_history(spark, history, frame, contract)
+
+
+def current_rows(spark, path):
+    return spark.read.format("delta").load(path).select("account_id", "status", "credit_limit", "cdc_lsn")
+
+
+def expected_current(spark, rows):
+    schema = StructType([StructField("account_id", StringType(), False), StructField("status", StringType()),
+                         StructField("credit_limit", DoubleType()), StructField("cdc_lsn", LongType(), False)])
+    return spark.createDataFrame(rows, schema)
+
+
+def test_several_changes_of_a_key_in_one_batch_resolve_to_the_last(spark, tables, contract):
+    apply(spark, tables, contract, [change("a", "c", 1, "active", 100.0), change("c", "c", 2, "active", 5.0)], 0)
+    apply(spark, tables, contract, [
+        change("a", "u", 3, "frozen", 100.0), change("a", "u", 4, "frozen", 250.0),
+        change("b", "c", 5, "active", 10.0), change("b", "u", 6, "closed", 10.0),
+        change("c", "d", 7),
+        change("d", "c", 8, "active", 1.0), change("d", "d", 9),
+    ], 1)
+    assert_df_equality(current_rows(spark, tables[0]),
+                       expected_current(spark, [("a", "frozen", 250.0, 4), ("b", "closed", 10.0, 6)]),
+                       ignore_row_order=True, ignore_nullable=True)
+
+
+def test_an_older_change_never_overwrites_a_newer_one(spark, tables, contract):
+    apply(spark, tables, contract, [change("a", "c", 10, "active", 100.0)], 0)
+    apply(spark, tables, contract, [change("a", "u", 5, "frozen", 1.0), change("a", "d", 7)], 1)
+    assert_df_equality(current_rows(spark, tables[0]), expected_current(spark, [("a", "active", 100.0, 10)]),
+                       ignore_nullable=True)
+
+
+def test_a_replayed_batch_is_skipped_and_would_change_nothing_anyway(spark, tables, contract):
+    batch = [change("a", "c", 1, "active", 100.0), change("a", "u", 2, "frozen", 100.0), change("b", "c", 3, "active", 1.0),
+             change("b", "d", 4)]
+    apply(spark, tables, contract, batch, 0)
+    versions = [DeltaTable.forPath(spark, path).history(1).first().version for path in tables]
+    before = [spark.read.format("delta").load(path).collect() for path in tables]
+    apply(spark, tables, contract, batch, 0)  # the same batch id: Delta skips both MERGEs
+    assert [DeltaTable.forPath(spark, path).history(1).first().version for path in tables] == versions
+    apply(spark, tables, contract, batch, 0, app_id="another")  # applied: the MERGEs are idempotent too
+    assert [sorted(spark.read.format("delta").load(path).collect(), key=str) for path in tables] == [
+        sorted(b, key=str) for b in before]
+
+
+def test_the_history_has_a_row_per_change_valid_until_the_keys_next_change(spark, tables, contract):
+    apply(spark, tables, contract, [change("a", "c", 1, "active", 100.0), change("a", "u", 2, "frozen", 100.0)], 0)
+    apply(spark, tables, contract, [change("a", "u", 5, "active", 300.0), change("b", "c", 6, "active", 1.0)], 1)
+    apply(spark, tables, contract, [change("a", "d", 9)], 2)
+    history = spark.read.format("delta").load(tables[1]).select("account_id", "cdc_op", "status", "cdc_deleted",
+                                                                "valid_from", "valid_to")
+    schema = StructType([StructField("account_id", StringType(), False), StructField("cdc_op", StringType(), False),
+                         StructField("status", StringType()), StructField("cdc_deleted", BooleanType(), False),
+                         StructField("valid_from", TimestampType(), False), StructField("valid_to", TimestampType())])
+    expected = spark.createDataFrame([
+        ("a", "c", "active", False, at(1), at(2)),
+        ("a", "u", "frozen", False, at(2), at(5)),
+        ("a", "u", "active", False, at(5), at(9)),
+        ("a", "d", None, True, at(9), None),
+        ("b", "c", "active", False, at(6), None),
+    ], schema)
+    assert_df_equality(history, expected, ignore_row_order=True, ignore_nullable=True)
+
+
+def test_as_of_gives_the_value_valid_at_a_time_between_two_changes(spark, tables, contract):
+    apply(spark, tables, contract, [change("a", "c", 1, "active", 100.0), change("a", "u", 5, "frozen", 100.0),
+                                    change("a", "d", 9)], 0)
+    history = spark.read.format("delta").load(tables[1])
+
+    def status_at(seconds):
+        return [(r.status, r.cdc_deleted) for r in as_of(history, "account_id", F.lit(at(seconds))).collect()]
+
+    assert status_at(0) == []  # before the account existed
+    assert status_at(1) == [("active", False)]  # at the commit: valid from then on
+    assert status_at(4) == [("active", False)]  # between two changes: the earlier one, never the later
+    assert status_at(5) == [("frozen", False)]
+    assert status_at(20) == [(None, True)]  # deleted: no attributes
