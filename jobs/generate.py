@@ -10,6 +10,7 @@ Usage: python jobs/generate.py --env local --count 10000 [--seed 7] [--summary-f
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -19,7 +20,16 @@ from pathlib import Path
 from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import parse_duration
-from pipelines.local.generator import ALL_ERROR_CLASSES, AvroEncoder, GeneratorSpec, generate, produce
+from pipelines.local.appdb import APP_ROLE
+from pipelines.local.generator import (
+    ALL_ERROR_CLASSES,
+    AccountsTableWriter,
+    AvroEncoder,
+    GeneratorSpec,
+    generate,
+    produce,
+)
+from pipelines.local.platform import LocalPlatform
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -42,6 +52,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="comma-separated error classes to inject (default: every class the "
                              "topic's format can have)")
     parser.add_argument("--label-rate", type=float, default=0.2)
+    parser.add_argument("--account-change-rate", type=float, default=0.0,
+                        help="per transaction: a change of its account in the local platform's accounts table "
+                             "follows (inserts before first use, updates, deletes; default 0: no table writes)")
     parser.add_argument("--transactions-topic", default="transactions", help="topic for transactions")
     parser.add_argument("--labels-topic", default="labels", help="topic for labels")
     parser.add_argument("--summary-file", type=Path, help="write the summary as JSON here too")
@@ -75,7 +88,7 @@ def generate_and_send(args: argparse.Namespace) -> int:
             late_rate=args.late_rate, out_of_order_rate=args.out_of_order_rate,
             duplicate_rate=args.duplicate_rate, bad_rate=args.bad_rate,
             bad_classes=tuple(c for c in args.bad_classes.split(",") if c),
-            label_rate=args.label_rate,
+            label_rate=args.label_rate, account_change_rate=args.account_change_rate,
             avro_topics=frozenset(t for t, contract in contracts.items() if contract.format == "avro"),
             max_event_age=settings.ingest.max_event_age,
             future_tolerance=settings.ingest.future_tolerance,
@@ -84,8 +97,15 @@ def generate_and_send(args: argparse.Namespace) -> int:
     except ValueError as exc:  # GeneratorSpec checks its rates and classes
         raise ConfigError(str(exc)) from exc
     encoder = AvroEncoder(settings.schema_registry, avro, topic_names) if avro else None
-    summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate,
-                      topic_names=topic_names, encoder=encoder)
+    if spec.account_change_rate and settings.local is None:
+        raise ConfigError(f"--account-change-rate: writes the local platform's accounts table, and environment "
+                          f"{settings.env!r} has no local section")
+    database = (LocalPlatform(settings.local).postgres.connect(settings.cdc.database.dbname, APP_ROLE)
+                if spec.account_change_rate else contextlib.nullcontext())
+    with database as connection:
+        summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate,
+                          topic_names=topic_names, encoder=encoder,
+                          accounts_table=AccountsTableWriter(connection) if spec.account_change_rate else None)
     print(summary.table())
     if args.summary_file:
         args.summary_file.parent.mkdir(parents=True, exist_ok=True)

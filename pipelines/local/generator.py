@@ -22,6 +22,15 @@ not sent (the outcome is not known yet). Fraud is not uniform, so that a model h
 learn: a transaction above 150 USD (about 9 % of them) is 8x as likely to be fraud as the
 average, one below 0.3x, so that the rate averages about ``fraud_rate``. Every record sent is counted by kind in a
 :class:`GeneratorSummary`, so an ingest run can be reconciled against it exactly.
+
+With ``account_change_rate`` the generator is also the account service: the ``accounts`` table
+(:mod:`pipelines.local.appdb`) gets a row for an account just before its first transaction, and
+after a transaction, at that rate, a change of the account: an update of its status, credit limit
+or home country, or (one change in 20) its deletion (a later transaction of the account opens it
+again). These records (topic :data:`ACCOUNTS`) are written to the database by :func:`produce`,
+each in a transaction of its own, in their place in the stream: account changes and transactions
+interleave in time. With the rate at 0 nothing of this is drawn, and the records are those of
+earlier versions for the same seed.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
@@ -66,6 +75,10 @@ log = logging.getLogger(__name__)
 
 TRANSACTIONS = "transactions"
 LABELS = "labels"
+#: The records that are changes of the accounts table, not Kafka messages.
+ACCOUNTS = "accounts"
+_STATUSES = ("active", "active", "active", "frozen", "review")
+_COUNTRIES = ("US", "GB", "DE", "FR", "ES", "IT", "PL", "NL", "BR", "IN")
 #: Kinds of record that must land in bronze (once each); duplicates must not.
 VALID_KINDS = ("valid", "late", "out_of_order")
 DUPLICATE = "duplicate"
@@ -103,6 +116,8 @@ class GeneratorSpec:
     #: Logical topics (transactions, labels) produced as Avro; the others as JSON.
     avro_topics: frozenset[str] = frozenset()
     label_rate: float = 0.2
+    #: Per transaction: a change of its account in the accounts table follows (0: no table writes).
+    account_change_rate: float = 0.0
     fraud_rate: float = 0.03
     label_delay: tuple[timedelta, timedelta] = (timedelta(hours=1), timedelta(days=2))
     #: Must match the ingest settings for the time and size classes to be what they say.
@@ -114,7 +129,8 @@ class GeneratorSpec:
         unknown = set(self.bad_classes) - set(ALL_ERROR_CLASSES)
         if unknown:
             raise ValueError(f"bad_classes: unknown error classes {sorted(unknown)}")
-        for name in ("late_rate", "out_of_order_rate", "duplicate_rate", "bad_rate", "label_rate", "fraud_rate"):
+        for name in ("late_rate", "out_of_order_rate", "duplicate_rate", "bad_rate", "label_rate", "fraud_rate",
+                     "account_change_rate"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name}: {getattr(self, name)} is not a fraction in [0, 1]")
         if self.count < 0 or self.accounts <= 0 or self.merchants <= 0:
@@ -125,6 +141,8 @@ class GeneratorSpec:
 
 @dataclass(frozen=True)
 class Record:
+    #: A logical topic, or :data:`ACCOUNTS` for a change of the accounts table (kind ``insert``,
+    #: ``update`` or ``delete``; ``event`` the row, or its key for a delete).
     topic: str
     key: bytes
     #: The bytes to send; None for an Avro record, encoded by :class:`AvroEncoder` from ``event``.
@@ -268,6 +286,28 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
     pending_duplicates: list[tuple[int, int, Record]] = []  # (due index, tiebreak, record)
     pending_labels: list[tuple[datetime, int, str, dict]] = []  # (label time, tiebreak, key, event)
     sequence = 0
+    #: The accounts table as the generator has written it (account -> row).
+    rows: dict[str, dict] = {}
+
+    def account_row(account: str) -> dict:
+        return {"account_id": account, "status": "active",
+                "credit_limit": float(rng.choice((500, 1000, 2500, 5000, 10000))),
+                "home_country": rng.choice(_COUNTRIES)}
+
+    def account_change(account: str) -> Record:
+        if rng.random() < 0.05:
+            del rows[account]
+            return Record(ACCOUNTS, account.encode(), None, "delete", event={"account_id": account})
+        row = dict(rows[account])
+        what = rng.random()
+        if what < 0.5:
+            row["status"] = rng.choice([s for s in _STATUSES if s != row["status"]])
+        elif what < 0.9:
+            row["credit_limit"] = float(rng.choice((500, 1000, 2500, 5000, 10000, 20000)))
+        else:
+            row["home_country"] = rng.choice([c for c in _COUNTRIES if c != row["home_country"]])
+        rows[account] = row
+        return Record(ACCOUNTS, account.encode(), None, "update", event=row)
 
     def valid_record(topic: str, key: bytes, event: dict, kind: str, event_id: str) -> Record:
         if topic in spec.avro_topics:
@@ -297,6 +337,9 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
             yield heapq.heappop(pending_duplicates)[2]
 
         account = rng.choice(accounts)
+        if spec.account_change_rate and account not in rows:
+            rows[account] = account_row(account)
+            yield Record(ACCOUNTS, account.encode(), None, "insert", event=rows[account])
         amount = round(min(rng.lognormvariate(3.5, 1.1), 25_000.0), 2)
         balances[account] = round(max(balances[account] - amount, 0.0) + rng.choice((0.0, 0.0, 500.0)), 2)
         kind, event_time = "valid", stream_time
@@ -327,6 +370,8 @@ def generate(spec: GeneratorSpec) -> Iterator[Record]:
             continue
         record = valid_record(TRANSACTIONS, key, event, kind, event["transaction_id"])
         yield record
+        if spec.account_change_rate and rng.random() < spec.account_change_rate:
+            yield account_change(account)
         if rng.random() < spec.duplicate_rate:
             sequence += 1
             # The same bytes again (an Avro event encodes to the same bytes).
@@ -421,15 +466,40 @@ class AvroEncoder:
         return framed
 
 
+class AccountsTableWriter:
+    """Applies the generator's account changes (:data:`ACCOUNTS` records) to the accounts table
+    through ``connection`` (a psycopg connection as the table's owner), each change committed in
+    a transaction of its own, as the account service would. An insert of a row that exists (the
+    same seed run again) updates it."""
+
+    _UPSERT = ("insert into accounts (account_id, status, credit_limit, home_country, updated_at) "
+               "values (%(account_id)s, %(status)s, %(credit_limit)s, %(home_country)s, now()) "
+               "on conflict (account_id) do update set status = excluded.status, credit_limit = "
+               "excluded.credit_limit, home_country = excluded.home_country, updated_at = excluded.updated_at")
+    _UPDATE = ("update accounts set status = %(status)s, credit_limit = %(credit_limit)s, "
+               "home_country = %(home_country)s, updated_at = now() where account_id = %(account_id)s")
+    _DELETE = "delete from accounts where account_id = %(account_id)s"
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def __call__(self, record: Record) -> None:
+        statement = {"insert": self._UPSERT, "update": self._UPDATE, "delete": self._DELETE}[record.kind]
+        self.connection.execute(statement, dict(record.event))
+        self.connection.commit()
+
+
 def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate: float = 0.0,
             topic_names: Mapping[str, str] | None = None, progress_every: int = 100_000,
-            encoder: AvroEncoder | None = None) -> GeneratorSummary:
+            encoder: AvroEncoder | None = None,
+            accounts_table: Callable[[Record], None] | None = None) -> GeneratorSummary:
     """Send ``records`` with an idempotent producer (no retry duplicates); every delivery is
     confirmed before returning, and any failed delivery raises.
 
     ``topic_names`` maps the generator's logical topics (transactions, labels) to the topics
     to write; the summary counts by the topics written. Avro records (``value`` None) are
-    encoded by ``encoder``.
+    encoded by ``encoder``. Account changes go to ``accounts_table`` (e.g. an
+    :class:`AccountsTableWriter`) in their place in the stream, at the same rate.
     """
     topic_names = topic_names or {}
     producer = Producer(
@@ -452,6 +522,13 @@ def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate:
 
     started = time.monotonic()
     for n, record in enumerate(records, 1):
+        if record.topic == ACCOUNTS:
+            if accounts_table is None:
+                raise ValueError("the records hold account changes (account_change_rate) and no accounts table "
+                                 "to write them to")
+            accounts_table(record)
+            summary.add(ACCOUNTS, record.kind)
+            continue
         topic = topic_names.get(record.topic, record.topic)
         value = record.value
         if value is None:

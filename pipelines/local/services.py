@@ -43,12 +43,16 @@ def pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    # A zombie (exited, not yet reaped by its parent) counts as stopped.
+    # A zombie (exited, not yet reaped by its parent) counts as stopped, once all its threads
+    # are gone: a multi-threaded process's first thread shows Z while the others still exit,
+    # holding its files and sockets (a JVM's listening port) a moment longer.
     try:
         with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return True
+            if stat.read().split(") ", 1)[1][:1] != "Z":
+                return True
+        return len(os.listdir(f"/proc/{pid}/task")) > 1
+    except OSError:  # gone since the signal check (or no /proc on this system: alive, as it answered)
+        return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
 
 
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
@@ -164,6 +168,16 @@ class Service:
             os.kill(pid, signal.SIGKILL)
             while pid_alive(pid):
                 time.sleep(0.1)
+        self.pid_file.unlink(missing_ok=True)
+
+    def stop_now(self) -> None:
+        """SIGKILL: the process ends at once, with nothing flushed (a crash, for tests)."""
+        pid = self.pid()
+        if pid is None:
+            return
+        os.kill(pid, signal.SIGKILL)
+        while pid_alive(pid):
+            time.sleep(0.1)
         self.pid_file.unlink(missing_ok=True)
 
     def tail(self, lines: int = 30) -> str:

@@ -19,7 +19,7 @@ from jobs import backfill, build_training_set
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.features.live_stream import SPARE_TASK_SLOTS
 
-JOB_NAMES = {"ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate",
+JOB_NAMES = {"ingest", "features", "live", "score", "cdc", "reconcile", "backfill", "recompute_late", "rehydrate",
              "build_training_set", "rebuild_training_set", "model_quality", "skew"}
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
 #: The levels the top-level (bundle or target) permissions mapping accepts.
@@ -161,6 +161,7 @@ def test_every_job_cluster_is_its_entry_of_the_shared_definition():
         "features": ["${var.job_cluster.features}"],
         "live": ["${var.job_cluster.live}"],
         "score": ["${var.job_cluster.score}"],
+        "cdc": ["${var.job_cluster.cdc}"],
         "reconcile": ["${var.job_cluster.reconcile}"],
         "backfill": ["${var.job_cluster.backfill}"],
         "recompute_late": ["${var.job_cluster.recompute_late}"],
@@ -175,12 +176,12 @@ def test_every_job_cluster_is_its_entry_of_the_shared_definition():
 def test_the_job_clusters_differ_only_in_workers_and_secrets():
     first, *others = [{key: value for key, value in entry.items() if key not in ("num_workers", "spark_env_vars")}
                       for entry in VALUES["job_cluster"].values()]
-    assert len(others) == 9 and others == [first] * 9
+    assert len(others) == 10 and others == [first] * 10
 
 
 def test_each_job_keeps_its_worker_count():
     assert {name: resolved_cluster(name)["num_workers"] for name in JOBS} == {
-        "ingest": 2, "features": 2, "live": 9, "score": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
+        "ingest": 2, "features": 2, "live": 9, "score": 1, "cdc": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
         "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4, "model_quality": 1,
         "skew": 1,
     }
@@ -206,7 +207,7 @@ def test_the_shared_cluster_is_a_valid_cluster_spec_for_every_job():
         Variable(path="var.job_cluster", type=dict[str, ClusterSpec]))
     assert {name: type(entry) for name, entry in entries.items()} == {
         name: ClusterSpec for name in
-        ("ingest", "features", "live", "score", "reconcile", "backfill", "recompute_late", "rehydrate", "training",
+        ("ingest", "features", "live", "score", "cdc", "reconcile", "backfill", "recompute_late", "rehydrate", "training",
          "monitoring")}
 
 
@@ -222,6 +223,7 @@ def test_each_job_cluster_gets_only_the_secrets_its_job_reads():
         "features": sorted([kafka, redis]),
         "live": sorted([kafka, redis]),
         "score": sorted([kafka, redis]),
+        "cdc": sorted([kafka, redis]),  # the change topics; the tables' current rows in Redis
         "reconcile": [kafka],
         "backfill": sorted([kafka, registry, redis]),  # Kafka replays of Avro topics, Redis restated
         "recompute_late": [redis],
@@ -243,7 +245,7 @@ def test_cluster_secrets_are_read_from_the_bundle_secret_scope():
 
 def test_every_secret_a_cluster_gets_is_a_secret_scope_reference():
     values = [value for name in JOBS for value in resolved_cluster(name)["spark_env_vars"].values()]
-    assert len(values) == 14
+    assert len(values) == 16
     assert [value for value in values if not re.fullmatch(r"\{\{secrets/feature-platform/[\w-]+\}\}", value)] == []
 
 
@@ -253,6 +255,7 @@ def test_job_names_name_their_target():
         "features": "feature-platform-features-${bundle.target}",
         "live": "feature-platform-live-${bundle.target}",
         "score": "feature-platform-score-${bundle.target}",
+        "cdc": "feature-platform-cdc-${bundle.target}",
         "reconcile": "feature-platform-reconcile-${bundle.target}",
         "backfill": "feature-platform-backfill-${bundle.target}",
         "recompute_late": "feature-platform-recompute-late-${bundle.target}",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import Counter
 from datetime import timedelta
@@ -14,7 +15,7 @@ from pipelines.core.contract_spec import load_contracts
 from pipelines.core.settings import PROJECT_ROOT
 from pipelines.ingest.json_records import validate_records
 from pipelines.ingest.reconcile import SentSummary
-from pipelines.local.generator import GeneratorSpec, GeneratorSummary, generate
+from pipelines.local.generator import ACCOUNTS, GeneratorSpec, GeneratorSummary, generate, produce
 from tests.support import KAFKA_SCHEMA, kafka_row, utc
 
 END = utc("2026-11-23 12:00:00")
@@ -131,3 +132,41 @@ def test_a_summary_file_without_its_counts_is_refused_naming_the_topic(tmp_path)
     path.write_text(json.dumps({"transactions": {"sent": 3, "by_kind": {"valid": 3}}}))
     with pytest.raises(ValueError, match="transactions: missing expected_bronze, duplicates, expected_dead_letters"):
         SentSummary.read(path)
+
+
+ACCOUNT_SPEC = dataclasses.replace(SPEC, account_change_rate=0.2, accounts=40)
+
+
+def test_without_an_account_change_rate_nothing_is_written_to_the_accounts_table():
+    assert not any(r.topic == ACCOUNTS for r in generate(SPEC))
+
+
+def test_an_account_row_is_inserted_before_its_first_transaction_and_after_its_deletion():
+    live: set[str] = set()
+    for record in generate(ACCOUNT_SPEC):
+        account = record.key.decode()
+        if record.topic == ACCOUNTS:
+            if record.kind == "insert":
+                assert account not in live
+                live.add(account)
+            else:
+                assert account in live, f"{record.kind} of {account}, which has no row"
+                if record.kind == "delete":
+                    live.remove(account)
+        elif record.topic == "transactions" and record.kind in ("valid", "late", "out_of_order"):
+            assert account in live, f"a transaction of {account} before its row"
+
+
+def test_account_changes_interleave_with_transactions_and_are_of_every_kind():
+    records = list(generate(ACCOUNT_SPEC))
+    kinds = Counter(r.kind for r in records if r.topic == ACCOUNTS)
+    assert set(kinds) == {"insert", "update", "delete"}
+    transactions = sum(1 for r in records if r.topic == "transactions")
+    assert 0.1 < kinds["update"] / transactions < 0.3
+    positions = [i for i, r in enumerate(records) if r.topic == ACCOUNTS and r.kind == "update"]
+    assert positions[0] < len(records) / 10 and positions[-1] > len(records) * 9 / 10  # spread, not bunched
+
+
+def test_account_changes_without_a_table_to_write_them_are_refused():
+    with pytest.raises(ValueError, match="account changes .* and no accounts table"):
+        produce(generate(dataclasses.replace(ACCOUNT_SPEC, count=5)), {"bootstrap.servers": "127.0.0.1:1"})
