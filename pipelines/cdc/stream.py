@@ -96,11 +96,6 @@ class CdcBatchWriter:
         self._lock = threading.Lock()
         self.online = AttributeStoreWriter(redis_client(settings.redis), settings.redis.namespace, contract.name)
 
-    def extra_columns(self, spark: SparkSession) -> list[str]:
-        """The columns the current table holds beyond the contract's: ones the source table gained."""
-        known = {*self.contract.field_names, *_TABLE_COLUMNS}
-        return [f.name for f in spark.read.format("delta").load(self.current).schema.fields if f.name not in known]
-
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         spark = batch.sparkSession
         app_id = f"cdc:{self.topic}:{streaming_query_id(spark)}"
@@ -119,13 +114,15 @@ class CdcBatchWriter:
             online_applied = 0
             if counts.get("change"):
                 changes = rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
-                known = self.extra_columns(spark)
+                tables = {path: spark.read.format("delta").load(path).columns for path in (self.current, self.history)}
+                # The columns the source table gained before this batch: the current table's beyond its own.
+                own = {*self.contract.field_names, *_TABLE_COLUMNS}
+                known = [c for c in tables[self.current] if c not in own]
                 seen = [r[0] for r in changes.select(F.explode(F.map_keys("cdc_extra"))).distinct().collect()]
                 new_columns = sorted(set(seen) - set(known) - _TABLE_COLUMNS)
                 extra = [*known, *new_columns]
-                for path in (self.current, self.history):
+                for path, have in tables.items():
                     # Per table, what it lacks: a replay after a crash between the two finds one done.
-                    have = set(spark.read.format("delta").load(path).columns)
                     for name in (n for n in extra if n not in have):
                         spark.sql(f"ALTER TABLE delta.`{path}` ADD COLUMNS (`{name}` STRING)")
                 if new_columns:

@@ -131,7 +131,7 @@ def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: 
      .execute())
 
 
-def as_of(history: DataFrame, key: str, at: Column) -> DataFrame:
+def as_of(history: DataFrame, at: Column) -> DataFrame:
     """The history rows valid at ``at`` (a timestamp column or literal): per key, the change in
     force then (a delete's row included: the key had no attributes then)."""
     return history.filter((F.col("valid_from") <= at) & (F.col("valid_to").isNull() | (at < F.col("valid_to"))))

@@ -147,8 +147,8 @@ def test_a_column_added_to_the_table_appears_as_a_new_nullable_column(spark, cdc
 
 
 def test_the_generators_account_changes_reach_the_current_table_the_history_and_redis(spark, cdc, capture):
-    spec = GeneratorSpec(count=600, accounts=40, seed=5, account_change_rate=0.3, bad_rate=0.0, duplicate_rate=0.0,
-                         label_rate=0.0, late_rate=0.0, out_of_order_rate=0.0)
+    # The transactions keep every fault the generator injects: they go to their topic untouched by CDC.
+    spec = GeneratorSpec(count=600, accounts=40, seed=5, account_change_rate=0.3)
     records = list(generate(spec))
     changes = [r for r in records if r.topic == ACCOUNTS]
     assert {r.kind for r in changes} == {"insert", "update", "delete"}
@@ -156,7 +156,8 @@ def test_the_generators_account_changes_reach_the_current_table_the_history_and_
         summary = produce(records, capture.kafka.client_properties(),
                           topic_names={"transactions": capture.ingest.topics[0], "labels": capture.ingest.topics[1]},
                           accounts_table=AccountsTableWriter(conn))
-    assert summary.sent(ACCOUNTS) == len(changes) and summary.sent(capture.ingest.topics[0]) == 600
+    assert summary.sent(ACCOUNTS) == len(changes)
+    assert summary.sent(capture.ingest.topics[0]) == sum(1 for r in records if r.topic == "transactions")
     current = sync(spark, capture, cdc)
     database = database_rows(cdc, capture)
     assert table_rows(spark, current) == database

@@ -132,7 +132,7 @@ def test_as_of_gives_the_value_valid_at_a_time_between_two_changes(spark, tables
     history = spark.read.format("delta").load(tables[1])
 
     def status_at(seconds):
-        return [(r.status, r.cdc_deleted) for r in as_of(history, "account_id", F.lit(at(seconds))).collect()]
+        return [(r.status, r.cdc_deleted) for r in as_of(history, F.lit(at(seconds))).collect()]
 
     assert status_at(0) == []  # before the account existed
     assert status_at(1) == [("active", False)]  # at the commit: valid from then on
