@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--label-time-column", help="delta / files spine: when each row's label became known")
     parser.add_argument("--spine-from", help="labeled-transactions: first transaction day (YYYY-MM-DD, included)")
     parser.add_argument("--spine-to", help="labeled-transactions: day after the last one (excluded)")
-    parser.add_argument("--views", help="comma-separated views from conf/features (default: all)")
+    parser.add_argument("--views", help="comma-separated views from conf/features (default: every computed view; "
+                        "an attributes view joins its table's history)")
     parser.add_argument("--features", help="comma-separated view.feature; a view not named here gets all its features")
     parser.add_argument("--max-age", action="append", metavar="VIEW=DURATION",
                         help="override a view's max_age, e.g. account_velocity=1d (repeatable)")
@@ -98,7 +99,7 @@ def request_from_args(args: argparse.Namespace, settings) -> TrainingSetRequest:
     """The training-set request the arguments describe, checked (ConfigError names the flag)."""
     if not args.output and not args.output_path:
         raise ConfigError("--output: name the training table (or give --output-path)")
-    views = views_from_args(args.views, settings)
+    views = views_from_args(args.views, settings, attributes=True)
     names = [v.name for v in views]
     features: dict[str, list[str]] = {}
     for item in (args.features or "").split(","):

@@ -149,9 +149,11 @@ class CdcBatchWriter:
         """Each key's last change of the batch to Redis; returns how many keys Redis took."""
         key = self.contract.key_field
         columns = [*self.contract.field_names, *extra]
-        latest = last_change_per_key(changes, key).select(*columns, "cdc_lsn", "cdc_deleted")
+        latest = last_change_per_key(changes, key).select(
+            *columns, "cdc_lsn", F.unix_micros("cdc_commit_time").alias("cdc_commit_micros"), "cdc_deleted")
         result = self.online.write(
-            AttributeChange(row[key], row["cdc_lsn"], row["cdc_deleted"], {c: row[c] for c in columns if c != key})
+            AttributeChange(row[key], row["cdc_lsn"], row["cdc_commit_micros"], row["cdc_deleted"],
+                            {c: row[c] for c in columns if c != key})
             for row in latest.toLocalIterator())
         return result.applied
 

@@ -131,6 +131,14 @@ def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: 
      .execute())
 
 
+def attribute_rows(history: DataFrame, key: str, attributes: Sequence[str]) -> DataFrame:
+    """A history table as an attributes view's rows (:mod:`pipelines.training.join`): the key,
+    ``valid_from`` (when the row's values start to hold), ``computed_at`` (the same: a change is
+    served from its commit on), ``cdc_lsn`` (orders changes committed at the same instant) and
+    the ``attributes`` (null in a delete's row: from then on the key has none)."""
+    return history.select(key, "valid_from", F.col("valid_from").alias("computed_at"), "cdc_lsn", *attributes)
+
+
 def as_of(history: DataFrame, at: Column) -> DataFrame:
     """The history rows valid at ``at`` (a timestamp column or literal): per key, the change in
     force then (a delete's row included: the key had no attributes then)."""

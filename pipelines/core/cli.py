@@ -34,12 +34,19 @@ def topics_from_args(text: str | None, settings: Settings) -> list[str]:
     return topics
 
 
-def views_from_args(text: str | None, settings: Settings) -> list[FeatureView]:
-    """``--views a,b`` -> the feature views, each declared in conf/features; default: all."""
-    names = [v.strip() for v in (text or "").split(",") if v.strip()] or list(settings.views)
+def views_from_args(text: str | None, settings: Settings, attributes: bool = False) -> list[FeatureView]:
+    """``--views a,b`` -> the feature views, each declared in conf/features; default: every
+    computed view. An attributes view is refused (fp-cdc keeps it, no feature job computes it)
+    unless ``attributes`` (a job that reads views, such as a training-set build, may name one)."""
+    computed = settings.computed_views
+    names = [v.strip() for v in (text or "").split(",") if v.strip()] or list(computed)
     unknown = [n for n in names if n not in settings.views]
     if unknown:
-        raise ConfigError(f"--views: {', '.join(unknown)} not declared in conf/features ({', '.join(settings.views)})")
+        raise ConfigError(f"--views: {', '.join(unknown)} not declared in conf/features ({', '.join(computed)})")
+    kept = [] if attributes else [n for n in names if n not in computed]
+    if kept:
+        raise ConfigError(f"--views: {', '.join(kept)}: attributes views are kept by fp-cdc, not computed "
+                          f"({', '.join(computed)})")
     return [settings.views[n] for n in names]
 
 

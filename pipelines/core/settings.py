@@ -414,10 +414,22 @@ class Settings:
         return self.contracts[self.kafka.topics[topic].contract]
 
     def source_topic(self, view: FeatureView) -> str:
-        """The ingested topic whose contract is ``view``'s source (exactly one: checked when the
-        settings load)."""
-        (topic,) = _topics_of(self, view.source.contract)
+        """The ingested topic whose contract is ``view``'s source, or for an attributes view the
+        change topic of its table (exactly one: checked when the settings load)."""
+        (topic,) = _topics_of(self, view.source.contract) if view.computed else _change_topics_of(self, view.source.contract)
         return topic
+
+    @property
+    def computed_views(self) -> dict[str, FeatureView]:
+        """The views the feature jobs compute (every kind but attributes, which fp-cdc keeps)."""
+        return {name: view for name, view in self.views.items() if view.computed}
+
+    def view_table_path(self, view: FeatureView) -> str:
+        """Where a view's rows are: its feature table, or for an attributes view its table's
+        history (:mod:`pipelines.cdc.tables`)."""
+        if view.computed:
+            return self.storage.feature_path(view.name)
+        return self.storage.cdc_path(self.source_topic(view), "history")
 
 
 def default_conf_dir() -> Path:
@@ -496,6 +508,12 @@ def local_registry_url(port: int) -> str:
 def _topics_of(settings: Settings, contract: str) -> list[str]:
     """The ingested topics whose values follow ``contract``."""
     return [t for t in settings.ingest.topics if t in settings.kafka.topics and settings.kafka.topics[t].contract == contract]
+
+
+def _change_topics_of(settings: Settings, contract: str) -> list[str]:
+    """The change topics of ``cdc.tables`` whose values follow ``contract``."""
+    topics = [settings.cdc.topic_for(table) for table in settings.cdc.tables]
+    return [t for t in topics if t in settings.kafka.topics and settings.kafka.topics[t].contract == contract]
 
 
 def _check_references(settings: Settings, source: Path) -> None:
@@ -586,6 +604,11 @@ def _check_references(settings: Settings, source: Path) -> None:
         if getattr(cdc, key) <= timedelta(0):
             raise ConfigError(f"{source}: cdc.{key}: must be positive")
     for name, view in settings.views.items():
+        if not view.computed:
+            if len(_change_topics_of(settings, view.source.contract)) != 1:
+                raise ConfigError(f"{source}: view {name!r} reads the changes of contract {view.source.contract!r}: "
+                                  "exactly one table of cdc.tables must have it (its topic under kafka.topics)")
+            continue
         topics = _topics_of(settings, view.source.contract)
         if len(topics) != 1:
             # A view no job could compute fails here, not inside the first job that meets it.

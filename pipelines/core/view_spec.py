@@ -13,6 +13,11 @@ Kinds and their semantics (the transforms are in :mod:`pipelines.features.transf
 * ``sliding``: event-time windows of ``window`` every ``slide`` per entity (``slide`` =
   ``window``, the default, is tumbling); one row per (entity, window) with events.
 * ``session``: session windows per entity closed after ``gap`` without events.
+* ``attributes``: an entity's row in an operational database table, captured by ``fp-cdc``
+  (its contract has ``format: debezium``; the entity is the table's key). Nothing computes it:
+  its rows are the table's history (one per committed change, the commit time as event time),
+  a training set takes the row in force at T (a deleted row: nulls), the online store serves
+  the current row. ``attributes`` names the columns served (default: every column but the key).
 
 Output names are derived as ``{function}_{column}_{window}`` (``count_{window}`` for
 ``column: "*"``; sliding and session views drop the ``_{window}`` suffix), and can be
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from pathlib import Path
 
@@ -35,7 +40,11 @@ from pipelines.core.contract_spec import Contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.times import format_duration
 
-KINDS = ("trailing", "sliding", "session")
+#: The kinds the feature jobs compute from events.
+COMPUTED_KINDS = ("trailing", "sliding", "session")
+KINDS = (*COMPUTED_KINDS, "attributes")
+#: An attributes row holds until the table changes it: no age limit in training (a century).
+UNBOUNDED_AGE = timedelta(days=36_500)
 #: The file formats the platform reads: a backfill's files, a spine.
 FILE_FORMATS = ("parquet", "csv", "json")
 FUNCTIONS = ("count", "sum", "avg", "min", "max", "approx_count_distinct", "last")
@@ -84,8 +93,9 @@ class FeatureView:
     name: str
     source: SourceSpec
     entity: str
-    event_time: str
     kind: str
+    #: The source's event-time column (computed kinds; an attributes view has none).
+    event_time: str = ""
     aggregations: tuple[Aggregation, ...] = ()
     description: str = ""
     #: trailing: shift every interval back by this much (inputs trusted only after a delay).
@@ -104,14 +114,23 @@ class FeatureView:
     gap: timedelta | None = None
     count_by: tuple[CountBy, ...] = ()
     online: OnlineSpec = field(default_factory=OnlineSpec)
+    #: attributes: the table's columns served (empty in the YAML: every column but the key).
+    attributes: tuple[str, ...] = ()
     #: Training sets: the oldest feature row a spine row at time T may take (event time >=
     #: T - max_age); unset: ``online.ttl``, so training sees a value exactly as long as the online
     #: store would still serve it. Overridable per training-set request.
     max_age: timedelta | None = None
 
     @property
+    def computed(self) -> bool:
+        """Whether a feature job computes the view from events (every kind but attributes)."""
+        return self.kind in COMPUTED_KINDS
+
+    @property
     def training_max_age(self) -> timedelta:
-        return self.max_age if self.max_age is not None else self.online.ttl
+        if self.max_age is not None:
+            return self.max_age
+        return self.online.ttl if self.computed else UNBOUNDED_AGE
 
     def outputs(self) -> list[tuple[str, str, str, timedelta | None]]:
         """``(output name, function, column, window)`` for every feature, in declaration order."""
@@ -141,17 +160,20 @@ def output_name(function: str, column: str, window: timedelta | None) -> str:
 
 #: The column that orders a view's rows in time (and that Redis compares on), by kind; trailing
 #: rows are ordered by the view's own event-time column.
-EVENT_TIME_COLUMN = {"trailing": None, "sliding": "window_end", "session": "session_end"}
+EVENT_TIME_COLUMN = {"trailing": None, "sliding": "window_end", "session": "session_end", "attributes": "valid_from"}
 
 
 def event_time_column(view: FeatureView) -> str:
     """The column of the view's rows that says when a row's values hold: the event time for
-    trailing views, the window end for sliding views, the session end for session views."""
+    trailing views, the window end for sliding views, the session end for session views, the
+    change's commit time (``valid_from`` of the history table) for attributes views."""
     return EVENT_TIME_COLUMN[view.kind] or view.event_time
 
 
 def feature_names(view: FeatureView) -> list[str]:
     """Every feature column the view's transform outputs (what Redis stores), in order."""
+    if view.kind == "attributes":
+        return list(view.attributes)
     names = [name for name, *_ in view.outputs()]
     if view.kind == "session":
         names = ["event_count", "duration_seconds", *names]
@@ -198,10 +220,17 @@ def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str)
         return types[name]
 
     column(view.entity, "entity")
+    if view.kind == "attributes":
+        _check_attributes_view(view, contracts[view.source.contract], where)
+        return
     if view.max_events_per_entity <= 0:
         raise ConfigError(f"{where}.max_events_per_entity: must be positive")
     if view.max_age is not None and view.max_age <= timedelta(0):
         raise ConfigError(f"{where}.max_age: must be positive")
+    if view.attributes:
+        raise ConfigError(f"{where}.attributes: only attributes views take attributes")
+    if not view.event_time:
+        raise ConfigError(f"{where}.event_time: a {view.kind} view needs its source's event-time column")
     if column(view.event_time, "event_time") != "timestamp":
         raise ConfigError(f"{where}.event_time: {view.event_time!r} is not a timestamp")
     if view.kind == "trailing":
@@ -263,6 +292,27 @@ def check_view(view: FeatureView, contracts: Mapping[str, Contract], where: str)
             raise ConfigError(f"{where}.aggregations: output name {name!r} must be lower_snake_case")
 
 
+def _check_attributes_view(view: FeatureView, contract: Contract, where: str) -> None:
+    if not contract.is_changes:
+        raise ConfigError(f"{where}.source.contract: an attributes view reads a table's changes: contract "
+                          f"{contract.name!r} is not of format: debezium")
+    if view.entity != contract.key_field:
+        raise ConfigError(f"{where}.entity: an attributes view's entity is its table's key "
+                          f"{contract.key_field!r}, not {view.entity!r}")
+    given = {"event_time": view.event_time, "aggregations": view.aggregations, "delay": view.delay,
+             "window": view.window, "slide": view.slide, "gap": view.gap, "count_by": view.count_by}
+    for key, value in given.items():
+        if value:
+            raise ConfigError(f"{where}.{key}: an attributes view takes none (its time is each change's commit time)")
+    others = [name for name in contract.field_names if name != contract.key_field]
+    for name in view.attributes:
+        if name not in others:
+            raise ConfigError(f"{where}.attributes: no column {name!r} in {contract.name} besides its key "
+                              f"({', '.join(others)})")
+    if len(set(view.attributes)) != len(view.attributes):
+        raise ConfigError(f"{where}.attributes: a column is listed twice")
+
+
 def load_views(folder: Path, contracts: Mapping[str, Contract]) -> dict[str, FeatureView]:
     """Every view in ``folder/*.yaml`` (each file: ``views: [...]``), by name, checked."""
     views: dict[str, FeatureView] = {}
@@ -284,6 +334,9 @@ def load_views(folder: Path, contracts: Mapping[str, Contract]) -> dict[str, Fea
                     "them through its topic, and load history with fp-backfill --source files")
             view = build(FeatureView, entry, where)
             check_view(view, contracts, where)
+            if view.kind == "attributes" and not view.attributes:
+                contract = contracts[view.source.contract]
+                view = replace(view, attributes=tuple(n for n in contract.field_names if n != contract.key_field))
             if view.name in views:
                 raise ConfigError(f"{where}.name: view {view.name!r} is declared twice")
             views[view.name] = view

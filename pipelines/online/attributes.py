@@ -1,7 +1,7 @@
 """A database table's current rows in Redis (change data capture's online side): one hash per
 primary key, ``{namespace}:cdc.{table}:{key}``, one field per non-null column (values encoded as
-the feature store's, :func:`pipelines.online.store.encode_value`) and ``_lsn``, the write-ahead-log
-position of the change the hash is at.
+the feature store's, :func:`pipelines.online.store.encode_value`), ``_lsn``, the write-ahead-log
+position of the change the hash is at, and ``_at``, its commit time (epoch µs).
 
 Newer wins by LSN, atomically per key (one Lua script): a change applies only over an older one,
 so replaying a batch changes nothing and an older change never overwrites a newer one; a delete
@@ -20,13 +20,14 @@ import redis
 from pipelines.online.store import decode_value, encode_value, retry_transient
 
 LSN_FIELD = "_lsn"
+COMMITTED_FIELD = "_at"
 
 _APPLY = """
 local stored = redis.call('HGET', KEYS[1], '_lsn')
 if stored and tonumber(stored) >= tonumber(ARGV[1]) then return 0 end
 redis.call('DEL', KEYS[1])
 if ARGV[2] == '1' then return 1 end
-redis.call('HSET', KEYS[1], '_lsn', ARGV[1], unpack(ARGV, 3))
+redis.call('HSET', KEYS[1], '_lsn', ARGV[1], '_at', ARGV[3], unpack(ARGV, 4))
 return 1
 """
 
@@ -37,10 +38,12 @@ def attribute_key(namespace: str, table: str, key: Any) -> str:
 
 @dataclass(frozen=True)
 class AttributeChange:
-    """The change a key is at after a batch: its LSN, whether it deleted the row, the row."""
+    """The change a key is at after a batch: its LSN, its commit time (epoch µs), whether it
+    deleted the row, the row."""
 
     key: Any
     lsn: int
+    committed_micros: int
     deleted: bool
     values: Mapping[str, Any]
 
@@ -80,7 +83,7 @@ class AttributeStoreWriter:
                 fields = [item for name, value in change.values.items() if value is not None
                           for item in (name, encode_value(value))]
                 self._apply(keys=[attribute_key(self.namespace, self.table, change.key)],
-                            args=[change.lsn, "1" if change.deleted else "0", *fields], client=pipe)
+                            args=[change.lsn, "1" if change.deleted else "0", change.committed_micros, *fields], client=pipe)
             return sum(int(r) for r in pipe.execute())
 
         return retry_transient(run, f"attributes of {self.table}", self.attempts, self.backoff)
@@ -88,8 +91,8 @@ class AttributeStoreWriter:
 
 def read_attributes(client: redis.Redis, namespace: str, table: str, keys: Sequence[Any],
                     columns: Sequence[str]) -> list[dict[str, Any] | None]:
-    """Per key, its current row's ``columns`` (a null column None) and ``_lsn``; None for a key
-    the table does not hold."""
+    """Per key, its current row's ``columns`` (a null column None), ``_lsn`` and ``_at``; None
+    for a key the table does not hold."""
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(attribute_key(namespace, table, key))
@@ -101,5 +104,6 @@ def read_attributes(client: redis.Redis, namespace: str, table: str, keys: Seque
         text = {k.decode(): v.decode() for k, v in stored.items()}
         row: dict[str, Any] = {c: decode_value(text[c]) if c in text else None for c in columns}
         row[LSN_FIELD] = int(text[LSN_FIELD])
+        row[COMMITTED_FIELD] = int(text[COMMITTED_FIELD])
         rows.append(row)
     return rows

@@ -13,7 +13,13 @@ names a training set gives its columns:
   (``account_fraud_history`` by ``account_id``): the row served for that entity's latest
   event at or before the event's time (:meth:`LiveTrailingView.served_as_of`);
 * ``{view}__{feature}`` of each sliding or session view keyed by a field of the event: the
-  latest closed window or session in Redis, if it ended at or before the event's time.
+  latest closed window or session in Redis, if it ended at or before the event's time;
+* ``{view}__{attribute}`` of each attributes view keyed by a field of the event: the entity's
+  current row in the table (:mod:`pipelines.online.attributes`), whatever its age (a row holds
+  until the table changes it), None once deleted. It is the row in force at the event's time
+  unless a change committed between the event and its scoring, which is then served: the
+  freshest knowledge, where training takes the row before it (the vector records the row's
+  commit time, so such skew shows).
 
 A row older than the view's ``max_age`` (default: its online TTL) is no row, as in training: the
 features come back None, and the model gets them as missing values.
@@ -31,6 +37,7 @@ import redis
 from pipelines.core.settings import Settings
 from pipelines.core.times import epoch_micros, micros
 from pipelines.core.view_spec import FeatureView, feature_names
+from pipelines.online.attributes import COMMITTED_FIELD, read_attributes
 from pipelines.online.live import LiveTrailingView, ServedRow, output_type, view_spec
 from pipelines.online.live_windows import window_spec
 from pipelines.online.store import read_online
@@ -45,6 +52,8 @@ def contract_types(settings: Settings, topic: str) -> dict[str, str]:
 
 def view_feature_types(view: FeatureView, column_types: Mapping[str, str]) -> dict[str, str]:
     """Feature -> Spark type of a view the live path computes (raises ConfigError for one it cannot)."""
+    if view.kind == "attributes":
+        return {name: column_types[name] for name in view.attributes}
     if view.kind == "trailing":
         view_spec(view, column_types)  # refuses what the live path does not serve
         return {name: output_type(function, "bigint" if column == "*" else column_types[column])
@@ -141,16 +150,33 @@ class FeatureReader:
                 rows = list(own[name])
             elif name in self.trailing:
                 rows = self.trailing[name].served_as_of([(entity, e.event_micros) for entity, e in zip(entities, events)])
+            elif view.kind == "attributes":
+                rows = self._attributes(view, entities)
             else:
                 rows = self._windowed(view, entities, now)
             for vector, event, row, floor in zip(vectors, events, rows, oldest):
                 # The event's own row is its own whatever its time (an out-of-order event's is its
                 # entity's latest time); another view's row counts only within [t - max_age, t].
-                usable = row is not None and (name in own or floor <= row.event_micros <= event.event_micros)
+                usable = row is not None and (name in own or view.kind == "attributes"
+                                              or floor <= row.event_micros <= event.event_micros)
                 for feature in self.features[name]:
                     vector.values[output_column(name, feature)] = row.value(feature) if usable else None
                 vector.rows[name] = (row.event_micros, row.computed_ms or None) if usable else (None, None)
         return vectors
+
+    def _attributes(self, view: FeatureView, entities: Sequence[Any]) -> list[ServedRow | None]:
+        known = [e for e in entities if e is not None]
+        values = iter(read_attributes(self.client, self.namespace, view.source.contract, known,
+                                      self.features[view.name]))
+        rows: list[ServedRow | None] = []
+        for entity in entities:
+            value = next(values) if entity is not None else None
+            if value is None:
+                rows.append(None)
+            else:
+                committed = value[COMMITTED_FIELD]
+                rows.append(ServedRow(committed, committed // 1000, {f: value[f] for f in self.features[view.name]}))
+        return rows
 
     def _windowed(self, view: FeatureView, entities: Sequence[Any], now: datetime) -> list[ServedRow | None]:
         known = [e for e in entities if e is not None]

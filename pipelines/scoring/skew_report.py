@@ -37,7 +37,6 @@ from pyspark.sql import functions as F
 
 from pipelines.batch.backfill import DayRange, history, load_events, lookahead, needed_columns, range_features
 from pipelines.batch.sources import BronzeSnapshot, read_bronze
-from pipelines.core.delta import read_delta_version
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView
@@ -52,7 +51,7 @@ from pipelines.scoring.skew import (
     served_features,
     skew_summary,
 )
-from pipelines.training.build import TrackedRun, tracking_uri
+from pipelines.training.build import TrackedRun, read_view_table, tracking_uri
 from pipelines.training.join import ViewRequest, view_request
 
 log = logging.getLogger(__name__)
@@ -129,10 +128,10 @@ def corrected_tables(spark: SparkSession, settings: Settings, requests: Sequence
     read: dict[str, str] = {}
     for request in requests:
         view = request.view
-        if source == "features":
-            path = settings.storage.feature_path(view.name)
-            tables[view.name], version = read_delta_version(spark, path, None, f"feature table of {view.name}")
-            read[f"input.features.{view.name}"] = f"{path}@{version}"
+        if source == "features" or not view.computed:
+            # An attributes view has no events to recompute from: its history is its rows.
+            tables[view.name], version = read_view_table(spark, settings, view, None)
+            read[f"input.features.{view.name}"] = f"{settings.view_table_path(view)}@{version}"
             continue
         topic = settings.source_topic(view)
         days = view_days(settings, request, start, end)

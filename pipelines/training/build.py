@@ -45,11 +45,12 @@ from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 from pyspark.sql.types import StringType
 
+from pipelines.cdc.tables import attribute_rows
 from pipelines.core.delta import current_version, path_exists, read_delta_version
 from pipelines.core.errors import ConfigError, PipelineError, SourceError
 from pipelines.core.settings import PROJECT_ROOT, Settings
 from pipelines.core.times import format_duration, parse_duration
-from pipelines.core.view_spec import event_time_column
+from pipelines.core.view_spec import FeatureView, event_time_column
 from pipelines.training.join import (
     DEFAULT_MODE,
     MODES,
@@ -399,12 +400,21 @@ def _plot(hists: Mapping[str, tuple[list[float], list[int]]], title: str, path: 
 
 
 def pin_versions(spark: SparkSession, settings: Settings, request: TrainingSetRequest) -> dict[str, tuple[DataFrame, int]]:
-    """Each view's feature table at the request's version (or the current one), read once."""
+    """Each view's table at the request's version (or the current one), read once: a computed
+    view's feature table, an attributes view's history table as its rows."""
     tables = {}
-    for view in request.views:
-        tables[view.name] = read_delta_version(spark, settings.storage.feature_path(view.name),
-                                               request.versions.get(view.name), f"feature table of {view.name}")
+    for request_view in request.views:
+        tables[request_view.name] = read_view_table(spark, settings, request_view.view, request.versions.get(request_view.name))
     return tables
+
+
+def read_view_table(spark: SparkSession, settings: Settings, view: FeatureView, version: int | None
+                    ) -> tuple[DataFrame, int]:
+    """``view``'s rows at ``version`` of its table (None: the current one), and that version."""
+    frame, read = read_delta_version(spark, settings.view_table_path(view), version, f"table of view {view.name}")
+    if not view.computed:
+        frame = attribute_rows(frame, view.entity, view.attributes)
+    return frame, read
 
 
 def build_training_set(spark: SparkSession, settings: Settings, request: TrainingSetRequest,
@@ -428,7 +438,7 @@ def build_training_set(spark: SparkSession, settings: Settings, request: Trainin
     request = dataclasses.replace(request, spine=spine.spec, output_path=output_path,
                                   versions={name: version for name, (_, version) in tables.items()})
     inputs = spine.inputs + [
-        InputTable("feature_table", name, settings.storage.feature_path(name), version,
+        InputTable("feature_table", name, settings.view_table_path(settings.views[name]), version,
                    files_digest(spark, frame, delta=True)) for name, (frame, version) in tables.items()
     ]
     for table in inputs:

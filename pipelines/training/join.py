@@ -8,9 +8,11 @@ code runs on a laptop and on a cluster. Reading inputs, MLflow and writing the t
 The join (:func:`point_in_time_join`). For each spine row with timestamp T and each requested
 view, the view's feature row of the same entity with the greatest event time in
 ``[T - max_age, T]`` (both ends included; a view's event time is the event's own time for
-trailing views, the window end for sliding views, the session end for session views). Ties on
-event time: the latest ``computed_at``, then the greatest feature values (compared in column
-order, nulls lowest), so the same data always gives the same row. A left join: every spine row
+trailing views, the window end for sliding views, the session end for session views, the
+change's commit time for attributes views). Ties on event time: the latest ``computed_at``,
+(attributes views: then the highest LSN, the later change), then the greatest feature values
+(compared in column order, nulls lowest), so the same data always gives the same row. An
+attributes view's row is the change in force at T: after a delete, its row of nulls. A left join: every spine row
 appears exactly once, duplicates included; no row in range, a null entity key or a null
 timestamp give nulls (the join's rule; a build's leakage guard then rejects null timestamps).
 
@@ -157,10 +159,13 @@ def point_in_time_join(spine: DataFrame, tables: Mapping[str, DataFrame], reques
 def _join_view(spine: DataFrame, table: DataFrame, request: ViewRequest, timestamp: str, mode: str) -> DataFrame:
     view = request.view
     time_column = event_time_column(view)
-    # Struct order is the tie-break order: event time, computed_at, then the features.
+    # Struct order is the tie-break order: event time, computed_at, then (attributes: the
+    # change's LSN, commit order: two changes may commit in one millisecond) the features.
+    order = [F.col("cdc_lsn").alias("cdc_lsn")] if view.kind == "attributes" else []
     row = F.struct(
         F.col(time_column).alias("event_time"),
         F.col("computed_at").alias("computed_at"),
+        *order,
         *[F.col(f).alias(f) for f in request.features],
     )
     # When a row becomes visible to a spine row: its event time, or (as served) also its

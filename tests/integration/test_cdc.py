@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from datetime import timezone
+from datetime import datetime, timezone
 from decimal import Decimal
 
 import pytest
@@ -23,7 +23,12 @@ from pipelines.local import appdb
 from pipelines.local.generator import ACCOUNTS, AccountsTableWriter, GeneratorSpec, generate, produce
 from pipelines.local.services import wait_healthy
 from pipelines.online.attributes import read_attributes
+from pipelines.online.serving import get_online_features
 from pipelines.online.store import redis_client
+from pipelines.scoring.features import FeatureReader, ScoredEvent, servable_features
+from pipelines.training.build import TrainingSetRequest, build_training_set
+from pipelines.training.join import view_request
+from pipelines.training.spines import SpineSpec
 from tests.support import isolation
 
 COLUMNS = ("account_id", "status", "credit_limit", "home_country", "updated_at")
@@ -202,3 +207,59 @@ def test_a_killed_connect_worker_and_a_restarted_database_lose_and_repeat_no_cha
     bronze = spark.read.format("delta").load(capture.storage.bronze_path(capture.cdc.topic_for("public.accounts")))
     # Exactly-once delivery: not even bronze, which keeps every change event it reads, has a repeat.
     assert bronze.filter(bronze.account_id.isin(accounts)).count() == committed
+
+
+def test_a_training_spine_row_between_two_changes_gets_the_value_valid_at_its_time(spark, cdc, capture, tmp_path):
+    run = uuid.uuid4().hex[:6]
+    account, other = f"acct-pit-{run}", f"acct-pit-{run}-never"
+    moments = []
+
+    def now_between_commits():
+        time.sleep(0.2)
+        moments.append(datetime.now(timezone.utc))
+        time.sleep(0.2)
+
+    now_between_commits()  # before the account exists
+    write(cdc, capture, ("insert into accounts (account_id, status, credit_limit, home_country) "
+                         "values (%s, 'active', 100, 'DE')", [account]))
+    now_between_commits()
+    write(cdc, capture, ("update accounts set credit_limit = 250, status = 'review' where account_id = %s", [account]))
+    now_between_commits()
+    write(cdc, capture, ("delete from accounts where account_id = %s", [account]))
+    now_between_commits()
+    sync(spark, capture, cdc)
+    spine_rows = [(f"e{i}", account, moment) for i, moment in enumerate(moments)]
+    spine_rows.append(("e-other", other, moments[1]))
+    spine_path = str(tmp_path / "spine")
+    spark.createDataFrame(spine_rows, "example string, account_id string, event_time timestamp").write.parquet(spine_path)
+    request = TrainingSetRequest(name=f"pit_{run}", spine=SpineSpec("files", path=spine_path),
+                                 views=(view_request(capture.views["account_profile"], ["status", "credit_limit"]),))
+    result = build_training_set(spark, capture, request)
+    got = {r.example: (r.account_profile__status, r.account_profile__credit_limit)
+           for r in spark.read.format("delta").load(result.path).collect()}
+    assert got == {"e0": (None, None), "e1": ("active", 100.0), "e2": ("review", 250.0), "e3": (None, None),
+                   "e-other": (None, None)}
+
+
+def test_the_online_store_serves_an_accounts_current_row_to_scoring_and_to_readers(spark, cdc, capture):
+    run = uuid.uuid4().hex[:6]
+    account, gone = f"acct-online-{run}", f"acct-online-{run}-gone"
+    insert = "insert into accounts (account_id, status, credit_limit, home_country) values (%s, 'active', %s, 'SE')"
+    write(cdc, capture, (insert, [account, 300]), (insert, [gone, 10]),
+          ("update accounts set credit_limit = 320 where account_id = %s", [account]),
+          ("delete from accounts where account_id = %s", [gone]))
+    sync(spark, capture, cdc)
+    client = redis_client(capture.redis)
+    served = get_online_features(capture, "account_profile", [account, gone], client=client)
+    assert [(r["entity"], r["status"], r["credit_limit"], r["home_country"]) for r in served] == [
+        (account, "active", 320.0, "SE"), (gone, None, None, None)]
+    assert served[0]["event_time"] is not None and served[1]["event_time"] is None
+    names = ["amount_usd", "account_profile__credit_limit", "account_profile__home_country"]
+    servable = servable_features(capture, capture.ingest.topics[0])
+    reader = FeatureReader(client, capture, capture.ingest.topics[0], servable, names)
+    events = [ScoredEvent(f"tx-{n}", 0, 0, 0, n, {"account_id": a, "amount_usd": 5.0})
+              for n, a in enumerate([account, gone])]
+    vectors = reader.vectors(events, {}, datetime.now(timezone.utc))
+    assert [v.values for v in vectors] == [
+        {"amount_usd": 5.0, "account_profile__credit_limit": 320.0, "account_profile__home_country": "SE"},
+        {"amount_usd": 5.0, "account_profile__credit_limit": None, "account_profile__home_country": None}]

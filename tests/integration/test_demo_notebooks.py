@@ -40,7 +40,7 @@ def demo(spark, isolated_module, tmp_path_factory):
                          fraud_rate=0.08, label_delay=(timedelta(minutes=5), timedelta(hours=2)))
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     run_ingest(spark, settings, available_now=True)
-    assert run_features(spark, settings, list(settings.views.values()), available_now=True) == 0
+    assert run_features(spark, settings, list(settings.computed_views.values()), available_now=True) == 0
     return settings, isolated_module.conf_dir(settings, tmp_path_factory.mktemp("conf") / "conf")
 
 
@@ -62,7 +62,7 @@ def images_in(outputs: list[dict]) -> int:
 
 def test_feature_notebook_finds_every_online_value_equal_to_the_latest_feature_row(spark, demo, tmp_path, monkeypatch):
     settings, conf_dir = demo
-    views = list(settings.views.values())
+    views = list(settings.computed_views.values())
     # The reference: every distinct entity of each feature table must be checked.
     entities = {view.name: spark.read.format("delta").load(settings.storage.feature_path(view.name))
                 .select(view.entity).distinct().count() for view in views}

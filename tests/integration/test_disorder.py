@@ -59,7 +59,7 @@ def latest_rows(spark, path, view) -> tuple[Counter, list[str]]:
 def test_stream_and_late_recompute_equal_a_backfill_of_the_same_bronze(spark, isolated, tmp_path):
     settings = isolated(ingest={"max_offsets_per_trigger": 400},
                         features={"max_files_per_trigger": 2, "trigger_interval": "500ms"})
-    views = list(settings.views.values())
+    views = list(settings.computed_views.values())
     assert {v.kind for v in views} == {"trailing", "sliding", "session"}
     start = datetime.combine(datetime.now(timezone.utc).date(), time(0), timezone.utc) - timedelta(days=3)
     # The generator's own rates: 5% out of order, 2% late (30 minutes to 6 hours), 1% duplicates, 2% bad.

@@ -21,7 +21,7 @@ def test_online_values_equal_the_latest_feature_rows(spark, isolated):
                          label_rate=0.4, label_delay=(timedelta(minutes=5), timedelta(hours=2)))
     produce(generate(spec), settings.kafka.client_properties(), topic_names=topic_names(settings))
     run_ingest(spark, settings, available_now=True)
-    views = list(settings.views.values())
+    views = list(settings.computed_views.values())
     assert run_features(spark, settings, views, available_now=True) == 0
 
     client = redis_client(settings.redis)

@@ -198,7 +198,7 @@ def test_the_live_cluster_has_a_task_slot_per_partition_of_the_live_topics_and_a
     cluster = resolved_cluster("live")
     slots = cluster["num_workers"] * NODE_CORES[cluster["node_type_id"]]
     settings = load_settings(env)
-    topics = {settings.source_topic(v) for v in settings.views.values() if v.online.enabled}
+    topics = {settings.source_topic(v) for v in settings.computed_views.values() if v.online.enabled}
     assert slots >= sum(settings.kafka.topics[t].partitions for t in topics) + SPARE_TASK_SLOTS
 
 
@@ -355,4 +355,4 @@ def test_the_training_set_job_parameters_make_a_valid_request():
     rebuild = JOBS["rebuild_training_set"]["tasks"][0]["python_wheel_task"]["parameters"]
     args = build_training_set.parse_args([re.sub(r"\{\{job\.parameters\.\w+\}\}", "", a) for a in rebuild][4:])
     build_training_set.check_rebuild_args(args)  # the rebuild job passes no build flag
-    assert [v.name for v in request.views] == list(load_settings("prod", PROJECT_ROOT / "conf").views)
+    assert [v.name for v in request.views] == list(load_settings("prod", PROJECT_ROOT / "conf").computed_views)

@@ -43,6 +43,11 @@ def test_servable_features_are_the_event_fields_and_the_views_keyed_by_one_of_th
     assert servable["merchant_hourly__avg_amount_usd"].type == "double"
     assert servable["account_sessions__event_count"].type == "bigint"
     assert servable["account_sessions__duration_seconds"].type == "double"
+    # The account's row in the accounts table (fp-cdc), by the transaction's account_id.
+    assert (servable["account_profile__credit_limit"].type, servable["account_profile__credit_limit"].view) == (
+        "double", "account_profile")
+    assert servable["account_profile__status"].type == "string"
+    assert "account_profile__updated_at" not in servable  # not among the view's attributes
 
 
 def test_an_input_no_feature_serves_is_refused_naming_it_and_the_close_names(servable):

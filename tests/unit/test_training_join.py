@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 import pytest
 from chispa import assert_df_equality
 
+from pipelines.cdc.tables import attribute_rows
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.training.join import (
@@ -230,3 +231,53 @@ def test_histograms_count_non_null_values_per_bin(spark):
     assert got["x"] == ([0.0, 1.0, 2.0, 3.0, 4.0], [1, 1, 1, 1])
     assert got["constant"][1] == [4, 0, 0, 0]
     assert "empty" not in got
+
+
+# --------------------------------------------------------------------------- attributes views
+
+PROFILE = VIEWS["account_profile"]
+HISTORY = ("account_id string, status string, credit_limit double, home_country string, updated_at timestamp, "
+           "cdc_op string, cdc_lsn long, cdc_tx_id long, cdc_deleted boolean, valid_from timestamp, valid_to timestamp")
+OUT_PROFILE = ("account_profile__event_time timestamp, account_profile__computed_at timestamp, "
+               "account_profile__status string, account_profile__credit_limit double")
+
+
+def profile_join(spark, spine_rows, history_rows):
+    spine = spark.createDataFrame(spine_rows, SPINE)
+    history = spark.createDataFrame(history_rows, HISTORY)
+    table = attribute_rows(history, PROFILE.entity, PROFILE.attributes)
+    return point_in_time_join(spine, {"account_profile": table},
+                              [view_request(PROFILE, ["status", "credit_limit"])], "ts")
+
+
+def change(account, status, limit, op, lsn, at, until=None, deleted=False):
+    return (account, status, limit, None if deleted else "DE", None, op, lsn, 1, deleted, at, until)
+
+
+def test_an_attributes_row_holds_from_its_commit_until_the_next_change_then_a_delete_leaves_nulls(spark):
+    history = [change("a", "active", 100.0, "c", 10, t("09:00"), t("10:00")),
+               change("a", "frozen", 50.0, "u", 20, t("10:00"), t("11:00")),
+               change("a", None, None, "d", 30, t("11:00"), deleted=True)]
+    spine = [("before", "a", "m", t("08:59")), ("between", "a", "m", t("09:59:59")), ("at-change", "a", "m", t("10:00")),
+             ("year-later", "b", "m", t("10:00")), ("after-delete", "a", "m", t("11:30"))]
+    got = profile_join(spark, spine, history)
+    expected = [("before", "a", "m", t("08:59"), None, None, None, None),
+                ("between", "a", "m", t("09:59:59"), t("09:00"), t("09:00"), "active", 100.0),
+                ("at-change", "a", "m", t("10:00"), t("10:00"), t("10:00"), "frozen", 50.0),
+                ("year-later", "b", "m", t("10:00"), None, None, None, None),
+                ("after-delete", "a", "m", t("11:30"), t("11:00"), t("11:00"), None, None)]
+    assert_df_equality(got, expect(spark, expected, f"{SPINE}, {OUT_PROFILE}"), ignore_row_order=True)
+
+
+def test_an_attributes_row_has_no_age_limit(spark):
+    got = profile_join(spark, [("e", "a", "m", datetime(2027, 11, 20, 9))],
+                       [change("a", "active", 100.0, "c", 10, t("09:00"))])
+    assert [(r.account_profile__status, r.account_profile__credit_limit) for r in got.collect()] == [("active", 100.0)]
+
+
+def test_of_two_changes_committed_at_the_same_instant_the_later_lsn_holds(spark):
+    # By values, ("active", 900.0) would win the tie; the later change (LSN 21) is ("active", 5.0).
+    history = [change("a", "active", 900.0, "u", 20, t("10:00"), t("10:00")),
+               change("a", "active", 5.0, "u", 21, t("10:00"))]
+    got = profile_join(spark, [("e", "a", "m", t("10:00"))], history)
+    assert [r.account_profile__credit_limit for r in got.collect()] == [5.0]

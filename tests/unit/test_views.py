@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
 import pytest
@@ -11,7 +12,8 @@ from pipelines.core.config import build
 from pipelines.core.contract_spec import load_contracts, parse_contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
-from pipelines.core.view_spec import FeatureView, check_view
+from pipelines.core.cli import views_from_args
+from pipelines.core.view_spec import FeatureView, check_view, event_time_column, load_views
 from tests.support import contract_conf
 
 CONTRACTS = load_contracts(PROJECT_ROOT / "conf" / "contracts")
@@ -27,7 +29,8 @@ def checked(**changes) -> FeatureView:
 
 def test_the_shipped_views_load():
     views = load_settings("local").views
-    assert set(views) == {"account_velocity", "account_fraud_history", "merchant_hourly", "account_sessions"}
+    assert set(views) == {"account_velocity", "account_fraud_history", "merchant_hourly", "account_sessions",
+                          "account_profile"}
     assert views["account_fraud_history"].max_lookback == timedelta(days=33)
 
 
@@ -116,3 +119,54 @@ def test_a_view_whose_contract_no_ingested_topic_carries_fails_when_the_config_l
     with pytest.raises(ConfigError, match=r"view 'account_fraud_history' reads contract 'labels', which no topic of "
                                           r"ingest\.topics carries \(transactions\)"):
         load_settings("local", overrides={"ingest": {"topics": ["transactions"]}})
+
+
+PROFILE = {"name": "p", "source": {"contract": "accounts"}, "entity": "account_id", "kind": "attributes"}
+
+
+def test_an_attributes_view_serves_every_column_but_the_key_unless_it_names_some(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump({"views": [PROFILE, {**PROFILE, "name": "q",
+                                                                          "attributes": ["status"]}]}))
+    views = load_views(tmp_path, CONTRACTS)
+    assert views["p"].attributes == ("status", "credit_limit", "home_country", "updated_at")
+    assert views["q"].attributes == ("status",)
+    assert event_time_column(views["p"]) == "valid_from"
+    assert not views["p"].computed
+    # A row holds until the table changes it: no age limit unless the view sets one.
+    assert views["p"].training_max_age > timedelta(days=365 * 50)
+    assert load_settings("local").views["account_profile"].attributes == ("status", "credit_limit", "home_country")
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"source": {"contract": "transactions"}}, "test.source.contract: an attributes view reads a table's changes"),
+    ({"entity": "status"}, "test.entity: an attributes view's entity is its table's key 'account_id'"),
+    ({"event_time": "updated_at"}, "test.event_time: an attributes view takes none"),
+    ({"aggregations": [{"column": "credit_limit", "functions": ["max"]}]}, "test.aggregations: an attributes view"),
+    ({"attributes": ["account_id"]}, "test.attributes: no column 'account_id' in accounts besides its key"),
+    ({"attributes": ["tier"]}, "test.attributes: no column 'tier'"),
+    ({"attributes": ["status", "status"]}, "test.attributes: a column is listed twice"),
+])
+def test_a_bad_attributes_view_fails_naming_the_key(changes, message):
+    view = build(FeatureView, {**PROFILE, **changes}, "test")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        check_view(view, CONTRACTS, "test")
+
+
+def test_a_computed_view_takes_no_attributes_and_needs_an_event_time():
+    with pytest.raises(ConfigError, match=re.escape("test.attributes: only attributes views take attributes")):
+        checked(attributes=["amount_usd"])
+    with pytest.raises(ConfigError, match=re.escape("test.event_time: a trailing view needs its source's event-time")):
+        checked(event_time="")
+
+
+def test_the_feature_jobs_take_every_computed_view_and_refuse_an_attributes_view():
+    settings = load_settings("local")
+    assert [v.name for v in views_from_args(None, settings)] == list(settings.computed_views)
+    assert "account_profile" not in settings.computed_views
+    with pytest.raises(ConfigError, match="--views: account_profile: attributes views are kept by fp-cdc"):
+        views_from_args("account_velocity,account_profile", settings)
+
+
+def test_an_attributes_view_whose_contract_no_cdc_table_has_fails_when_the_config_loads():
+    with pytest.raises(ConfigError, match="view 'account_profile' reads the changes of contract 'accounts'"):
+        load_settings("local", overrides={"cdc": {"tables": []}})
