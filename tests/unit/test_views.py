@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 import yaml
 
+from pipelines.core.cli import views_from_args
 from pipelines.core.config import build
 from pipelines.core.contract_spec import load_contracts, parse_contract
 from pipelines.core.errors import ConfigError
 from pipelines.core.settings import PROJECT_ROOT, load_settings
-from pipelines.core.cli import views_from_args
 from pipelines.core.view_spec import FeatureView, check_view, event_time_column, load_views
 from tests.support import contract_conf
 
