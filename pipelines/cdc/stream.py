@@ -33,17 +33,21 @@ from pyspark.sql.streaming import StreamingQuery
 
 from pipelines.cdc.changes import CHANGE_COLUMNS, change_rows
 from pipelines.cdc.tables import (
+    current_from_changes,
+    current_from_history,
     current_schema,
+    history_rows,
     history_schema,
     idempotent,
     last_change_per_key,
     merge_current,
     merge_history,
+    without_unchanged_snapshot_reads,
 )
 from pipelines.contracts.validation import ValidationRules
 from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.contract_spec import Contract
-from pipelines.core.delta import ensure_delta_table, streaming_query_id, write_delta_idempotent
+from pipelines.core.delta import ensure_delta_table, read_delta_version, streaming_query_id, write_delta_idempotent
 from pipelines.core.errors import ConfigError
 from pipelines.core.runner import BatchGate, run_queries, with_trigger
 from pipelines.core.settings import Settings
@@ -129,6 +133,10 @@ class CdcBatchWriter:
                     log.warning("%s: the source table gained column(s) %s: added to %s and %s as nullable strings",
                                 self.topic, ", ".join(new_columns), self.current, self.history)
                 expanded = with_extra_columns(changes, extra)
+                if expanded.filter(F.col("cdc_op") == "r").limit(1).count():
+                    # A snapshot: the reads of rows the history holds unchanged are no change.
+                    held, _ = read_delta_version(spark, self.history, None, f"history of {self.topic}")
+                    expanded = without_unchanged_snapshot_reads(expanded, held, self.contract, extra)
                 with idempotent(spark, f"{app_id}:current", batch_id):
                     merge_current(spark, self.current, expanded, self.contract, extra)
                 with idempotent(spark, f"{app_id}:history", batch_id):
@@ -165,13 +173,9 @@ def create_cdc_tables(spark: SparkSession, settings: Settings, topic: str) -> No
     ensure_delta_table(spark, storage.cdc_path(topic, "history"), history_schema(contract))
 
 
-def start_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | None = None,
-              available_now: bool = False) -> tuple[list[StreamingQuery], BatchGate]:
-    """One query per change-event topic (default: each of ``cdc.tables``')."""
+def change_topics(settings: Settings, topics: Sequence[str] | None) -> list[str]:
+    """``topics`` (default: each of ``cdc.tables``'), each checked to be a declared change topic."""
     topics = list(topics or [settings.cdc.topic_for(t) for t in settings.cdc.tables])
-    rules = ValidationRules.of(settings.ingest)
-    gate = BatchGate()
-    queries = []
     for topic in topics:
         if topic not in settings.kafka.topics:
             raise ConfigError(f"--topics: {topic!r} is not declared under kafka.topics")
@@ -179,13 +183,61 @@ def start_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | N
         if not contract.is_changes:
             raise ConfigError(f"--topics: {topic!r} has contract {contract.name!r}, not a change-event contract "
                               "(format: debezium)")
+    return topics
+
+
+REBUILD_SOURCES = ("history", "bronze")
+
+
+def rebuild_tables(spark: SparkSession, settings: Settings, topic: str, source: str) -> dict[str, int]:
+    """Rewrite a change topic's tables from what else holds its changes, for a lost or damaged
+    table (fp-cdc stopped meanwhile): from ``history``, the current table; from ``bronze`` (every
+    change since the connector's first snapshot), the current and the history tables. Each is
+    replaced in one Delta commit (time travel keeps the old one). Returns rows per table."""
+    if source not in REBUILD_SOURCES:
+        raise ConfigError(f"--rebuild-from: {source!r} is not one of {', '.join(REBUILD_SOURCES)}")
+    contract = settings.contract_for(topic)
+    storage = settings.storage
+    current, history = storage.cdc_path(topic, "current"), storage.cdc_path(topic, "history")
+    create_cdc_tables(spark, settings, topic)
+    own = {*contract.field_names, *_TABLE_COLUMNS}
+    if source == "history":
+        rows = spark.read.format("delta").load(history)
+        extra = [c for c in rows.columns if c not in own]
+        tables = {current: current_from_history(rows, contract, extra)}
+    else:
+        bronze = spark.read.format("delta").load(storage.bronze_path(topic))
+        seen = {r[0] for r in bronze.select(F.explode(F.map_keys("cdc_extra"))).distinct().collect()}
+        kept = [c for c in spark.read.format("delta").load(current).columns if c not in own]
+        extra = [*kept, *sorted(seen - set(kept) - _TABLE_COLUMNS)]
+        # As fp-cdc does: a change is one row, by key and LSN; an unchanged snapshot read, none.
+        changes = without_unchanged_snapshot_reads(
+            with_extra_columns(bronze, extra).dropDuplicates([contract.key_field, "cdc_lsn"]), None, contract, extra)
+        tables = {current: current_from_changes(changes, contract, extra),
+                  history: history_rows(changes, contract, extra)}
+    counts = {}
+    for path, rows in tables.items():
+        rows.write.format("delta").mode("overwrite").option("mergeSchema", "true").save(path)
+        counts[path] = spark.read.format("delta").load(path).count()
+        log.info("%s: rebuilt from %s: %d rows", path, source, counts[path])
+    return counts
+
+
+def start_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | None = None,
+              available_now: bool = False) -> tuple[list[StreamingQuery], BatchGate]:
+    """One query per change-event topic (default: each of ``cdc.tables``')."""
+    rules = ValidationRules.of(settings.ingest)
+    gate = BatchGate()
+    queries = []
+    for topic in change_topics(settings, topics):
+        contract = settings.contract_for(topic)
         create_cdc_tables(spark, settings, topic)
         records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest, read_committed=True)
         handler = CdcBatchWriter(topic, contract, settings)
         writer = (change_rows(records, contract, rules).writeStream.queryName(f"cdc_{topic}")
                   .foreachBatch(gate.wrap(handler))
                   .option("checkpointLocation", checkpoint_location(spark, settings.storage.checkpoint_path("cdc", topic))))
-        queries.append(with_trigger(writer, available_now, settings.ingest.trigger_interval).start())
+        queries.append(with_trigger(writer, available_now, settings.cdc.trigger_interval).start())
         log.info("cdc %s -> %s, %s", topic, handler.current, handler.history)
     return queries, gate
 

@@ -69,6 +69,44 @@ def valid_changes(rows: DataFrame) -> DataFrame:
     return rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
 
 
+def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | None, contract: Contract,
+                                     extra: Sequence[str] = ()) -> DataFrame:
+    """``changes`` (with their ``kafka_offset``) less the snapshot reads (``op r``) that change
+    nothing. A read is dropped when the key's state before it, the change of the greatest LSN
+    below the read's among ``history`` (rows held before this batch; None: none) and
+    ``changes``, has the same values and deletion; or when it is stale: a change of the key with
+    a greater LSN arrived before it (held already, or earlier on the topic).
+
+    Why: a re-snapshot of a table (a Debezium signal, or a connector restarted before its first
+    offset commit) reads every row again; a row that did not change is no change, and the
+    history keeps one row per change. A read that differs (the tables missed a change, or
+    restore a lost key) is kept and applied as any change. A replayed batch finds its own rows
+    in ``history``: they are left out of what it held before."""
+    key = contract.key_field
+    values = [c for c in _columns(contract, extra) if c != key] + ["cdc_deleted"]
+    reads = changes.filter(F.col("cdc_op") == "r").select(
+        key, F.col("cdc_lsn").alias("_read_lsn"), F.col("kafka_offset").alias("_read_offset"),
+        *[F.col(c).alias(f"_read_{c}") for c in values])
+    known = changes.select(key, *values, "cdc_lsn", F.col("kafka_offset").alias("_offset"))
+    if history is not None:
+        held = history.select(key, *values, "cdc_lsn").join(changes.select(key, "cdc_lsn"), [key, "cdc_lsn"], "left_anti")
+        known = known.unionByName(held.withColumn("_offset", F.lit(-1).cast("long")))
+    pairs = reads.join(known, key)
+    latest_before = Window.partitionBy(key, "_read_lsn").orderBy(F.col("cdc_lsn").desc())
+    same = F.lit(True)
+    for c in values:
+        same = same & F.col(c).eqNullSafe(F.col(f"_read_{c}"))
+    unchanged = (pairs.filter(F.col("cdc_lsn") < F.col("_read_lsn"))
+                 .withColumn("_rank", F.row_number().over(latest_before)).filter((F.col("_rank") == 1) & same)
+                 .select(key, "_read_lsn"))
+    stale = (pairs.filter((F.col("cdc_lsn") > F.col("_read_lsn")) & (F.col("_offset") < F.col("_read_offset")))
+             .select(key, "_read_lsn"))
+    dropped = unchanged.unionByName(stale).select(F.col(key).alias("_drop_key"), F.col("_read_lsn").alias("_drop_lsn"))
+    is_dropped = ((F.col(key) == F.col("_drop_key")) & (F.col("cdc_lsn") == F.col("_drop_lsn"))
+                  & (F.col("cdc_op") == "r"))
+    return changes.join(dropped.distinct(), is_dropped, "left_anti")
+
+
 def last_change_per_key(changes: DataFrame, key: str) -> DataFrame:
     """Per key, its change with the highest LSN (of several in one batch, the last)."""
     latest = Window.partitionBy(key).orderBy(F.col("cdc_lsn").desc())
@@ -129,6 +167,20 @@ def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: 
      .whenMatchedUpdate(condition=F.col("s._cdc_kind") == "close", set={"valid_to": F.col("s.valid_from")})
      .whenNotMatchedInsert(condition=F.col("s._cdc_kind") == "row", values={c: F.col(f"s.{c}") for c in columns})
      .execute())
+
+
+def current_from_history(history: DataFrame, contract: Contract, extra: Sequence[str] = ()) -> DataFrame:
+    """The current table's rows as the history gives them: each key's open row, unless it is a
+    delete's (the key is gone)."""
+    open_rows = history.filter(F.col("valid_to").isNull() & ~F.col("cdc_deleted"))
+    return open_rows.select(*_columns(contract, extra), "cdc_lsn", F.col("valid_from").alias("cdc_commit_time"))
+
+
+def current_from_changes(changes: DataFrame, contract: Contract, extra: Sequence[str] = ()) -> DataFrame:
+    """The current table's rows from every change of the table (bronze): each key's last change,
+    unless it is a delete."""
+    latest = last_change_per_key(changes, contract.key_field).filter(~F.col("cdc_deleted"))
+    return latest.select(*_columns(contract, extra), "cdc_lsn", "cdc_commit_time")
 
 
 def attribute_rows(history: DataFrame, key: str, attributes: Sequence[str]) -> DataFrame:

@@ -353,6 +353,9 @@ class CdcSettings:
     poll_interval: timedelta = timedelta(milliseconds=50)
     #: A heartbeat record this often: the slot's position moves on while the tables are quiet.
     heartbeat_interval: timedelta = timedelta(seconds=10)
+    #: fp-cdc's micro-batch interval (0s: the next batch as soon as one ends): bounds commit ->
+    #: Redis latency from below; each batch costs two MERGEs whatever its size (BENCHMARKS.md).
+    trigger_interval: timedelta = timedelta(seconds=1)
 
     def topic_for(self, table: str) -> str:
         """The change-event topic of ``schema.table``."""
@@ -603,6 +606,8 @@ def _check_references(settings: Settings, source: Path) -> None:
     for key in ("poll_interval", "heartbeat_interval"):
         if getattr(cdc, key) <= timedelta(0):
             raise ConfigError(f"{source}: cdc.{key}: must be positive")
+    if cdc.trigger_interval < timedelta(0):
+        raise ConfigError(f"{source}: cdc.trigger_interval: must not be negative")
     for name, view in settings.views.items():
         if not view.computed:
             if len(_change_topics_of(settings, view.source.contract)) != 1:

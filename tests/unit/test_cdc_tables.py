@@ -17,6 +17,7 @@ from pipelines.cdc.tables import (
     idempotent,
     merge_current,
     merge_history,
+    without_unchanged_snapshot_reads,
 )
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.settings import PROJECT_ROOT, load_settings
@@ -139,3 +140,39 @@ def test_as_of_gives_the_value_valid_at_a_time_between_two_changes(spark, tables
     assert status_at(4) == [("active", False)]  # between two changes: the earlier one, never the later
     assert status_at(5) == [("frozen", False)]
     assert status_at(20) == [(None, True)]  # deleted: no attributes
+
+
+READ_SCHEMA = StructType([*CHANGE_SCHEMA.fields, StructField("kafka_offset", LongType())])
+
+
+def reads_kept(spark, contract, history_rows, batch):
+    """The ``(key, op, lsn)`` of ``batch`` (changes with their offsets) that are kept."""
+    history = spark.createDataFrame(history_rows, CHANGE_SCHEMA) if history_rows is not None else None
+    frame = spark.createDataFrame(batch, READ_SCHEMA)
+    kept = without_unchanged_snapshot_reads(frame, history, contract)
+    return sorted((r.account_id, r.cdc_op, r.cdc_lsn) for r in kept.collect())
+
+
+def test_a_snapshot_read_equal_to_the_keys_state_before_it_is_no_change(spark, contract):
+    # The reads' own timestamps differ from the rows they read (updated_at is the row's): same row.
+    held = [change("a", "c", 1, "active", 100.0), change("b", "c", 2, "active", 5.0), change("c", "c", 3, "active", 7.0),
+            change("c", "d", 4)]
+    batch = [(*change("a", "r", 10, "active", 100.0)[:4], at(1), *change("a", "r", 10)[5:], 0),   # unchanged
+             (*change("b", "r", 11, "frozen", 5.0)[:4], at(2), *change("b", "r", 11)[5:], 1),    # missed change
+             (*change("c", "r", 12, "active", 7.0)[:4], at(3), *change("c", "r", 12)[5:], 2),    # held as deleted
+             (*change("d", "r", 13, "active", 1.0), 3)]                                         # unknown key
+    assert reads_kept(spark, contract, held, batch) == [("b", "r", 11), ("c", "r", 12), ("d", "r", 13)]
+
+
+def test_a_read_is_compared_with_the_change_before_it_in_the_same_batch_and_a_stale_read_is_dropped(spark, contract):
+    batch = [(*change("a", "u", 5, "frozen", 9.0), 0),
+             (*change("a", "r", 6, "frozen", 9.0)[:4], at(5), *change("a", "r", 6)[5:], 1),  # = the update before it
+             (*change("b", "u", 9, "closed", 1.0), 2),
+             (*change("b", "r", 7, "active", 1.0), 3)]  # LSN 7 arrives after LSN 9: read before that update
+    assert reads_kept(spark, contract, None, batch) == [("a", "u", 5), ("b", "u", 9)]
+
+
+def test_a_replayed_batch_does_not_take_its_own_rows_for_the_state_before_it(spark, contract):
+    held = [change("a", "c", 1, "active", 100.0), change("a", "r", 10, "frozen", 100.0)]  # the batch, applied once
+    batch = [(*change("a", "r", 10, "frozen", 100.0), 0)]
+    assert reads_kept(spark, contract, held, batch) == [("a", "r", 10)]
