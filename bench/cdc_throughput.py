@@ -4,7 +4,8 @@ Redis latency, and the cost of fp-cdc's ``MERGE``\\ s per micro-batch.
 The run gets a connector, slot, topic (2 partitions), lake and Redis namespace of its own on
 the local platform (``python -m pipelines.local up``: PostgreSQL, Kafka Connect with Debezium,
 Kafka, Redis), and ``fp-cdc`` as a job process (its own Spark driver, ``local[2]``) with
-``cdc.trigger_interval`` = ``--trigger``. Three phases, one after the other:
+``cdc.trigger_interval`` = ``--trigger``. A warm-up (``--warmup-rows``, one a second, awaited in
+Redis), then three phases, one after the other:
 
 1. **latency**: ``--latency-rows`` single-row ``INSERT``\\ s, each its own transaction, at
    ``--rate`` per second. Per row: from the moment its ``COMMIT`` returned to (a) its change
@@ -17,14 +18,14 @@ Kafka, Redis), and ``fp-cdc`` as a job process (its own Spark driver, ``local[2]
 For the bulk phases: change events per second from the first commit to the last event on the
 topic, to the ``MERGE`` of the current table that completed the phase, and to the last Redis
 write (all the phase's keys written). The current table's completion is read from its Delta
-log (the commit time of its last ``MERGE`` before Redis was complete: fp-cdc writes Redis after
-both tables). Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
+log: the commit time of its first ``MERGE`` after Redis was complete (fp-cdc writes a batch to
+Redis first, then to bronze and the tables). Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
 the batch's source rows, from the commit info.
 
 The results go to ``bench/results/cdc-<time>.json``; the last line printed is that JSON.
 
 Usage: python bench/cdc_throughput.py --env local [--trigger 1s] [--rate 50] [--latency-rows 1500]
-       [--bulk-rows 20000] [--bulk-transactions 20]
+       [--bulk-rows 20000] [--bulk-transactions 20] [--warmup-rows 30]
 """
 
 from __future__ import annotations
@@ -159,7 +160,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency-rows", type=int, default=1500)
     parser.add_argument("--bulk-rows", type=int, default=20_000)
     parser.add_argument("--bulk-transactions", type=int, default=20)
-    parser.add_argument("--settle", type=float, default=40.0, help="seconds between fp-cdc's start and the first commit")
+    parser.add_argument("--warmup-rows", type=int, default=30,
+                        help="rows inserted (one per second) and awaited in Redis before measuring: fp-cdc runs, "
+                             "its first batches (JIT, first plans) are behind it")
     parser.add_argument("--drain", type=float, default=600.0, help="seconds to wait for a phase's last change")
     args = parser.parse_args(argv)
     parse_duration(args.trigger, "--trigger")
@@ -177,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
                 "trigger_interval": args.trigger},
         "storage": {"root": str(root / "lake")},
         "redis": {"namespace": f"bench-cdc-{tag}"},
+        # Relative paths would resolve against the run's conf folder: the platform's own, absolute.
+        "spark": {"jars_dir": str(Path(base.spark.jars_dir).resolve())},
+        "local": {"root": str(Path(base.local.root).resolve())},
     })
     # A conf folder of the run's own: fp-cdc reads it (a topic name with dots cannot be --set).
     conf_dir = root / "conf"
@@ -205,8 +211,16 @@ def main(argv: list[str] | None = None) -> int:
                                 "load_at_start": os.getloadavg()},
                     "trigger": args.trigger}
     try:
-        time.sleep(args.settle)
         with postgres.connect(settings.cdc.database.dbname, appdb.APP_ROLE) as conn:
+            warm = [f"warm-{tag}-{i}" for i in range(args.warmup_rows)]
+            log.info("warm-up: %d rows, one a second, until Redis has them all", len(warm))
+            for key in warm:
+                conn.execute("insert into accounts (account_id, status, credit_limit, home_country) "
+                             "values (%s, 'active', 1, 'DE')", [key])
+                conn.commit()
+                time.sleep(1.0)
+            wait_until(lambda: all(k in writes.writes for k in warm), args.drain, "the warm-up rows in Redis", job)
+            warmed_up = now_micros()
             # 1. latency: one row per transaction at a steady rate.
             keys = [f"lat-{tag}-{i}" for i in range(args.latency_rows)]
             committed: dict[str, int] = {}
@@ -236,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
                                "where account_id = any(%s::text[])",
             }
             result["bulk"] = {}
+            current_path = Path(settings.storage.cdc_path(topic, "current"))
             for phase, sql in statements.items():
                 seen_before = {k: len(writes.writes.get(k, ())) for k in bulk}
                 arrived_before = {k: len(arrivals.arrivals.get(k, ())) for k in bulk}
@@ -249,9 +264,11 @@ def main(argv: list[str] | None = None) -> int:
                            f"{phase} in Redis", job)
                 redis_done = max(writes.writes[k][seen_before[k]] for k in bulk)
                 kafka_done = max(arrivals.arrivals[k][arrived_before[k]] for k in bulk)
-                merges = [c for c in merge_commits(Path(settings.storage.cdc_path(topic, "current")))
-                          if first_commit <= c["at"] <= redis_done]
-                current_done = max(c["at"] for c in merges)
+                # fp-cdc writes Redis first, then the tables: the phase's last batch is the one that
+                # completed Redis, and its MERGE of the current table is the first one after that.
+                wait_until(lambda: any(c["at"] >= redis_done for c in merge_commits(current_path)), args.drain,
+                           f"{phase} in the current table", job)
+                current_done = min(c["at"] for c in merge_commits(current_path) if c["at"] >= redis_done)
                 seconds = {"kafka": (kafka_done - first_commit) / 1e6, "current_table": (current_done - first_commit) / 1e6,
                            "redis": (redis_done - first_commit) / 1e6}
                 result["bulk"][phase] = {
@@ -260,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                     "events_per_second": {name: len(bulk) / value for name, value in seconds.items()},
                 }
                 log.info("%s: %s", phase, result["bulk"][phase])
-        # MERGE cost per batch, over the whole run (every batch had changes: an empty one writes nothing).
+        # MERGE cost per batch after the warm-up (every batch had changes: an empty one writes nothing).
         result["merge_ms_per_batch"] = {}
         for table in ("current", "history"):
-            commits = merge_commits(Path(settings.storage.cdc_path(topic, table)))
+            commits = [c for c in merge_commits(Path(settings.storage.cdc_path(topic, table))) if c["at"] > warmed_up]
             result["merge_ms_per_batch"][table] = {
                 "batches": len(commits),
                 "execution_ms": summary([c["execution_ms"] for c in commits]),
@@ -285,11 +302,12 @@ def main(argv: list[str] | None = None) -> int:
         while not postgres.drop_slot(settings.cdc.slot) and time.monotonic() < deadline:
             time.sleep(0.5)
         with postgres.connect(settings.cdc.database.dbname, appdb.APP_ROLE) as conn:
-            conn.execute("delete from accounts where account_id like %s or account_id like %s",
-                         [f"lat-{tag}-%", f"bulk-{tag}-%"])
+            conn.execute("delete from accounts where account_id like any(%s)",
+                         [[f"{kind}-{tag}-%" for kind in ("warm", "lat", "bulk")]])
         for key in control.scan_iter(f"{key_prefix}*", count=1000):
             control.delete(key)
     out = PROJECT_ROOT / "bench" / "results" / f"cdc-{run_id}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result))
     return 0
