@@ -1,25 +1,30 @@
-"""``fp-cdc``: one streaming query per change-event topic, Kafka -> change rows -> bronze, the
-dead-letter table, the current and history tables, exactly once.
+"""``fp-cdc``: two streaming queries per change-event topic, Kafka -> change rows -> (a) bronze,
+the dead-letter table, the current and history tables, exactly once; (b) Redis.
 
-Each query reads its topic ``read_committed`` (the connector writes in Kafka transactions: an
-aborted one must stay unseen) with its own checkpoint (``_checkpoints/cdc/<topic>``). Its
-``foreachBatch`` handler (:class:`CdcBatchWriter`) writes, per batch:
+Each query reads the topic ``read_committed`` (the connector writes in Kafka transactions: an
+aborted one must stay unseen) with its own checkpoint (``_checkpoints/cdc/<topic>`` and
+``_checkpoints/cdc_online/<topic>``).
+
+The **tables query**'s ``foreachBatch`` handler (:class:`CdcBatchWriter`) writes, per batch:
 
 1. the columns the table gained (``cdc_extra``'s names) to the current and history tables, as
    new nullable string columns, before the rows that carry them;
-2. each key's last change of the batch to Redis (:mod:`pipelines.online.attributes`: newer wins
-   by LSN, a delete removes the key). First, for freshness: the change is committed in the
-   database and on the topic already, and a batch replayed after a crash writes Redis again,
-   which keeps what it has. Redis can so be a batch ahead of the Delta tables, never behind;
-3. every valid change to bronze (``bronze/<topic>``, partitioned by commit date), every invalid
+2. every valid change to bronze (``bronze/<topic>``, partitioned by commit date), every invalid
    record to the dead-letter table with its bytes, reason and Kafka coordinates (both appends
    carry ``txnAppId``/``txnVersion``);
-4. the changes into the current and history tables (:mod:`pipelines.cdc.tables`, ``MERGE``\\ s
+3. the changes into the current and history tables (:mod:`pipelines.cdc.tables`, ``MERGE``\\ s
    with Delta's idempotent-write identifiers).
 
+The **online query** (:class:`CdcOnlineWriter`) writes each key's last change of a batch to
+Redis (:mod:`pipelines.online.attributes`: newer wins by LSN, a delete removes the key). Apart,
+so that Redis does not wait for two ``MERGE``\\ s per batch (BENCHMARKS.md): the change is
+committed in the database and on the topic already, and Redis takes a change only over an older
+one, so a batch replayed after a crash writes nothing twice and the two queries need no order.
+Redis is so usually ahead of the Delta tables.
+
 A snapshot read that changes nothing (:func:`pipelines.cdc.tables.without_unchanged_snapshot_reads`)
-reaches bronze only. A tombstone has no write of its own (the delete before it does); it is
-counted. Each batch logs its steps' seconds.
+reaches bronze only (in Redis it rewrites the values it holds). A tombstone has no write of its
+own (the delete before it does); it is counted. Each batch logs its steps' seconds.
 """
 
 from __future__ import annotations
@@ -104,8 +109,6 @@ class CdcBatchResult:
     tombstones: int
     dead_letters: int
     new_columns: tuple[str, ...]
-    #: Keys Redis took (the others held a newer change already).
-    online_applied: int = 0
 
 
 class CdcBatchWriter:
@@ -141,7 +144,6 @@ class CdcBatchWriter:
             changed = next((r for r in summary if r["kind"] == "change"), None)
             steps.done("summary")
             new_columns: list[str] = []
-            online_applied = 0
             if changed is not None:
                 changes = rows.filter(is_change)
                 tables = {path: spark.read.format("delta").load(path).columns for path in (self.current, self.history)}
@@ -164,11 +166,6 @@ class CdcBatchWriter:
                     expanded = without_unchanged_snapshot_reads(expanded, held, self.contract, extra)
                 expanded = expanded.persist(StorageLevel.MEMORY_AND_DISK)
                 steps.done("schema")
-                # Redis first: the change is committed in the database and on the topic, and the
-                # store takes a change only over an older one, so a batch replayed after a crash
-                # writes nothing twice. The online value does not wait for the Delta commits.
-                online_applied = self.write_online(expanded, extra)
-                steps.done("redis")
             if counts.get("change"):
                 write_delta_idempotent(bronze_change_rows(rows, self.contract), self.bronze, app_id, batch_id,
                                        ["commit_date"])
@@ -189,7 +186,7 @@ class CdcBatchWriter:
                 expanded.unpersist()
             rows.unpersist()
         result = CdcBatchResult(counts.get("change", 0), counts.get("tombstone", 0), counts.get("invalid", 0),
-                                tuple(new_columns), online_applied)
+                                tuple(new_columns))
         log.info("%s batch %d: %d changes, %d tombstones, %d dead letters%s in %s", self.topic, batch_id,
                  result.changes, result.tombstones, result.dead_letters,
                  f", new columns {', '.join(new_columns)}" if new_columns else "", steps)
@@ -197,17 +194,37 @@ class CdcBatchWriter:
             self.results[batch_id] = result
 
 
-    def write_online(self, changes: DataFrame, extra: Sequence[str]) -> int:
-        """Each key's last change of the batch to Redis; returns how many keys Redis took."""
+
+
+class CdcOnlineWriter:
+    """``foreachBatch`` handler of a change topic's online query: each key's last valid change
+    of the batch to Redis (:mod:`pipelines.online.attributes`), the columns beyond the contract's
+    (``cdc_extra``) as text. No Delta write: the tables query keeps those. Newer wins by LSN, so
+    a batch replayed after a crash writes nothing twice, and the two queries need no order."""
+
+    def __init__(self, topic: str, contract: Contract, settings: Settings):
+        self.topic, self.contract = topic, contract
+        self.store = AttributeStoreWriter(redis_client(settings.redis), settings.redis.namespace, contract.name)
+        self.applied: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, batch: DataFrame, batch_id: int) -> None:
         key = self.contract.key_field
-        columns = [*self.contract.field_names, *extra]
-        latest = last_change_per_key(changes, key).select(
-            *columns, "cdc_lsn", F.unix_micros("cdc_commit_time").alias("cdc_commit_micros"), "cdc_deleted")
-        result = self.online.write(
+        valid = batch.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
+        latest = last_change_per_key(valid, key).select(
+            *self.contract.field_names, "cdc_extra", "cdc_lsn",
+            F.unix_micros("cdc_commit_time").alias("cdc_commit_micros"), "cdc_deleted")
+        started = time.monotonic()
+        result = self.store.write(
             AttributeChange(row[key], row["cdc_lsn"], row["cdc_commit_micros"], row["cdc_deleted"],
-                            {c: row[c] for c in columns if c != key})
+                            {**{c: row[c] for c in self.contract.field_names if c != key},
+                             **{n: v for n, v in (row["cdc_extra"] or {}).items() if n not in _TABLE_COLUMNS}})
             for row in latest.toLocalIterator())
-        return result.applied
+        if result.applied or result.stale:
+            log.info("%s online batch %d: %d keys written, %d older than Redis held, in %.2fs", self.topic, batch_id,
+                     result.applied, result.stale, time.monotonic() - started)
+        with self._lock:
+            self.applied[batch_id] = result.applied
 
 
 def create_cdc_tables(spark: SparkSession, settings: Settings, topic: str) -> None:
@@ -269,20 +286,26 @@ def rebuild_tables(spark: SparkSession, settings: Settings, topic: str, source: 
 
 def start_cdc(spark: SparkSession, settings: Settings, topics: Sequence[str] | None = None,
               available_now: bool = False) -> tuple[list[StreamingQuery], BatchGate]:
-    """One query per change-event topic (default: each of ``cdc.tables``')."""
+    """Two queries per change-event topic (default: each of ``cdc.tables``'), each with its own
+    checkpoint: the tables query (:class:`CdcBatchWriter`, every ``cdc.trigger_interval``) and the
+    online query (:class:`CdcOnlineWriter`, every ``cdc.online_trigger_interval``), so that Redis
+    does not wait for the tables' ``MERGE``\\ s."""
     rules = ValidationRules.of(settings.ingest)
     gate = BatchGate()
     queries = []
     for topic in change_topics(settings, topics):
         contract = settings.contract_for(topic)
         create_cdc_tables(spark, settings, topic)
-        records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest, read_committed=True)
-        handler = CdcBatchWriter(topic, contract, settings)
-        writer = (change_rows(records, contract, rules).writeStream.queryName(f"cdc_{topic}")
-                  .foreachBatch(gate.wrap(handler))
-                  .option("checkpointLocation", checkpoint_location(spark, settings.storage.checkpoint_path("cdc", topic))))
-        queries.append(with_trigger(writer, available_now, settings.cdc.trigger_interval).start())
-        log.info("cdc %s -> %s, %s", topic, handler.current, handler.history)
+        handlers = {"cdc": (CdcBatchWriter(topic, contract, settings), settings.cdc.trigger_interval),
+                    "cdc_online": (CdcOnlineWriter(topic, contract, settings), settings.cdc.online_trigger_interval)}
+        for name, (handler, interval) in handlers.items():
+            records = read_kafka_stream(spark, settings.kafka, topic, settings.ingest, read_committed=True)
+            checkpoint = checkpoint_location(spark, settings.storage.checkpoint_path(name, topic))
+            writer = (change_rows(records, contract, rules).writeStream.queryName(f"{name}_{topic}")
+                      .foreachBatch(gate.wrap(handler)).option("checkpointLocation", checkpoint))
+            queries.append(with_trigger(writer, available_now, interval).start())
+        log.info("cdc %s -> %s, %s; Redis %s:cdc.%s:*", topic, handlers["cdc"][0].current, handlers["cdc"][0].history,
+                 settings.redis.namespace, contract.name)
     return queries, gate
 
 

@@ -13,6 +13,11 @@
   changes it does not hold yet (by key and LSN) and closes each key's open row with the batch's
   first change of that key.
 
+Snapshot reads (``op r``) are observations, not changes: one that changes nothing is left out
+(:func:`without_unchanged_snapshot_reads`), one that differs is applied as a change with its read
+time, and one that saw a change committed before it whose event comes after it gives way to
+that change (a snapshot reads rows as they are, not as of its LSN).
+
 Both writes carry Delta's idempotent-write identifiers (``txnAppId``/``txnVersion``, through the
 session settings Delta reads for ``MERGE``), so a batch replayed after a crash is skipped by
 Delta, and both ``MERGE``\\ s are idempotent by construction besides.
@@ -74,8 +79,10 @@ def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | No
     """``changes`` (with their ``kafka_offset``) less the snapshot reads (``op r``) that change
     nothing. A read is dropped when the key's state before it, the change of the greatest LSN
     below the read's among ``history`` (rows held before this batch; None: none) and
-    ``changes``, has the same values and deletion; or when it is stale: a change of the key with
-    a greater LSN arrived before it (held already, or earlier on the topic).
+    ``changes``, has the same values and deletion; when it is stale: a change of the key with
+    a greater LSN arrived before it (held already, or earlier on the topic); or when a change
+    of a greater LSN that comes after it on the topic committed before the read was taken (the
+    read saw it; :func:`merge_history` handles the same across batches).
 
     Why: a re-snapshot of a table (a Debezium signal, or a connector restarted before its first
     offset commit) reads every row again; a row that did not change is no change, and the
@@ -86,10 +93,11 @@ def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | No
     values = [c for c in _columns(contract, extra) if c != key] + ["cdc_deleted"]
     reads = changes.filter(F.col("cdc_op") == "r").select(
         key, F.col("cdc_lsn").alias("_read_lsn"), F.col("kafka_offset").alias("_read_offset"),
-        *[F.col(c).alias(f"_read_{c}") for c in values])
-    known = changes.select(key, *values, "cdc_lsn", F.col("kafka_offset").alias("_offset"))
+        F.col("cdc_commit_time").alias("_read_time"), *[F.col(c).alias(f"_read_{c}") for c in values])
+    known = changes.select(key, *values, "cdc_lsn", "cdc_commit_time", F.col("kafka_offset").alias("_offset"))
     if history is not None:
-        held = history.select(key, *values, "cdc_lsn").join(changes.select(key, "cdc_lsn"), [key, "cdc_lsn"], "left_anti")
+        held = (history.select(key, *values, "cdc_lsn", F.col("valid_from").alias("cdc_commit_time"))
+                .join(changes.select(key, "cdc_lsn"), [key, "cdc_lsn"], "left_anti"))
         known = known.unionByName(held.withColumn("_offset", F.lit(-1).cast("long")))
     pairs = reads.join(known, key)
     latest_before = Window.partitionBy(key, "_read_lsn").orderBy(F.col("cdc_lsn").desc())
@@ -101,7 +109,13 @@ def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | No
                  .select(key, "_read_lsn"))
     stale = (pairs.filter((F.col("cdc_lsn") > F.col("_read_lsn")) & (F.col("_offset") < F.col("_read_offset")))
              .select(key, "_read_lsn"))
-    dropped = unchanged.unionByName(stale).select(F.col(key).alias("_drop_key"), F.col("_read_lsn").alias("_drop_lsn"))
+    # A snapshot reads the rows as they are when it reads them, not as of its LSN: a change
+    # committed before the read but streamed after it is in the read already, and its own event
+    # follows (fuzzy read). The change is the record; the read is dropped.
+    seen_ahead = (pairs.filter((F.col("cdc_lsn") > F.col("_read_lsn")) & (F.col("_offset") > F.col("_read_offset"))
+                               & (F.col("cdc_commit_time") <= F.col("_read_time")))
+                  .select(key, "_read_lsn"))
+    dropped = unchanged.unionByName(stale).unionByName(seen_ahead).select(F.col(key).alias("_drop_key"), F.col("_read_lsn").alias("_drop_lsn"))
     is_dropped = ((F.col(key) == F.col("_drop_key")) & (F.col("cdc_lsn") == F.col("_drop_lsn"))
                   & (F.col("cdc_op") == "r"))
     return changes.join(dropped.distinct(), is_dropped, "left_anti")
@@ -159,11 +173,19 @@ def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: 
                .drop("_cdc_first").withColumn("_cdc_kind", F.lit("close")))
     source = rows.unionByName(closers)
     same_change = (F.col("s._cdc_kind") == "row") & (F.col("t.cdc_lsn") == F.col("s.cdc_lsn"))
-    closes = ((F.col("s._cdc_kind") == "close") & F.col("t.valid_to").isNull()
-              & (F.col("t.cdc_lsn") < F.col("s.cdc_lsn")))
+    # The rows the batch's first change of a key ends: the key's open row; and, after a fuzzy
+    # snapshot read (see without_unchanged_snapshot_reads), the rows that end after this change
+    # committed: the read, taken after the change committed (it saw it: the change replaces it),
+    # and the row before the read, which the read closed too late. In commit order no other row
+    # of a lower LSN ends after this change's commit.
+    closes = ((F.col("s._cdc_kind") == "close") & (F.col("t.cdc_lsn") < F.col("s.cdc_lsn"))
+              & (F.col("t.valid_to").isNull() | (F.col("t.valid_to") > F.col("s.valid_from"))))
     columns = [*_columns(contract, extra), "cdc_op", "cdc_lsn", "cdc_tx_id", "cdc_deleted", "valid_from", "valid_to"]
+    read_saw_it = ((F.col("s._cdc_kind") == "close") & (F.col("t.cdc_op") == "r")
+                   & (F.col("t.valid_from") >= F.col("s.valid_from")))
     (DeltaTable.forPath(spark, path).alias("t")
      .merge(source.alias("s"), (F.col(f"t.{key}") == F.col(f"s.{key}")) & (same_change | closes))
+     .whenMatchedDelete(condition=read_saw_it)
      .whenMatchedUpdate(condition=F.col("s._cdc_kind") == "close", set={"valid_to": F.col("s.valid_from")})
      .whenNotMatchedInsert(condition=F.col("s._cdc_kind") == "row", values={c: F.col(f"s.{c}") for c in columns})
      .execute())

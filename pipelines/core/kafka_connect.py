@@ -15,9 +15,11 @@ import logging
 import time
 import urllib.error
 import urllib.request
+import uuid
+from collections.abc import Sequence
 from typing import Any
 
-from pipelines.core.errors import PipelineError
+from pipelines.core.errors import ConfigError, PipelineError
 from pipelines.core.settings import CdcSettings
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,20 @@ POSTGRES_CONNECTOR = "io.debezium.connector.postgresql.PostgresConnector"
 
 class ConnectError(PipelineError):
     """Kafka Connect refused a request, or a connector failed."""
+
+
+def snapshot_signal(cdc: CdcSettings, tables: Sequence[str]) -> tuple[str, str, str]:
+    """The signalling-table row (``id``, ``type``, ``data``) that asks the connector for a
+    **blocking** ad-hoc snapshot of ``tables`` (each one of ``cdc.tables``): streaming pauses, each
+    row of the tables is read (``op`` ``r``, with the LSN streaming paused at, above every change
+    before it), then streaming resumes. Chosen over an incremental snapshot, whose reads carry no
+    LSN, so that a read could not be ordered against the key's changes. Raises ConfigError for a
+    table the connector does not capture."""
+    unknown = [t for t in tables if t not in cdc.tables]
+    if unknown or not tables:
+        raise ConfigError(f"snapshot: {', '.join(unknown) or 'no table'}: not among cdc.tables ({', '.join(cdc.tables)})")
+    data = json.dumps({"data-collections": list(tables), "type": "blocking"})
+    return f"snapshot-{uuid.uuid4()}", "execute-snapshot", data
 
 
 def debezium_postgres_config(cdc: CdcSettings) -> dict[str, str]:
@@ -42,7 +58,8 @@ def debezium_postgres_config(cdc: CdcSettings) -> dict[str, str]:
     * a tombstone after each delete, so that a compacted topic forgets the key;
     * exactly-once delivery (``exactly.once.support=required``, one Kafka transaction per poll):
       a crash of the worker neither loses nor repeats a change for a ``read_committed`` reader;
-    * the database's restarts retried by the connector itself, every 2 s.
+    * the database's restarts retried by the connector itself, every 2 s;
+    * signals read from ``cdc.signal_table`` (:func:`snapshot_signal`).
     """
     if cdc.database.port is None:
         raise PipelineError("cdc.database.port: not set (and no local platform to take it from)")
@@ -67,6 +84,9 @@ def debezium_postgres_config(cdc: CdcSettings) -> dict[str, str]:
         "poll.interval.ms": str(int(cdc.poll_interval.total_seconds() * 1000)),
         "heartbeat.interval.ms": str(int(cdc.heartbeat_interval.total_seconds() * 1000)),
         "retriable.restart.connector.wait.ms": "2000",
+        # Ad-hoc snapshots on request: a row in the signalling table, read from the WAL.
+        "signal.enabled.channels": "source",
+        "signal.data.collection": cdc.signal_table,
         "exactly.once.support": "required",
         "transaction.boundary": "poll",
         "key.converter": "org.apache.kafka.connect.json.JsonConverter",

@@ -347,15 +347,21 @@ class CdcSettings:
     tables: tuple[str, ...] = ("public.accounts",)
     #: The replication slot the connector reads (one per connector; dropped with it).
     slot: str = "fp_cdc"
-    #: The publication of ``tables`` (created by the database's owner, not the connector).
+    #: The publication of ``tables`` and ``signal_table`` (created by the database's owner, not
+    #: the connector).
     publication: str = "fp_cdc"
+    #: Debezium's signalling table (``id``, ``type``, ``data``): a row in it asks the connector
+    #: for an ad-hoc snapshot of some tables (:func:`pipelines.core.kafka_connect.snapshot_signal`).
+    signal_table: str = "public.cdc_signal"
     #: How often the connector polls its queue of decoded changes: commit -> Kafka latency.
     poll_interval: timedelta = timedelta(milliseconds=50)
     #: A heartbeat record this often: the slot's position moves on while the tables are quiet.
     heartbeat_interval: timedelta = timedelta(seconds=10)
-    #: fp-cdc's micro-batch interval (0s: the next batch as soon as one ends): bounds commit ->
-    #: Redis latency from below; each batch costs two MERGEs whatever its size (BENCHMARKS.md).
+    #: fp-cdc's tables query (bronze, current, history): its micro-batch interval (0s: the next
+    #: batch as soon as one ends); each batch costs two MERGEs whatever its size (BENCHMARKS.md).
     trigger_interval: timedelta = timedelta(seconds=1)
+    #: fp-cdc's online query (Redis only): its micro-batch interval.
+    online_trigger_interval: timedelta = timedelta(milliseconds=250)
 
     def topic_for(self, table: str) -> str:
         """The change-event topic of ``schema.table``."""
@@ -603,11 +609,14 @@ def _check_references(settings: Settings, source: Path) -> None:
         if topic not in settings.kafka.topics or not settings.contract_for(topic).is_changes:
             raise ConfigError(f"{source}: cdc.tables: {table!r}: its change topic {topic!r} must be declared under "
                               "kafka.topics with a contract of format: debezium")
+    if not re.fullmatch(r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*", cdc.signal_table) or cdc.signal_table in cdc.tables:
+        raise ConfigError(f"{source}: cdc.signal_table: {cdc.signal_table!r} must be a schema.table of its own")
     for key in ("poll_interval", "heartbeat_interval"):
         if getattr(cdc, key) <= timedelta(0):
             raise ConfigError(f"{source}: cdc.{key}: must be positive")
-    if cdc.trigger_interval < timedelta(0):
-        raise ConfigError(f"{source}: cdc.trigger_interval: must not be negative")
+    for key in ("trigger_interval", "online_trigger_interval"):
+        if getattr(cdc, key) < timedelta(0):
+            raise ConfigError(f"{source}: cdc.{key}: must not be negative")
     for name, view in settings.views.items():
         if not view.computed:
             if len(_change_topics_of(settings, view.source.contract)) != 1:

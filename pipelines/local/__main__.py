@@ -19,10 +19,12 @@ from pipelines.local.platform import LocalPlatform, PlatformError
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipelines.local", description=__doc__.splitlines()[0])
-    parser.add_argument("command", choices=["up", "down", "status", "reset"],
+    parser.add_argument("command", choices=["up", "down", "status", "reset", "snapshot"],
                         help="up: start and create topics (idempotent); down: stop; status: what runs "
                              "where; reset: stop and delete the broker's (and so the registry's and "
-                             "the connector's offsets), Redis's and PostgreSQL's data")
+                             "the connector's offsets), Redis's and PostgreSQL's data; snapshot: ask the "
+                             "connector to read the --tables again (a blocking ad-hoc snapshot)")
+    parser.add_argument("--tables", nargs="+", help="snapshot: schema.table of cdc.tables (default: all of them)")
     add_settings_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging(logging.INFO)
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
                 platform.start_cdc(settings.cdc)
         elif args.command == "down":
             platform.down()
+        elif args.command == "snapshot":
+            print(f"signal {platform.request_snapshot(settings.cdc, args.tables or settings.cdc.tables)} sent")
         elif args.command == "reset":
             platform.down()
             # The broker's data (and so the connector's offsets) and PostgreSQL's (and so its
@@ -52,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(service.root, ignore_errors=True)
         for status in platform.status():
             print(status.line())
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except PlatformError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

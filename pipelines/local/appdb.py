@@ -22,4 +22,13 @@ DDL = (
         updated_at   timestamptz not null default now()
     )
     """,
+    # Debezium's signalling table (cdc.signal_table; its name is the settings' default): a row
+    # in it asks the connector for an ad-hoc snapshot.
+    """
+    create table if not exists public.cdc_signal (
+        id   varchar(64) primary key,
+        type varchar(32) not null,
+        data varchar(2048)
+    )
+    """,
 )

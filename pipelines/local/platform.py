@@ -18,13 +18,14 @@ import subprocess
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import redis
 from confluent_kafka.admin import AdminClient
+from psycopg import sql
 
-from pipelines.core.kafka_connect import debezium_postgres_config
+from pipelines.core.kafka_connect import debezium_postgres_config, snapshot_signal
 from pipelines.core.settings import CdcSettings, LocalPlatformSettings, local_registry_url
 from pipelines.local import appdb
 from pipelines.local.connect import ConnectWorker
@@ -309,7 +310,7 @@ class LocalPlatform:
         wait_healthy(self.postgres, timeout)
         password = self.postgres.cdc_password(cdc.database.password_env)
         self.postgres.bootstrap(cdc.database.dbname, appdb.APP_ROLE, cdc.database.user, password, appdb.DDL,
-                                cdc.tables, cdc.publication)
+                                cdc.tables, cdc.publication, cdc.signal_table)
         self.connect.secrets = {cdc.database.password_env: password}
         self.connect.start()
         wait_healthy(self.connect, timeout)
@@ -317,6 +318,16 @@ class LocalPlatform:
         client.put_config(cdc.connector, debezium_postgres_config(cdc))
         client.wait_running(cdc.connector, timeout)
         log.info("connector %s running: %s -> %s.*", cdc.connector, ", ".join(cdc.tables), cdc.topic_prefix)
+
+    def request_snapshot(self, cdc: CdcSettings, tables: Sequence[str]) -> str:
+        """Ask the connector for a blocking snapshot of ``tables`` (a row in the signalling
+        table, as the application's role); returns the signal's id."""
+        signal_id, kind, data = snapshot_signal(cdc, tables)
+        with self.postgres.connect(cdc.database.dbname, appdb.APP_ROLE, autocommit=True) as conn:
+            conn.execute(sql.SQL("insert into {} (id, type, data) values (%s, %s, %s)").format(
+                sql.Identifier(*cdc.signal_table.split(".", 1))), [signal_id, kind, data])
+        log.info("snapshot of %s requested from connector %s (signal %s)", ", ".join(tables), cdc.connector, signal_id)
+        return signal_id
 
     def down(self) -> None:
         """Stop every service and wait for each to exit: the Connect worker first (it commits

@@ -173,11 +173,13 @@ class PostgresServer(Service):
         return self.password_file.read_text().strip()
 
     def bootstrap(self, dbname: str, owner: str, cdc_user: str, cdc_password: str, ddl: Sequence[str],
-                  tables: Sequence[str], publication: str) -> None:
+                  tables: Sequence[str], publication: str, signal_table: str) -> None:
         """Idempotently: the application's role ``owner`` and database ``dbname`` with ``ddl``
-        run in it, the connector's role (LOGIN, REPLICATION, SELECT on ``tables``, the password
-        set anew), and the publication ``publication`` of exactly ``tables`` (created up front:
-        the connector's role does not own the tables, so it could not create it)."""
+        run in it, the connector's role (LOGIN, REPLICATION, SELECT on ``tables``, SELECT and
+        INSERT on ``signal_table``: an incremental snapshot writes its watermarks there; the
+        password set anew), and the publication ``publication`` of exactly ``tables`` and
+        ``signal_table`` (created up front: the connector's role does not own the tables, so it
+        could not create it; the connector reads its signals from the write-ahead log)."""
         with self.connect(autocommit=True) as conn:
             for role, extra in ((owner, sql.SQL("")), (cdc_user, sql.SQL(" REPLICATION"))):
                 if conn.execute("select 1 from pg_roles where rolname = %s", [role]).fetchone() is None:
@@ -193,7 +195,9 @@ class PostgresServer(Service):
             names = [sql.Identifier(*table.split(".", 1)) for table in tables]
             for name in names:
                 conn.execute(sql.SQL("grant select on {} to {}").format(name, sql.Identifier(cdc_user)))
-            listed = sql.SQL(", ").join(names)
+            signals = sql.Identifier(*signal_table.split(".", 1))
+            conn.execute(sql.SQL("grant select, insert on {} to {}").format(signals, sql.Identifier(cdc_user)))
+            listed = sql.SQL(", ").join([*names, signals])
             if conn.execute("select 1 from pg_publication where pubname = %s", [publication]).fetchone() is None:
                 conn.execute(sql.SQL("create publication {} for table {}").format(sql.Identifier(publication), listed))
             else:

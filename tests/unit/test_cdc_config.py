@@ -3,10 +3,13 @@ when the settings load."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from pipelines.core.contract_spec import parse_contract
 from pipelines.core.errors import ConfigError
+from pipelines.core.kafka_connect import debezium_postgres_config, snapshot_signal
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 
 CONF = PROJECT_ROOT / "conf"
@@ -38,3 +41,15 @@ def test_each_captured_table_needs_its_change_topic_declared():
         load_settings("local", CONF, {"cdc": {"tables": ["public.accounts", "public.cards"]}})
     with pytest.raises(ConfigError, match=r"cdc.tables: 'accounts' is not schema.table"):
         load_settings("local", CONF, {"cdc": {"tables": ["accounts"]}})
+
+
+def test_the_signalling_table_is_a_table_of_its_own_and_a_snapshot_names_captured_tables():
+    with pytest.raises(ConfigError, match=r"cdc.signal_table: 'public.accounts' must be a schema.table of its own"):
+        load_settings("local", CONF, {"cdc": {"signal_table": "public.accounts"}})
+    cdc = load_settings("local", CONF).cdc
+    signal_id, kind, data = snapshot_signal(cdc, ["public.accounts"])
+    assert kind == "execute-snapshot" and signal_id.startswith("snapshot-")
+    assert json.loads(data) == {"data-collections": ["public.accounts"], "type": "blocking"}
+    assert debezium_postgres_config(cdc)["signal.data.collection"] == "public.cdc_signal"
+    with pytest.raises(ConfigError, match=r"snapshot: public.cards: not among cdc.tables"):
+        snapshot_signal(cdc, ["public.cards"])

@@ -147,7 +147,8 @@ READ_SCHEMA = StructType([*CHANGE_SCHEMA.fields, StructField("kafka_offset", Lon
 
 def reads_kept(spark, contract, history_rows, batch):
     """The ``(key, op, lsn)`` of ``batch`` (changes with their offsets) that are kept."""
-    history = spark.createDataFrame(history_rows, CHANGE_SCHEMA) if history_rows is not None else None
+    history = (spark.createDataFrame(history_rows, CHANGE_SCHEMA).withColumnRenamed("cdc_commit_time", "valid_from")
+               if history_rows is not None else None)
     frame = spark.createDataFrame(batch, READ_SCHEMA)
     kept = without_unchanged_snapshot_reads(frame, history, contract)
     return sorted((r.account_id, r.cdc_op, r.cdc_lsn) for r in kept.collect())
@@ -176,3 +177,23 @@ def test_a_replayed_batch_does_not_take_its_own_rows_for_the_state_before_it(spa
     held = [change("a", "c", 1, "active", 100.0), change("a", "r", 10, "frozen", 100.0)]  # the batch, applied once
     batch = [(*change("a", "r", 10, "frozen", 100.0), 0)]
     assert reads_kept(spark, contract, held, batch) == [("a", "r", 10)]
+
+
+def test_a_read_that_saw_a_change_committed_before_it_gives_way_to_that_change_in_one_batch(spark, contract):
+    # A snapshot reads rows as they are when it reads them: the update committed at 15 is in the
+    # read taken at 20, and the update's own event comes after the read on the topic.
+    held = [change("a", "c", 1, "active", 100.0)]
+    batch = [(*change("a", "r", 10, "frozen", 100.0, second=20), 0), (*change("a", "u", 12, "frozen", 100.0, second=15), 1)]
+    assert reads_kept(spark, contract, held, batch) == [("a", "u", 12)]
+
+
+def test_a_read_that_saw_a_change_gives_way_to_it_in_the_history_across_batches(spark, tables, contract):
+    apply(spark, tables, contract, [change("a", "c", 1, "active", 100.0)], 0)
+    apply(spark, tables, contract, [change("a", "r", 10, "frozen", 100.0, second=20)], 1)
+    apply(spark, tables, contract, [change("a", "u", 12, "frozen", 100.0, second=15)], 2)
+    history = spark.read.format("delta").load(tables[1])
+    naive = {1: at(1).replace(tzinfo=None), 15: at(15).replace(tzinfo=None)}
+    assert sorted((r.cdc_op, r.valid_from, r.valid_to) for r in history.collect()) == [
+        ("c", naive[1], naive[15]), ("u", naive[15], None)]
+    assert_df_equality(current_rows(spark, tables[0]), expected_current(spark, [("a", "frozen", 100.0, 12)]),
+                       ignore_nullable=True)
