@@ -18,8 +18,8 @@ Redis), then three phases, one after the other:
 For the bulk phases: change events per second from the first commit to the last event on the
 topic, to the ``MERGE`` of the current table that completed the phase, and to the last Redis
 write (all the phase's keys written). The current table's completion is read from its Delta
-log: the commit time of its first ``MERGE`` after Redis was complete (fp-cdc writes a batch to
-Redis first, then to bronze and the tables). Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
+log: the commit time of the ``MERGE`` that brought the rows it took since the phase's first
+commit to one per key of the phase (fp-cdc's tables query; its Redis query runs apart). Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
 the batch's source rows, from the commit info.
 
 The results go to ``bench/results/cdc-<time>.json``; the last line printed is that JSON.
@@ -264,11 +264,20 @@ def main(argv: list[str] | None = None) -> int:
                            f"{phase} in Redis", job)
                 redis_done = max(writes.writes[k][seen_before[k]] for k in bulk)
                 kafka_done = max(arrivals.arrivals[k][arrived_before[k]] for k in bulk)
-                # fp-cdc writes Redis first, then the tables: the phase's last batch is the one that
-                # completed Redis, and its MERGE of the current table is the first one after that.
-                wait_until(lambda: any(c["at"] >= redis_done for c in merge_commits(current_path)), args.drain,
+                # The tables query runs apart from the Redis one: the current table holds the phase
+                # once its MERGEs since the first commit took a row per key of the phase (each key
+                # changes once per phase; nothing else writes the table meanwhile).
+                def merged() -> list[dict]:
+                    return [c for c in merge_commits(current_path) if c["at"] >= first_commit]
+
+                wait_until(lambda: sum(c["source_rows"] for c in merged()) >= len(bulk), args.drain,
                            f"{phase} in the current table", job)
-                current_done = min(c["at"] for c in merge_commits(current_path) if c["at"] >= redis_done)
+                total, current_done = 0, None
+                for commit in sorted(merged(), key=lambda c: c["at"]):
+                    total += commit["source_rows"]
+                    if total >= len(bulk):
+                        current_done = commit["at"]
+                        break
                 seconds = {"kafka": (kafka_done - first_commit) / 1e6, "current_table": (current_done - first_commit) / 1e6,
                            "redis": (redis_done - first_commit) / 1e6}
                 result["bulk"][phase] = {
