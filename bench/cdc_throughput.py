@@ -5,7 +5,7 @@ The run gets a connector, slot, topic (2 partitions), lake and Redis namespace o
 the local platform (``python -m pipelines.local up``: PostgreSQL, Kafka Connect with Debezium,
 Kafka, Redis), and ``fp-cdc`` as a job process (its own Spark driver, ``local[2]``) with
 ``cdc.trigger_interval`` = ``--trigger``. A warm-up (``--warmup-rows``, one a second, awaited in
-Redis), then three phases, one after the other:
+Redis and in the current table), then three phases, one after the other:
 
 1. **latency**: ``--latency-rows`` single-row ``INSERT``\\ s, each its own transaction, at
    ``--rate`` per second. Per row: from the moment its ``COMMIT`` returned to (a) its change
@@ -219,7 +219,14 @@ def main(argv: list[str] | None = None) -> int:
                              "values (%s, 'active', 1, 'DE')", [key])
                 conn.commit()
                 time.sleep(1.0)
+            warm_end = now_micros()
             wait_until(lambda: all(k in writes.writes for k in warm), args.drain, "the warm-up rows in Redis", job)
+            # ... and in the current table: the tables query's first batches (JIT, first plans,
+            # the snapshot) are behind it too.
+            current_path = Path(settings.storage.cdc_path(topic, "current"))
+            wait_until(lambda: len(merge_commits(current_path)) >= 2
+                       and max(c["at"] for c in merge_commits(current_path)) > warm_end, args.drain,
+                       "the warm-up rows in the current table", job)
             warmed_up = now_micros()
             # 1. latency: one row per transaction at a steady rate.
             keys = [f"lat-{tag}-{i}" for i in range(args.latency_rows)]
@@ -250,7 +257,6 @@ def main(argv: list[str] | None = None) -> int:
                                "where account_id = any(%s::text[])",
             }
             result["bulk"] = {}
-            current_path = Path(settings.storage.cdc_path(topic, "current"))
             for phase, sql in statements.items():
                 seen_before = {k: len(writes.writes.get(k, ())) for k in bulk}
                 arrived_before = {k: len(arrivals.arrivals.get(k, ())) for k in bulk}
