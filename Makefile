@@ -72,6 +72,7 @@ bench: up
 	$(PY) bench/backfill.py --env local
 	$(PY) bench/training_set.py --env local
 	$(PY) bench/avro_ingest.py --env local
+	$(PY) bench/cdc_throughput.py --env local
 
 clean: down
 	rm -rf .local $(VENV)
