@@ -18,8 +18,9 @@ Redis and in the current table), then three phases, one after the other:
 For the bulk phases: change events per second from the first commit to the last event on the
 topic, to the ``MERGE`` of the current table that completed the phase, and to the last Redis
 write (all the phase's keys written). The current table's completion is read from its Delta
-log: the commit time of the ``MERGE`` that brought the rows it took since the phase's first
-commit to one per key of the phase (fp-cdc's tables query; its Redis query runs apart). Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
+log: the commit time of the ``MERGE`` that brought the rows it took since the warm-up to one
+per key written since (fp-cdc's tables query; its Redis query runs apart). Each bulk phase
+starts once the tables query has caught up with what came before it. Per ``MERGE`` (current and history tables): Delta's own ``executionTimeMs`` and
 the batch's source rows, from the commit info.
 
 The results go to ``bench/results/cdc-<time>.json``; the last line printed is that JSON.
@@ -257,7 +258,21 @@ def main(argv: list[str] | None = None) -> int:
                                "where account_id = any(%s::text[])",
             }
             result["bulk"] = {}
+            # The tables query runs apart from the Redis one. Each MERGE of the current table takes
+            # one row per key of its batch, and every key the run writes after the warm-up changes
+            # once per phase: the table holds a phase once the MERGEs since the warm-up took the
+            # latency rows and every phase's rows so far (the warm-up's are merged before).
+            def merged_since_warmup() -> list[dict]:
+                return sorted((c for c in merge_commits(current_path) if c["at"] > warmed_up), key=lambda c: c["at"])
+
+            def merged_rows() -> int:
+                return sum(c["source_rows"] for c in merged_since_warmup())
+
+            target = len(keys)
             for phase, sql in statements.items():
+                # The previous phase (or the latency rows) in the table first: its rows would count.
+                wait_until(lambda: merged_rows() >= target, args.drain, "the tables query to catch up", job)
+                target += len(bulk)
                 seen_before = {k: len(writes.writes.get(k, ())) for k in bulk}
                 arrived_before = {k: len(arrivals.arrivals.get(k, ())) for k in bulk}
                 first_commit = now_micros()
@@ -270,18 +285,11 @@ def main(argv: list[str] | None = None) -> int:
                            f"{phase} in Redis", job)
                 redis_done = max(writes.writes[k][seen_before[k]] for k in bulk)
                 kafka_done = max(arrivals.arrivals[k][arrived_before[k]] for k in bulk)
-                # The tables query runs apart from the Redis one: the current table holds the phase
-                # once its MERGEs since the first commit took a row per key of the phase (each key
-                # changes once per phase; nothing else writes the table meanwhile).
-                def merged() -> list[dict]:
-                    return [c for c in merge_commits(current_path) if c["at"] >= first_commit]
-
-                wait_until(lambda: sum(c["source_rows"] for c in merged()) >= len(bulk), args.drain,
-                           f"{phase} in the current table", job)
+                wait_until(lambda: merged_rows() >= target, args.drain, f"{phase} in the current table", job)
                 total, current_done = 0, None
-                for commit in sorted(merged(), key=lambda c: c["at"]):
+                for commit in merged_since_warmup():
                     total += commit["source_rows"]
-                    if total >= len(bulk):
+                    if total >= target:
                         current_done = commit["at"]
                         break
                 seconds = {"kafka": (kafka_done - first_commit) / 1e6, "current_table": (current_done - first_commit) / 1e6,

@@ -23,7 +23,7 @@ one, so a batch replayed after a crash writes nothing twice and the two queries 
 Redis is so usually ahead of the Delta tables.
 
 A snapshot read that changes nothing (:func:`pipelines.cdc.tables.without_unchanged_snapshot_reads`)
-reaches bronze only (in Redis it rewrites the values it holds). A tombstone has no write of its
+reaches bronze only (nor changes Redis). A tombstone has no write of its
 own (the delete before it does); it is counted. Each batch logs its steps' seconds.
 """
 
@@ -57,7 +57,7 @@ from pipelines.contracts.validation import ValidationRules
 from pipelines.core.checkpoints import checkpoint_location
 from pipelines.core.contract_spec import Contract
 from pipelines.core.delta import ensure_delta_table, read_delta_version, streaming_query_id, write_delta_idempotent
-from pipelines.core.errors import ConfigError
+from pipelines.core.errors import ConfigError, PipelineError
 from pipelines.core.runner import BatchGate, run_queries, with_trigger
 from pipelines.core.settings import Settings
 from pipelines.ingest.bronze import BRONZE_METADATA, dead_letter_rows
@@ -150,7 +150,13 @@ class CdcBatchWriter:
                 # The columns the source table gained before this batch: the current table's beyond its own.
                 own = {*self.contract.field_names, *_TABLE_COLUMNS}
                 known = [c for c in tables[self.current] if c not in own]
-                new_columns = sorted(set(changed["extra"]) - set(known) - _TABLE_COLUMNS)
+                new_columns = sorted(set(changed["extra"]) - set(known))
+                clashing = [n for n in new_columns if n in rows.columns or n in _TABLE_COLUMNS or n.startswith("_")]
+                if clashing:
+                    # Stops the query before anything of the batch is written: nothing is lost.
+                    raise PipelineError(f"{self.topic}: the source table gained column(s) {', '.join(clashing)}, "
+                                        "whose name(s) fp-cdc uses itself (or starting with '_', the online store's): "
+                                        f"declare them in contract {self.contract.name!r} or rename them")
                 extra = [*known, *new_columns]
                 for path, have in tables.items():
                     # Per table, what it lacks: a replay after a crash between the two finds one done.
@@ -212,16 +218,19 @@ class CdcOnlineWriter:
         key = self.contract.key_field
         valid = batch.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
         latest = last_change_per_key(valid, key).select(
-            *self.contract.field_names, "cdc_extra", "cdc_lsn",
+            *self.contract.field_names, "cdc_extra", "cdc_op", "cdc_lsn",
             F.unix_micros("cdc_commit_time").alias("cdc_commit_micros"), "cdc_deleted")
         started = time.monotonic()
         result = self.store.write(
             AttributeChange(row[key], row["cdc_lsn"], row["cdc_commit_micros"], row["cdc_deleted"],
                             {**{c: row[c] for c in self.contract.field_names if c != key},
-                             **{n: v for n, v in (row["cdc_extra"] or {}).items() if n not in _TABLE_COLUMNS}})
+                             **{n: v for n, v in (row["cdc_extra"] or {}).items()
+                                if n not in _TABLE_COLUMNS and not n.startswith("_")}},
+                            read=row["cdc_op"] == "r")
             for row in latest.toLocalIterator())
         if result.applied or result.stale:
-            log.info("%s online batch %d: %d keys written, %d older than Redis held, in %.2fs", self.topic, batch_id,
+            log.info("%s online batch %d: %d keys written, %d not (Redis held newer, or a read the same), in %.2fs",
+                     self.topic, batch_id,
                      result.applied, result.stale, time.monotonic() - started)
         with self._lock:
             self.applied[batch_id] = result.applied

@@ -115,7 +115,8 @@ def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | No
     seen_ahead = (pairs.filter((F.col("cdc_lsn") > F.col("_read_lsn")) & (F.col("_offset") > F.col("_read_offset"))
                                & (F.col("cdc_commit_time") <= F.col("_read_time")))
                   .select(key, "_read_lsn"))
-    dropped = unchanged.unionByName(stale).unionByName(seen_ahead).select(F.col(key).alias("_drop_key"), F.col("_read_lsn").alias("_drop_lsn"))
+    dropped = (unchanged.unionByName(stale).unionByName(seen_ahead)
+               .select(F.col(key).alias("_drop_key"), F.col("_read_lsn").alias("_drop_lsn")))
     is_dropped = ((F.col(key) == F.col("_drop_key")) & (F.col("cdc_lsn") == F.col("_drop_lsn"))
                   & (F.col("cdc_op") == "r"))
     return changes.join(dropped.distinct(), is_dropped, "left_anti")
@@ -192,10 +193,11 @@ def merge_history(spark: SparkSession, path: str, changes: DataFrame, contract: 
 
 
 def current_from_history(history: DataFrame, contract: Contract, extra: Sequence[str] = ()) -> DataFrame:
-    """The current table's rows as the history gives them: each key's open row, unless it is a
-    delete's (the key is gone)."""
-    open_rows = history.filter(F.col("valid_to").isNull() & ~F.col("cdc_deleted"))
-    return open_rows.select(*_columns(contract, extra), "cdc_lsn", F.col("valid_from").alias("cdc_commit_time"))
+    """The current table's rows as the history gives them: each key's open row of the highest
+    LSN (as the current table's MERGE decides), unless it is a delete's (the key is gone)."""
+    open_rows = history.filter(F.col("valid_to").isNull())
+    latest = last_change_per_key(open_rows, contract.key_field).filter(~F.col("cdc_deleted"))
+    return latest.select(*_columns(contract, extra), "cdc_lsn", F.col("valid_from").alias("cdc_commit_time"))
 
 
 def current_from_changes(changes: DataFrame, contract: Contract, extra: Sequence[str] = ()) -> DataFrame:

@@ -300,10 +300,12 @@ def _check_attributes_view(view: FeatureView, contract: Contract, where: str) ->
         raise ConfigError(f"{where}.entity: an attributes view's entity is its table's key "
                           f"{contract.key_field!r}, not {view.entity!r}")
     given = {"event_time": view.event_time, "aggregations": view.aggregations, "delay": view.delay,
-             "window": view.window, "slide": view.slide, "gap": view.gap, "count_by": view.count_by}
+             "window": view.window, "slide": view.slide, "gap": view.gap, "count_by": view.count_by,
+             "max_age": view.max_age}
     for key, value in given.items():
         if value:
-            raise ConfigError(f"{where}.{key}: an attributes view takes none (its time is each change's commit time)")
+            raise ConfigError(f"{where}.{key}: an attributes view takes none (its rows hold from each change's "
+                              "commit until the next change)")
     others = [name for name in contract.field_names if name != contract.key_field]
     for name in view.attributes:
         if name not in others:

@@ -309,7 +309,8 @@ class LocalPlatform:
         self.postgres.start()
         wait_healthy(self.postgres, timeout)
         password = self.postgres.cdc_password(cdc.database.password_env)
-        self.postgres.bootstrap(cdc.database.dbname, appdb.APP_ROLE, cdc.database.user, password, appdb.DDL,
+        self.postgres.bootstrap(cdc.database.dbname, appdb.APP_ROLE, cdc.database.user, password,
+                                appdb.ddl(cdc.signal_table),
                                 cdc.tables, cdc.publication, cdc.signal_table)
         self.connect.secrets = {cdc.database.password_env: password}
         self.connect.start()

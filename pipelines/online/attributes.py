@@ -4,9 +4,12 @@ the feature store's, :func:`pipelines.online.store.encode_value`), ``_lsn``, the
 position of the change the hash is at, and ``_at``, its commit time (epoch µs).
 
 Newer wins by LSN, atomically per key (one Lua script): a change applies only over an older one,
-so replaying a batch changes nothing and an older change never overwrites a newer one; a delete
-removes the hash. Unlike a feature row, an attribute does not expire: it is the table's row until
-the table changes it. LSNs are compared as Lua numbers (exact up to 2^53, 8 PiB of WAL).
+so replaying a batch changes nothing and an older change never overwrites a newer one; a snapshot
+read equal to the row held changes nothing (not even ``_at``). A delete replaces the hash with a
+marker (``_lsn``, ``_at``, ``_deleted``) kept for :data:`DELETED_RETENTION_MS`, which readers see
+as no row, so that an older change replayed meanwhile cannot bring the key back. Unlike a feature
+row, an attribute does not expire: it is the table's row until the table changes it. LSNs are
+compared as Lua numbers (exact up to 2^53, 8 PiB of WAL).
 """
 
 from __future__ import annotations
@@ -21,13 +24,37 @@ from pipelines.online.store import decode_value, encode_value, retry_transient
 
 LSN_FIELD = "_lsn"
 COMMITTED_FIELD = "_at"
+DELETED_FIELD = "_deleted"
+#: How long a deleted key's marker (its delete's LSN) is kept: an older change of the key that
+#: comes later (a replay of the topic) cannot bring it back meanwhile.
+DELETED_RETENTION_MS = 7 * 24 * 3600 * 1000
 
+# KEYS[1]: the key's hash. ARGV: LSN, kind ('c' a change, 'r' a snapshot read, 'd' a delete),
+# commit time (µs), the deleted marker's retention (ms), then field, value, ... (non-null only).
 _APPLY = """
 local stored = redis.call('HGET', KEYS[1], '_lsn')
 if stored and tonumber(stored) >= tonumber(ARGV[1]) then return 0 end
+if ARGV[2] == 'r' and stored and not redis.call('HGET', KEYS[1], '_deleted') then
+  -- A snapshot read equal to the row held is no change: the hash keeps its LSN and commit time.
+  local held = redis.call('HGETALL', KEYS[1])
+  local values, count = {}, 0
+  for i = 1, #held, 2 do
+    if string.sub(held[i], 1, 1) ~= '_' then values[held[i]] = held[i + 1]; count = count + 1 end
+  end
+  local same = count * 2 == #ARGV - 4
+  for i = 5, #ARGV, 2 do
+    if not same then break end
+    same = values[ARGV[i]] == ARGV[i + 1]
+  end
+  if same then return 0 end
+end
 redis.call('DEL', KEYS[1])
-if ARGV[2] == '1' then return 1 end
-redis.call('HSET', KEYS[1], '_lsn', ARGV[1], '_at', ARGV[3], unpack(ARGV, 4))
+if ARGV[2] == 'd' then
+  redis.call('HSET', KEYS[1], '_lsn', ARGV[1], '_at', ARGV[3], '_deleted', '1')
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  return 1
+end
+redis.call('HSET', KEYS[1], '_lsn', ARGV[1], '_at', ARGV[3], unpack(ARGV, 5))
 return 1
 """
 
@@ -46,11 +73,18 @@ class AttributeChange:
     committed_micros: int
     deleted: bool
     values: Mapping[str, Any]
+    #: A snapshot read (``op r``): equal to the row held, it changes nothing.
+    read: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "d" if self.deleted else "r" if self.read else "c"
 
 
 @dataclass(frozen=True)
 class AttributeWriteResult:
     applied: int
+    #: Changes Redis did not take: it held a newer one, or (a read) the same row.
     stale: int
 
 
@@ -83,7 +117,8 @@ class AttributeStoreWriter:
                 fields = [item for name, value in change.values.items() if value is not None
                           for item in (name, encode_value(value))]
                 self._apply(keys=[attribute_key(self.namespace, self.table, change.key)],
-                            args=[change.lsn, "1" if change.deleted else "0", change.committed_micros, *fields], client=pipe)
+                            args=[change.lsn, change.kind, change.committed_micros, DELETED_RETENTION_MS, *fields],
+                            client=pipe)
             return sum(int(r) for r in pipe.execute())
 
         return retry_transient(run, f"attributes of {self.table}", self.attempts, self.backoff)
@@ -91,19 +126,20 @@ class AttributeStoreWriter:
 
 def read_attributes(client: redis.Redis, namespace: str, table: str, keys: Sequence[Any],
                     columns: Sequence[str]) -> list[dict[str, Any] | None]:
-    """Per key, its current row's ``columns`` (a null column None), ``_lsn`` and ``_at``; None
-    for a key the table does not hold."""
+    """Per key, its current row's ``columns`` (a null column None), ``_lsn`` and ``_at`` (None
+    in a hash written before the platform kept it); None for a key the table does not hold
+    (never had, or deleted)."""
     pipe = client.pipeline(transaction=False)
     for key in keys:
         pipe.hgetall(attribute_key(namespace, table, key))
     rows: list[dict[str, Any] | None] = []
     for stored in pipe.execute():
-        if not stored:
+        text = {k.decode(): v.decode() for k, v in stored.items()}
+        if not text or DELETED_FIELD in text:
             rows.append(None)
             continue
-        text = {k.decode(): v.decode() for k, v in stored.items()}
         row: dict[str, Any] = {c: decode_value(text[c]) if c in text else None for c in columns}
         row[LSN_FIELD] = int(text[LSN_FIELD])
-        row[COMMITTED_FIELD] = int(text[COMMITTED_FIELD])
+        row[COMMITTED_FIELD] = int(text[COMMITTED_FIELD]) if COMMITTED_FIELD in text else None
         rows.append(row)
     return rows

@@ -29,7 +29,7 @@ def attribute_rows(client: redis.Redis, namespace: str, table: str, names: Seque
     for entity, stored in zip(entity_ids, read_attributes(client, namespace, table, entity_ids, names)):
         row: dict[str, Any] = {"entity": entity, **{n: stored[n] if stored else None for n in names}}
         committed = (datetime.fromtimestamp(0, timezone.utc) + timedelta(microseconds=stored[COMMITTED_FIELD])
-                     if stored else None)
+                     if stored and stored[COMMITTED_FIELD] is not None else None)
         row["event_time"] = committed
         row["age_seconds"] = (now - committed).total_seconds() if committed else None
         rows.append(row)

@@ -174,7 +174,7 @@ class FeatureReader:
             if value is None:
                 rows.append(None)
             else:
-                committed = value[COMMITTED_FIELD]
+                committed = value[COMMITTED_FIELD] or 0  # 0: a hash from before commit times were kept
                 rows.append(ServedRow(committed, committed // 1000, {f: value[f] for f in self.features[view.name]}))
         return rows
 

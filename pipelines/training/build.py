@@ -411,7 +411,8 @@ def pin_versions(spark: SparkSession, settings: Settings, request: TrainingSetRe
 def read_view_table(spark: SparkSession, settings: Settings, view: FeatureView, version: int | None
                     ) -> tuple[DataFrame, int]:
     """``view``'s rows at ``version`` of its table (None: the current one), and that version."""
-    frame, read = read_delta_version(spark, settings.view_table_path(view), version, f"table of view {view.name}")
+    what = f"feature table of {view.name}" if view.computed else f"history table of attributes view {view.name}"
+    frame, read = read_delta_version(spark, settings.view_table_path(view), version, what)
     if not view.computed:
         frame = attribute_rows(frame, view.entity, view.attributes)
     return frame, read

@@ -107,6 +107,9 @@ def view_request(view: FeatureView, features: Sequence[str] | None = None, max_a
     unknown = [f for f in chosen if f not in available]
     if unknown:
         raise ConfigError(f"--features: {view.name} has no feature {', '.join(unknown)} ({', '.join(available)})")
+    if max_age is not None and not view.computed:
+        raise ConfigError(f"--max-age: {view.name} is an attributes view: a row holds until the table changes it "
+                          "(the online store serves it whatever its age)")
     age = max_age if max_age is not None else view.training_max_age
     if age <= timedelta(0):
         raise ConfigError(f"--max-age: {view.name}: must be positive")

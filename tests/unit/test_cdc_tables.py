@@ -174,9 +174,12 @@ def test_a_read_is_compared_with_the_change_before_it_in_the_same_batch_and_a_st
 
 
 def test_a_replayed_batch_does_not_take_its_own_rows_for_the_state_before_it(spark, contract):
-    held = [change("a", "c", 1, "active", 100.0), change("a", "r", 10, "frozen", 100.0)]  # the batch, applied once
-    batch = [(*change("a", "r", 10, "frozen", 100.0), 0)]
-    assert reads_kept(spark, contract, held, batch) == [("a", "r", 10)]
+    # The batch (a read, then an update of the key) was applied once: its rows are held. Taken
+    # for rows from before the batch, the update would make the read stale, or equal to it.
+    batch = [(*change("a", "r", 10, "frozen", 100.0), 0), (*change("a", "u", 11, "closed", 100.0), 1)]
+    held = [change("a", "c", 1, "active", 100.0), change("a", "r", 10, "frozen", 100.0),
+            change("a", "u", 11, "closed", 100.0)]
+    assert reads_kept(spark, contract, held, batch) == [("a", "r", 10), ("a", "u", 11)]
 
 
 def test_a_read_that_saw_a_change_committed_before_it_gives_way_to_that_change_in_one_batch(spark, contract):

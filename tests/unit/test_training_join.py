@@ -269,6 +269,11 @@ def test_an_attributes_row_holds_from_its_commit_until_the_next_change_then_a_de
     assert_df_equality(got, expect(spark, expected, f"{SPINE}, {OUT_PROFILE}"), ignore_row_order=True)
 
 
+def test_an_attributes_view_takes_no_max_age_at_build_time():
+    with pytest.raises(ConfigError, match="--max-age: account_profile is an attributes view"):
+        view_request(PROFILE, max_age=timedelta(days=30))
+
+
 def test_an_attributes_row_has_no_age_limit(spark):
     got = profile_join(spark, [("e", "a", "m", datetime(2027, 11, 20, 9))],
                        [change("a", "active", 100.0, "c", 10, t("09:00"))])

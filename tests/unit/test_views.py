@@ -145,6 +145,7 @@ def test_an_attributes_view_serves_every_column_but_the_key_unless_it_names_some
     ({"attributes": ["account_id"]}, "test.attributes: no column 'account_id' in accounts besides its key"),
     ({"attributes": ["tier"]}, "test.attributes: no column 'tier'"),
     ({"attributes": ["status", "status"]}, "test.attributes: a column is listed twice"),
+    ({"max_age": "30d"}, "test.max_age: an attributes view takes none"),
 ])
 def test_a_bad_attributes_view_fails_naming_the_key(changes, message):
     view = build(FeatureView, {**PROFILE, **changes}, "test")
