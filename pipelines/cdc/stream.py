@@ -48,9 +48,11 @@ from pipelines.cdc.tables import (
     history_rows,
     history_schema,
     idempotent,
+    is_valid_change,
     last_change_per_key,
     merge_current,
     merge_history,
+    valid_changes,
     without_unchanged_snapshot_reads,
 )
 from pipelines.contracts.validation import ValidationRules
@@ -74,7 +76,7 @@ _TABLE_COLUMNS = frozenset({"cdc_lsn", "cdc_commit_time", "cdc_op", "cdc_tx_id",
 def bronze_change_rows(rows: DataFrame, contract: Contract) -> DataFrame:
     """Valid changes as bronze rows: the contract's columns, the envelope's, ``cdc_extra``,
     the Kafka metadata, ``ingested_at`` and ``commit_date`` (the partition column)."""
-    return rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone")).select(
+    return valid_changes(rows).select(
         *contract.field_names, *CHANGE_COLUMNS, "cdc_extra", *BRONZE_METADATA,
         F.col("validated_at").alias("ingested_at"),
         F.to_date("cdc_commit_time").alias("commit_date"),
@@ -132,7 +134,7 @@ class CdcBatchWriter:
         try:
             # One pass: how many of each kind, whether a snapshot read is among the changes, and
             # the names of columns beyond the contract's that the changes carry.
-            is_change = F.col("error_class").isNull() & ~F.col("cdc_tombstone")
+            is_change = is_valid_change()
             summary = rows.groupBy(
                 F.when(F.col("error_class").isNotNull(), "invalid").when(F.col("cdc_tombstone"), "tombstone")
                 .otherwise("change").alias("kind")).agg(
@@ -145,7 +147,7 @@ class CdcBatchWriter:
             steps.done("summary")
             new_columns: list[str] = []
             if changed is not None:
-                changes = rows.filter(is_change)
+                changes = valid_changes(rows)
                 tables = {path: spark.read.format("delta").load(path).columns for path in (self.current, self.history)}
                 # The columns the source table gained before this batch: the current table's beyond its own.
                 own = {*self.contract.field_names, *_TABLE_COLUMNS}
@@ -216,7 +218,7 @@ class CdcOnlineWriter:
 
     def __call__(self, batch: DataFrame, batch_id: int) -> None:
         key = self.contract.key_field
-        valid = batch.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
+        valid = valid_changes(batch)
         latest = last_change_per_key(valid, key).select(
             *self.contract.field_names, "cdc_extra", "cdc_op", "cdc_lsn",
             F.unix_micros("cdc_commit_time").alias("cdc_commit_micros"), "cdc_deleted")

@@ -69,9 +69,14 @@ def history_schema(contract: Contract, extra: Sequence[str] = ()) -> StructType:
     ])
 
 
+def is_valid_change() -> Column:
+    """Whether a change row is a change: valid, and not a tombstone."""
+    return F.col("error_class").isNull() & ~F.col("cdc_tombstone")
+
+
 def valid_changes(rows: DataFrame) -> DataFrame:
     """The changes among change rows: valid, and not a tombstone."""
-    return rows.filter(F.col("error_class").isNull() & ~F.col("cdc_tombstone"))
+    return rows.filter(is_valid_change())
 
 
 def without_unchanged_snapshot_reads(changes: DataFrame, history: DataFrame | None, contract: Contract,

@@ -519,6 +519,10 @@ def _topics_of(settings: Settings, contract: str) -> list[str]:
     return [t for t in settings.ingest.topics if t in settings.kafka.topics and settings.kafka.topics[t].contract == contract]
 
 
+#: A PostgreSQL ``schema.table`` name, unquoted.
+_SCHEMA_TABLE = re.compile(r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*")
+
+
 def _change_topics_of(settings: Settings, contract: str) -> list[str]:
     """The change topics of ``cdc.tables`` whose values follow ``contract``."""
     topics = [settings.cdc.topic_for(table) for table in settings.cdc.tables]
@@ -603,13 +607,13 @@ def _check_references(settings: Settings, source: Path) -> None:
                                   f"{settings.kafka.topics[topic].contract!r} has format: debezium): fp-cdc ingests it")
     cdc = settings.cdc
     for table in cdc.tables:
-        if not re.fullmatch(r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*", table):
+        if not _SCHEMA_TABLE.fullmatch(table):
             raise ConfigError(f"{source}: cdc.tables: {table!r} is not schema.table")
         topic = cdc.topic_for(table)
         if topic not in settings.kafka.topics or not settings.contract_for(topic).is_changes:
             raise ConfigError(f"{source}: cdc.tables: {table!r}: its change topic {topic!r} must be declared under "
                               "kafka.topics with a contract of format: debezium")
-    if not re.fullmatch(r"[A-Za-z_][\w$]*\.[A-Za-z_][\w$]*", cdc.signal_table) or cdc.signal_table in cdc.tables:
+    if not _SCHEMA_TABLE.fullmatch(cdc.signal_table) or cdc.signal_table in cdc.tables:
         raise ConfigError(f"{source}: cdc.signal_table: {cdc.signal_table!r} must be a schema.table of its own")
     for key in ("poll_interval", "heartbeat_interval"):
         if getattr(cdc, key) <= timedelta(0):
