@@ -83,6 +83,13 @@ def bronze_change_rows(rows: DataFrame, contract: Contract) -> DataFrame:
     )
 
 
+def added_columns(columns: Sequence[str], contract: Contract) -> list[str]:
+    """Of a current or history table's ``columns``, those the source table gained: beyond the
+    contract's and the table's own."""
+    own = {*contract.field_names, *_TABLE_COLUMNS}
+    return [c for c in columns if c not in own]
+
+
 def with_extra_columns(changes: DataFrame, extra: Sequence[str]) -> DataFrame:
     """``changes`` with each name of ``extra`` as a column of its own (from ``cdc_extra``; null
     where a change does not carry it: a delete, or a change from before the column existed)."""
@@ -150,8 +157,7 @@ class CdcBatchWriter:
                 changes = valid_changes(rows)
                 tables = {path: spark.read.format("delta").load(path).columns for path in (self.current, self.history)}
                 # The columns the source table gained before this batch: the current table's beyond its own.
-                own = {*self.contract.field_names, *_TABLE_COLUMNS}
-                known = [c for c in tables[self.current] if c not in own]
+                known = added_columns(tables[self.current], self.contract)
                 new_columns = sorted(set(changed["extra"]) - set(known))
                 clashing = [n for n in new_columns if n in rows.columns or n in _TABLE_COLUMNS or n.startswith("_")]
                 if clashing:
@@ -272,15 +278,14 @@ def rebuild_tables(spark: SparkSession, settings: Settings, topic: str, source: 
     storage = settings.storage
     current, history = storage.cdc_path(topic, "current"), storage.cdc_path(topic, "history")
     create_cdc_tables(spark, settings, topic)
-    own = {*contract.field_names, *_TABLE_COLUMNS}
     if source == "history":
         rows = spark.read.format("delta").load(history)
-        extra = [c for c in rows.columns if c not in own]
+        extra = added_columns(rows.columns, contract)
         tables = {current: current_from_history(rows, contract, extra)}
     else:
         bronze = spark.read.format("delta").load(storage.bronze_path(topic))
         seen = {r[0] for r in bronze.select(F.explode(F.map_keys("cdc_extra"))).distinct().collect()}
-        kept = [c for c in spark.read.format("delta").load(current).columns if c not in own]
+        kept = added_columns(spark.read.format("delta").load(current).columns, contract)
         extra = [*kept, *sorted(seen - set(kept) - _TABLE_COLUMNS)]
         # As fp-cdc does: a change is one row, by key and LSN; an unchanged snapshot read, none.
         changes = without_unchanged_snapshot_reads(
