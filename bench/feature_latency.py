@@ -60,7 +60,7 @@ from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import micros, parse_duration
-from pipelines.online.store import EVENT_TIME_FIELD, redis_client
+from pipelines.online.store import EVENT_TIME_FIELD, entity_from_key, redis_client
 
 log = logging.getLogger("bench")
 VIEW = "account_velocity"
@@ -76,6 +76,7 @@ class OnlineWrites(threading.Thread):
     def __init__(self, client: redis.Redis, namespace: str, view: str = VIEW):
         super().__init__(daemon=True)
         self.client = client
+        self.namespace, self.view = namespace, view
         self.prefix = f"{namespace}:{view}:"
         self.pubsub = client.pubsub(ignore_subscribe_messages=True)
         self.pubsub.psubscribe(f"__keyspace@{client.connection_pool.connection_kwargs.get('db', 0)}__:{self.prefix}*")
@@ -106,7 +107,7 @@ class OnlineWrites(threading.Thread):
             seen = now_micros()
             for key, held in zip(keys, held_values):
                 if held is not None:
-                    self.writes[key[len(self.prefix):]].append((seen, int(held)))
+                    self.writes[entity_from_key(key, self.namespace, self.view)].append((seen, int(held)))
 
     def stop(self) -> None:
         self.stopping.set()

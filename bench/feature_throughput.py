@@ -38,7 +38,7 @@ from pipelines.core.view_spec import feature_names
 from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
-from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
+from pipelines.online.store import OnlineStoreWriter, entity_from_key, read_online, redis_client
 
 log = logging.getLogger("bench")
 VIEWS = ("account_velocity", "account_fraud_history")
@@ -143,8 +143,7 @@ def compare_online(settings, namespace_a: str, namespace_b: str) -> int:
     checked = 0
 
     def entities_in(namespace: str, view: str) -> list[str]:
-        prefix = f"{namespace}:{view}:"
-        return sorted(k.decode()[len(prefix):] for k in client.scan_iter(f"{prefix}*", count=1000))
+        return sorted(entity_from_key(k, namespace, view) for k in client.scan_iter(f"{namespace}:{view}:*", count=1000))
 
     for name in VIEWS:
         view = settings.views[name]

@@ -103,7 +103,7 @@ def generate_and_send(args: argparse.Namespace) -> int:
     database = (LocalPlatform(settings.local).postgres.connect(settings.cdc.database.dbname, APP_ROLE)
                 if spec.account_change_rate else contextlib.nullcontext())
     with database as connection:
-        summary = produce(generate(spec), settings.kafka.client_properties(), rate=args.rate,
+        summary = produce(generate(spec), settings.kafka.producer_properties(), rate=args.rate,
                           topic_names=topic_names, encoder=encoder,
                           accounts_table=AccountsTableWriter(connection) if spec.account_change_rate else None)
     print(summary.table())

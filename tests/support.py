@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from pipelines.core.config import deep_merge, read_yaml
-from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.kafka_admin import ensure_topics, platform_topics
 from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
 
 KAFKA_SCHEMA = (
@@ -170,10 +170,9 @@ def isolation(base_overrides: dict[str, Any], folder: Path):
         conf = conf or PROJECT_ROOT / "conf"
         made = load_settings("local", conf, tree)
         overrides_by_root[made.storage.root] = (conf, tree)
-        specs = []
-        for name in (tx, lb):
-            specs += [TopicSpec(name, partitions, 1), TopicSpec(made.kafka.dlq_topic_for(name), partitions, 1)]
-        ensure_topics(made.kafka.client_properties(), specs)
+        # The two topics and their dead-letter topics, replicated as the settings say (3 in cluster mode).
+        own = {tx, lb, made.kafka.dlq_topic_for(tx), made.kafka.dlq_topic_for(lb)}
+        ensure_topics(made.kafka.client_properties(), [s for s in platform_topics(made.kafka) if s.name in own])
         return made
 
     def conf_dir(made: Settings, dest: Path) -> Path:

@@ -19,14 +19,19 @@ class TopicSpec:
     name: str
     partitions: int
     replication_factor: int
+    #: The topic's ``min.insync.replicas``; None: the broker's default.
+    min_insync_replicas: int | None = None
+
+    def config(self) -> dict[str, str]:
+        return {} if self.min_insync_replicas is None else {"min.insync.replicas": str(self.min_insync_replicas)}
 
 
 def platform_topics(kafka: KafkaSettings) -> list[TopicSpec]:
     """Every configured topic and its dead-letter topic (same partitions and replication)."""
     specs = []
     for name, topic in kafka.topics.items():
-        specs.append(TopicSpec(name, topic.partitions, topic.replication_factor))
-        specs.append(TopicSpec(kafka.dlq_topic_for(name), topic.partitions, topic.replication_factor))
+        for topic_name in (name, kafka.dlq_topic_for(name)):
+            specs.append(TopicSpec(topic_name, topic.partitions, topic.replication_factor, topic.min_insync_replicas))
     return specs
 
 
@@ -48,7 +53,8 @@ def ensure_topics(client_properties: Mapping[str, str], specs: list[TopicSpec], 
     if not missing:
         return []
     futures = admin.create_topics(
-        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor) for s in missing],
+        [NewTopic(s.name, num_partitions=s.partitions, replication_factor=s.replication_factor, config=s.config())
+         for s in missing],
         operation_timeout=timeout,
     )
     created = []

@@ -27,6 +27,8 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.view_spec import FeatureView, load_views
 
 ENVIRONMENTS = ("local", "dev", "prod")
+#: local.mode: one process of each service, or a small cluster of each.
+LOCAL_MODES = ("single", "cluster")
 
 #: The repository root: conf/ and the git-ignored .local/ folder live here.
 PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent
@@ -56,6 +58,9 @@ class TopicSettings:
     contract: str
     partitions: int = 4
     replication_factor: int = 1
+    #: The topic's ``min.insync.replicas`` (unset: the broker's default): with producers' acks=all, a
+    #: write is acknowledged once this many replicas have it.
+    min_insync_replicas: int | None = None
     #: Topic that receives this topic's invalid records (at least once; the Delta DLQ table is exact).
     dlq_topic: str | None = None
 
@@ -81,6 +86,11 @@ class KafkaSettings:
             props[prop] = secret_from_env(variable, f"kafka.secret_env.{prop}")
         return props
 
+    def producer_properties(self) -> dict[str, str]:
+        """:meth:`client_properties` of a producer: every write acknowledged by all in-sync replicas
+        (``acks=all``, which ``min.insync.replicas`` makes at least that many), idempotent."""
+        return {**self.client_properties(), "acks": "all", "enable.idempotence": "true"}
+
     def spark_options(self) -> dict[str, str]:
         """Options for Spark's Kafka source and sink (Java client names, ``kafka.`` prefixed).
 
@@ -96,6 +106,10 @@ class KafkaSettings:
             )
             props["sasl.jaas.config"] = f'{module} required username="{username}" password="{password}";'
         return {f"kafka.{key}": value for key, value in props.items()}
+
+    def spark_producer_options(self) -> dict[str, str]:
+        """:meth:`spark_options` of Spark's Kafka sink: ``acks=all`` (as :meth:`producer_properties`)."""
+        return {**self.spark_options(), "kafka.acks": "all"}
 
     def dlq_topic_for(self, topic: str) -> str:
         return self.topics[topic].dlq_topic or f"{topic}.dlq"
@@ -266,8 +280,22 @@ class RedisSettings:
     db: int = 0
     #: Environment variable holding the password, if the server needs one.
     password_env: str | None = None
-    #: First part of every online key: ``{namespace}:{view}:{entity}``.
+    #: First part of every online key: ``{namespace}:{view}:{{entity}}`` (the entity is the key's
+    #: hash tag: an entity's keys share a Redis Cluster slot).
     namespace: str = "features"
+    #: Redis Cluster: ``host:port`` of some of its nodes (the client discovers the others); unset:
+    #: one server at ``host``/``port``.
+    cluster_nodes: tuple[str, ...] = ()
+    #: Replicas that must hold a batch's online writes before the batch counts as done (Redis
+    #: ``WAIT``, per master): a master that fails over after acknowledging a write does not lose
+    #: it. 0: no wait (a single server, or availability over durability).
+    replica_acks: int = 0
+    #: How long a batch waits for those replicas; a batch short of them fails and is retried.
+    replica_ack_timeout: timedelta = timedelta(seconds=5)
+
+    @property
+    def clustered(self) -> bool:
+        return bool(self.cluster_nodes)
 
 
 @dataclass(frozen=True)
@@ -394,6 +422,38 @@ class LocalPlatformSettings:
     postgres_dir: str | None = None
     connect_port: int = 8083
     connect_heap: str = "512m"
+    #: ``single``: one process of each service. ``cluster``: three Kafka nodes (topics with
+    #: replication factor 3 and min.insync.replicas 2), a Redis Cluster (3 masters, a replica
+    #: each) and Spark standalone (a master and ``spark_workers`` workers); the settings'
+    #: ``kafka.bootstrap_servers``, ``redis`` and ``spark.master`` then name them.
+    mode: str = "single"
+    #: cluster mode: each Kafka node's client port and its controller port.
+    cluster_kafka_ports: tuple[int, ...] = (9192, 9194, 9196)
+    cluster_kafka_controller_ports: tuple[int, ...] = (9193, 9195, 9197)
+    cluster_kafka_heap: str = "512m"
+    #: cluster mode: the Redis Cluster's nodes (3 masters and a replica each); each also takes its
+    #: port + 10000 (the cluster bus).
+    cluster_redis_ports: tuple[int, ...] = (7001, 7002, 7003, 7004, 7005, 7006)
+    #: cluster mode: how long a Redis master may be unreachable before its replica takes over.
+    cluster_redis_node_timeout: timedelta = timedelta(seconds=2)
+    spark_master_port: int = 7077
+    spark_master_ui_port: int = 8090
+    spark_workers: int = 2
+    #: Each worker's web UI port is this plus its index.
+    spark_worker_ui_port: int = 8091
+    #: Cores and memory a worker offers; each application takes one core on every worker (an
+    #: executor of ``spark_executor_memory``), so this many applications run at once.
+    spark_worker_cores: int = 3
+    spark_worker_memory: str = "4g"
+    spark_executor_memory: str = "1g"
+
+    @property
+    def clustered(self) -> bool:
+        return self.mode == "cluster"
+
+    @property
+    def spark_master_url(self) -> str:
+        return f"spark://127.0.0.1:{self.spark_master_port}"
 
 
 @dataclass(frozen=True)
@@ -500,8 +560,37 @@ def _resolve_local_paths(settings: Settings, root: Path) -> Settings:
             cdc = dataclasses.replace(cdc, database=dataclasses.replace(cdc.database, port=local.postgres_port))
         if cdc.connect_url is None:
             cdc = dataclasses.replace(cdc, connect_url=local_connect_url(local.connect_port))
-    return dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow,
-                               schema_registry=registry, cdc=cdc)
+    settings = dataclasses.replace(settings, spark=spark, storage=storage, local=local, mlflow=mlflow,
+                                   schema_registry=registry, cdc=cdc)
+    return _pointed_at_local_cluster(settings) if local is not None and local.clustered else settings
+
+
+#: cluster mode: what every topic gets (of three nodes: one may be down and writes go on).
+CLUSTER_REPLICATION_FACTOR = 3
+CLUSTER_MIN_INSYNC_REPLICAS = 2
+
+
+def _pointed_at_local_cluster(settings: Settings) -> Settings:
+    """``local.mode: cluster``: the clients name the local cluster's processes (its three Kafka
+    nodes, its Redis Cluster with one replica's acknowledgement per batch, its Spark master),
+    and every topic is replicated on the three nodes."""
+    local = settings.local
+    assert local is not None
+    topics = {name: dataclasses.replace(topic, replication_factor=CLUSTER_REPLICATION_FACTOR,
+                                        min_insync_replicas=CLUSTER_MIN_INSYNC_REPLICAS)
+              for name, topic in settings.kafka.topics.items()}
+    kafka = dataclasses.replace(settings.kafka, topics=topics,
+                                bootstrap_servers=",".join(f"127.0.0.1:{p}" for p in local.cluster_kafka_ports))
+    redis = dataclasses.replace(settings.redis, cluster_nodes=tuple(f"127.0.0.1:{p}" for p in local.cluster_redis_ports),
+                                replica_acks=max(settings.redis.replica_acks, 1))
+    # One executor of one core on each worker per application (the standalone master's default
+    # gives the first application every core, and the next waits for it to end); the driver on
+    # loopback, as the executors are.
+    conf = {"spark.executor.cores": "1", "spark.cores.max": str(local.spark_workers),
+            "spark.executor.memory": local.spark_executor_memory,
+            "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", **settings.spark.conf}
+    spark = dataclasses.replace(settings.spark, master=local.spark_master_url, conf=conf)
+    return dataclasses.replace(settings, kafka=kafka, redis=redis, spark=spark)
 
 
 def local_connect_url(port: int) -> str:
@@ -529,7 +618,43 @@ def _change_topics_of(settings: Settings, contract: str) -> list[str]:
     return [t for t in topics if t in settings.kafka.topics and settings.kafka.topics[t].contract == contract]
 
 
+def _check_local(local: LocalPlatformSettings, source: Path) -> None:
+    if local.mode not in LOCAL_MODES:
+        raise ConfigError(f"{source}: local.mode: {local.mode!r} is not one of {', '.join(LOCAL_MODES)}")
+    if not local.clustered:
+        return
+    kafka, controllers, nodes = local.cluster_kafka_ports, local.cluster_kafka_controller_ports, local.cluster_redis_ports
+    if len(kafka) != CLUSTER_REPLICATION_FACTOR or len(controllers) != len(kafka):
+        raise ConfigError(f"{source}: local.cluster_kafka_ports and local.cluster_kafka_controller_ports: "
+                          f"{CLUSTER_REPLICATION_FACTOR} ports each (one node each), got {len(kafka)} and {len(controllers)}")
+    if len(nodes) < 6 or len(nodes) % 2:
+        raise ConfigError(f"{source}: local.cluster_redis_ports: {len(nodes)} ports; a Redis Cluster here has "
+                          "3 or more masters and a replica each (an even number, at least 6)")
+    ports = [*kafka, *controllers, *nodes, *(p + 10000 for p in nodes), local.spark_master_port, local.spark_master_ui_port,
+             *(local.spark_worker_ui_port + i for i in range(local.spark_workers))]
+    taken = sorted({p for p in ports if ports.count(p) > 1})
+    if taken:
+        raise ConfigError(f"{source}: local: cluster mode's ports must differ (a Redis node's takes its port + 10000 "
+                          f"too): {', '.join(map(str, taken))} is given twice")
+    if local.spark_workers < 1 or local.spark_worker_cores < 1:
+        raise ConfigError(f"{source}: local.spark_workers and local.spark_worker_cores: must be at least 1")
+    if local.cluster_redis_node_timeout < timedelta(milliseconds=100):
+        raise ConfigError(f"{source}: local.cluster_redis_node_timeout: must be at least 100ms")
+
+
 def _check_references(settings: Settings, source: Path) -> None:
+    if settings.local is not None:
+        _check_local(settings.local, source)
+    if "{" in settings.redis.namespace or "}" in settings.redis.namespace:
+        raise ConfigError(f"{source}: redis.namespace: {settings.redis.namespace!r} must not hold braces "
+                          "(an online key's braces mark its Redis Cluster hash tag)")
+    if settings.redis.replica_acks < 0:
+        raise ConfigError(f"{source}: redis.replica_acks: must not be negative")
+    for node in settings.redis.cluster_nodes:
+        if not re.fullmatch(r"[^\s:]+:\d{1,5}", node):
+            raise ConfigError(f"{source}: redis.cluster_nodes: {node!r} is not host:port")
+    if settings.redis.clustered and settings.redis.db != 0:
+        raise ConfigError(f"{source}: redis.db: {settings.redis.db}: a Redis Cluster has only database 0")
     for topic in settings.ingest.topics:
         if topic not in settings.kafka.topics:
             raise ConfigError(

@@ -246,7 +246,8 @@ def source_partitions(settings: Settings, topics: Sequence[str]) -> dict[str, in
 def ensure_events_topics(settings: Settings, partitions: Mapping[str, int]) -> None:
     """Create each source topic's events topic when missing: same partitions, same replication."""
     ensure_topics(settings.kafka.client_properties(), [
-        TopicSpec(settings.live.events_topic(topic), count, settings.kafka.topics[topic].replication_factor)
+        TopicSpec(settings.live.events_topic(topic), count, settings.kafka.topics[topic].replication_factor,
+                  settings.kafka.topics[topic].min_insync_replicas)
         for topic, count in partitions.items()
     ])
 
@@ -269,7 +270,7 @@ def start_validation(spark: SparkSession, settings: Settings, topic: str,
               .option("topic", settings.live.events_topic(topic))
               .option("checkpointLocation",
                       checkpoint_location(spark, settings.storage.checkpoint_path("live_validation", topic))))
-    for key, value in settings.kafka.spark_options().items():
+    for key, value in settings.kafka.spark_producer_options().items():
         writer = writer.option(key, value)
     if realtime:
         seconds = max(1, int(settings.live.checkpoint_interval.total_seconds()))

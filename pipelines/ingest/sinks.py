@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 def publish_to_kafka(messages: DataFrame, kafka: KafkaSettings, topic: str) -> None:
     """Write ``messages`` (key, value, headers) to ``topic`` with Spark's Kafka sink."""
     writer = messages.write.format("kafka").option("topic", topic)
-    for key, value in kafka.spark_options().items():
+    for key, value in kafka.spark_producer_options().items():
         writer = writer.option(key, value)
     writer.save()
 

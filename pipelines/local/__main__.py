@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
             platform.down()
             # The broker's data (and so the connector's offsets) and PostgreSQL's (and so its
             # replication slot) go together: one without the other is a gap or a replay.
-            for service in (platform.kafka, platform.redis, platform.registry, platform.postgres, platform.connect):
+            for service in platform.all_services:
                 shutil.rmtree(service.root, ignore_errors=True)
         for status in platform.status():
             print(status.line())

@@ -504,6 +504,8 @@ def produce(records: Iterable[Record], producer_config: Mapping[str, str], rate:
     topic_names = topic_names or {}
     producer = Producer(
         {
+            # Every record on all in-sync replicas before it counts as sent (librdkafka's default too).
+            "acks": "all",
             "enable.idempotence": True,
             "linger.ms": 20,
             "compression.type": "lz4",

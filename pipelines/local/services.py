@@ -33,7 +33,7 @@ class ServiceStatus:
 
     def line(self) -> str:
         state = f"running (pid {self.pid})" if self.running else "stopped"
-        return f"{self.name:<8} {state:<22} {self.address}  {self.detail}".rstrip()
+        return f"{self.name:<14} {state:<22} {self.address}  {self.detail}".rstrip()
 
 
 def pid_alive(pid: int) -> bool:

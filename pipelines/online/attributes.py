@@ -1,5 +1,5 @@
 """A database table's current rows in Redis (change data capture's online side): one hash per
-primary key, ``{namespace}:cdc.{table}:{key}``, one field per non-null column (values encoded as
+primary key, ``{namespace}:cdc.{table}:{{key}}`` (the key is the hash tag, as an entity's), one field per non-null column (values encoded as
 the feature store's, :func:`pipelines.online.store.encode_value`), ``_lsn``, the write-ahead-log
 position of the change the hash is at, and ``_at``, its commit time (epoch µs).
 
@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from pipelines.online.store import decode_value, encode_value, retry_transient
+from pipelines.online.store import decode_value, encode_value, hash_tag, retry_transient, run_keyed, script_call
 
 LSN_FIELD = "_lsn"
 COMMITTED_FIELD = "_at"
@@ -60,7 +60,7 @@ return 1
 
 
 def attribute_key(namespace: str, table: str, key: Any) -> str:
-    return f"{namespace}:cdc.{table}:{key}"
+    return f"{namespace}:cdc.{table}:{hash_tag(key)}"
 
 
 @dataclass(frozen=True)
@@ -111,15 +111,16 @@ class AttributeStoreWriter:
         return AttributeWriteResult(applied, stale)
 
     def _write_chunk(self, chunk: Sequence[AttributeChange]) -> int:
+        calls = []
+        for change in chunk:
+            fields = [item for name, value in change.values.items() if value is not None
+                      for item in (name, encode_value(value))]
+            key = attribute_key(self.namespace, self.table, change.key)
+            calls.append((key, script_call(self._apply, [key], [change.lsn, change.kind, change.committed_micros,
+                                                                 DELETED_RETENTION_MS, *fields])))
+
         def run() -> int:
-            pipe = self.client.pipeline(transaction=False)
-            for change in chunk:
-                fields = [item for name, value in change.values.items() if value is not None
-                          for item in (name, encode_value(value))]
-                self._apply(keys=[attribute_key(self.namespace, self.table, change.key)],
-                            args=[change.lsn, change.kind, change.committed_micros, DELETED_RETENTION_MS, *fields],
-                            client=pipe)
-            return sum(int(r) for r in pipe.execute())
+            return sum(int(r) for r in run_keyed(self.client, calls))
 
         return retry_transient(run, f"attributes of {self.table}", self.attempts, self.backoff)
 
@@ -129,11 +130,9 @@ def read_attributes(client: redis.Redis, namespace: str, table: str, keys: Seque
     """Per key, its current row's ``columns`` (a null column None), ``_lsn`` and ``_at`` (None
     in a hash written before the platform kept it); None for a key the table does not hold
     (never had, or deleted)."""
-    pipe = client.pipeline(transaction=False)
-    for key in keys:
-        pipe.hgetall(attribute_key(namespace, table, key))
+    hashes = [attribute_key(namespace, table, key) for key in keys]
     rows: list[dict[str, Any] | None] = []
-    for stored in pipe.execute():
+    for stored in run_keyed(client, [(h, lambda pipe, h=h: pipe.hgetall(h)) for h in hashes]):
         text = {k.decode(): v.decode() for k, v in stored.items()}
         if not text or DELETED_FIELD in text:
             rows.append(None)

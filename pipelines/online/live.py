@@ -41,7 +41,8 @@ them), the latest non-null value and its time for ``last``, and a value -> count
 ``approx_count_distinct`` (exact: its length). Numbers are Lua doubles: a bigint above 2**53
 loses precision.
 
-Keys (beside the feature hash ``{namespace}:{view}:{entity}``), under
+Keys (beside the feature hash ``{namespace}:{view}:{entity}``; the braces are literal, the
+entity's hash tag: its keys share a Redis Cluster slot, so one script touches them all), under
 ``{namespace}:~live:{view}``: ``events:{entity}`` (hash: event id -> JSON array of the event's
 values), ``times:{entity}`` (sorted set: event id by event time in µs), ``meta:{entity}``
 (``max_t``, ``seq``, ``expiry_set`` and the msgpack of every window's bounds and aggregates),
@@ -81,7 +82,7 @@ from pipelines.core.errors import ConfigError
 from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView
 from pipelines.online.lua import PRELUDE, lua_literal
-from pipelines.online.store import decode_value, entity_key, retry_transient
+from pipelines.online.store import decode_value, entity_key, hash_tag, retry_transient, run_keyed, script_call
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +90,9 @@ SUPPORTED_TYPES = ("string", "double", "bigint", "boolean")
 
 #: The version of the state's layout, part of its digest: state kept by another layout is
 #: refused at start (2: max/min and the latest value kept in the window state, not in sorted sets;
-#: 3: the rows served for each event).
-LAYOUT = 3
+#: 3: the rows served for each event; 4: every key of an entity hash-tagged ``{entity}``, one
+#: Redis Cluster slot).
+LAYOUT = 4
 
 _SCRIPT = r"""%(prelude)s
 local spec = %(spec)s
@@ -540,21 +542,22 @@ class LiveTrailingView:
 
     def state_keys(self, entity: Any) -> list[str]:
         """The entity's live state keys, in the script's KEYS order after the feature hash."""
-        fixed = [f"{self.prefix}:{part}:{entity}" for part in ("events", "times", "meta")]
-        return fixed + [f"{self.prefix}:{kind}:{column}:{w // 1_000_000}s:{entity}"
+        tag = hash_tag(entity)
+        fixed = [f"{self.prefix}:{part}:{tag}" for part in ("events", "times", "meta")]
+        return fixed + [f"{self.prefix}:{kind}:{column}:{w // 1_000_000}s:{tag}"
                         for kind, column, w in self.spec.structures] + [self.served_key(entity)]
 
     def served_key(self, entity: Any) -> str:
-        return f"{self.prefix}:served:{entity}"
+        return f"{self.prefix}:served:{hash_tag(entity)}"
 
     def served(self, events: Sequence[tuple[Any, str]]) -> list[ServedRow | None]:
         """The row served for each (entity, event id), in order: None for an event this view
         has not applied (yet), or has forgotten (at or before its entity's horizon)."""
+        calls = [(key, lambda pipe, k=key, e=event_id: pipe.hget(k, e))
+                 for key, event_id in ((self.served_key(entity), event_id) for entity, event_id in events)]
+
         def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for entity, event_id in events:
-                pipe.hget(self.served_key(entity), event_id)
-            return pipe.execute()
+            return run_keyed(self.client, calls)
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
         return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]
@@ -564,11 +567,13 @@ class LiveTrailingView:
         at or before that time (ties: one of them; they share their row when they came in one
         batch), as the point-in-time join takes a view's row. None when the entity has no stored
         event by then."""
+        calls = []
+        for entity, at in lookups:
+            keys = [f"{self.prefix}:times:{hash_tag(entity)}", self.served_key(entity)]
+            calls.append((keys[0], script_call(self._as_of, keys, [int(at)])))
+
         def run() -> list[Any]:
-            pipe = self.client.pipeline(transaction=False)
-            for entity, at in lookups:
-                self._as_of(keys=[f"{self.prefix}:times:{entity}", self.served_key(entity)], args=[int(at)], client=pipe)
-            return pipe.execute()
+            return run_keyed(self.client, calls)
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
         return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]
@@ -592,14 +597,15 @@ class LiveTrailingView:
         return LiveResult(added, written, kept)
 
     def _run(self, entities: list[Any], by_entity: Mapping[Any, list[Any]]) -> list[tuple[int, int]]:
+        calls = []
+        for entity in entities:
+            args = by_entity[entity]
+            keys = [entity_key(self.namespace, self.view.name, entity), *self.state_keys(entity)]
+            calls.append((keys[0], script_call(self._script, keys, [self.ttl_ms, self.state_ttl_ms, self.refresh_ms,
+                                                                    len(args) // 3, self.served_keep_us, *args])))
+
         def run() -> list[tuple[int, int]]:
-            pipe = self.client.pipeline(transaction=False)
-            for entity in entities:
-                args = by_entity[entity]
-                self._script(keys=[entity_key(self.namespace, self.view.name, entity), *self.state_keys(entity)],
-                             args=[self.ttl_ms, self.state_ttl_ms, self.refresh_ms, len(args) // 3, self.served_keep_us,
-                                   *args], client=pipe)
-            return [(int(r[0]), int(r[1])) for r in pipe.execute()]
+            return [(int(r[0]), int(r[1])) for r in run_keyed(self.client, calls)]
 
         # Safe to repeat: an event already stored is not added again.
         return retry_transient(run, f"live update of view {self.view.name!r}", self.attempts, self.backoff)

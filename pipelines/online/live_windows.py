@@ -54,12 +54,13 @@ from pipelines.core.times import micros
 from pipelines.core.view_spec import FeatureView, feature_names
 from pipelines.online.live import claim_definition, column_index, definition_digest, output_type
 from pipelines.online.lua import PRELUDE, lua_literal
-from pipelines.online.store import entity_key, retry_transient
+from pipelines.online.store import entity_key, hash_tag, retry_transient, run_keyed, script_call
 
 #: The layout of the windows' state in Redis, part of the definition digest: 2 is one value per
 #: entity for its open windows and a set per window of its distinct values (1 was a hash of the
-#: windows, written field by field, each with its distinct values inside).
-LAYOUT = 2
+#: windows, written field by field, each with its distinct values inside); 3: every key of an
+#: entity hash-tagged ``{entity}`` (one Redis Cluster slot).
+LAYOUT = 3
 
 #: Aggregates of one window or session: first/last event time, the event count, and per column
 #: (by its 1-based index) the non-null count, a compensated sum, max, min, the latest (time,
@@ -359,7 +360,8 @@ class LiveWindowView:
     def keys(self, entity: Any) -> list[str]:
         """The entity's state keys: its event ids, its open windows, and its windows' distinct
         sets' prefix."""
-        return [f"{self.prefix}:ids:{entity}", f"{self.prefix}:open:{entity}", f"{self.prefix}:distinct:{entity}"]
+        tag = hash_tag(entity)
+        return [f"{self.prefix}:ids:{tag}", f"{self.prefix}:open:{tag}", f"{self.prefix}:distinct:{tag}"]
 
     def watermarks(self, batch_id: int) -> int:
         """The watermark this batch's events are judged by: the one before the batch (a replayed
@@ -389,13 +391,13 @@ class LiveWindowView:
         entities = list(by_entity)
         for start in range(0, len(entities), self.chunk):
             chunk = entities[start:start + self.chunk]
-            pipe = self.client.pipeline(transaction=False)
+            calls = []
             for entity in chunk:
-                args = by_entity[entity]
-                self._apply(keys=self.keys(entity),
-                            args=[before, self.state_ttl_ms, self.refresh_ms, len(args) // 3, *args], client=pipe)
+                args, keys = by_entity[entity], self.keys(entity)
+                calls.append((keys[0], script_call(self._apply, keys,
+                                                   [before, self.state_ttl_ms, self.refresh_ms, len(args) // 3, *args])))
             pending = {}
-            for entity, (new, dropped, earliest) in zip(chunk, pipe.execute()):
+            for entity, (new, dropped, earliest) in zip(chunk, run_keyed(self.client, calls)):
                 added, late = added + int(new), late + int(dropped)
                 if earliest:
                     pending[str(entity)] = int(earliest)
@@ -415,13 +417,13 @@ class LiveWindowView:
                                                                  num=self.chunk)]
             if not due:
                 return closed, written, closed_ends
-            pipe = self.client.pipeline(transaction=False)
+            calls = []
             for entity in due:
                 _, open_key, distinct = self.keys(entity)
-                self._close(keys=[open_key, entity_key(self.namespace, self.view.name, entity), distinct],
-                            args=[watermark, self.ttl_ms], client=pipe)
+                calls.append((open_key, script_call(self._close, [open_key, entity_key(self.namespace, self.view.name, entity),
+                                                                  distinct], [watermark, self.ttl_ms])))
             still_open, done = {}, []
-            for entity, (count, earliest, wrote, first_closed) in zip(due, pipe.execute()):
+            for entity, (count, earliest, wrote, first_closed) in zip(due, run_keyed(self.client, calls)):
                 closed, written = closed + int(count), written + int(wrote)
                 if first_closed:
                     closed_ends.append((entity, int(first_closed)))

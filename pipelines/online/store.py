@@ -1,6 +1,7 @@
 """The Redis online store: newer-wins, idempotent writes of feature rows, and reads.
 
-Key layout: one hash per view and entity, ``{namespace}:{view}:{entity}``, with one field per
+Key layout: one hash per view and entity, ``{namespace}:{view}:{{entity}}`` (the entity in braces
+is the key's hash tag: a Redis Cluster keeps an entity's keys in one slot), with one field per
 feature plus ``_event_time`` (microseconds since the epoch, UTC) and ``_version``. A feature
 whose value is null has no field. Values are JSON scalars (numbers round-trip exactly), except
 timestamps, stored as ``t:<ISO-8601>``; a JSON string always starts with a quote, so the two
@@ -27,6 +28,7 @@ from datetime import date, datetime, timedelta, timezone
 from typing import Any, TypeVar
 
 import redis
+from redis.cluster import ClusterNode, RedisCluster
 
 from pipelines.core.config import secret_from_env
 from pipelines.core.errors import PipelineError
@@ -53,7 +55,23 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 """
 
-TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+class ReplicasBehind(redis.RedisError):
+    """A master's replicas did not acknowledge a batch's writes in time (Redis ``WAIT``), though
+    it has them: the batch is retried (its writes are idempotent)."""
+
+
+#: A Redis Cluster in motion: a master failing over (its slots down a few seconds, its replica
+#: read-only until promoted), a slot moved. The client reads the topology again and the batch is
+#: retried.
+CLUSTER_ERRORS = (
+    redis.exceptions.ClusterError,  # ClusterDownError, MasterDownError
+    redis.exceptions.AskError,  # MovedError
+    redis.exceptions.TryAgainError,
+    redis.exceptions.ReadOnlyError,
+    redis.exceptions.SlotNotCoveredError,
+)
+
+TRANSIENT_ERRORS = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError, ReplicasBehind, *CLUSTER_ERRORS)
 
 
 class OnlineStoreError(PipelineError):
@@ -79,14 +97,130 @@ def retry_transient(action: Callable[[], T], what: str, attempts: int, backoff: 
     raise AssertionError("unreachable")
 
 
+class StoreServer(redis.Redis):
+    """A client of one Redis server that knows how many replicas must acknowledge a batch of
+    online writes (:func:`run_keyed`)."""
+
+    def __init__(self, *args: Any, replica_acks: int = 0, replica_ack_timeout_ms: int = 5000, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
+
+
+class StoreCluster(RedisCluster):
+    """A Redis Cluster client (it routes each key to its slot's master and follows a failover)
+    that knows how many replicas must acknowledge a batch of online writes (:func:`run_keyed`)."""
+
+    def __init__(self, *args: Any, replica_acks: int = 0, replica_ack_timeout_ms: int = 5000, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
+
+
 def redis_client(settings: RedisSettings) -> redis.Redis:
+    """A client of the online store: one server, or a Redis Cluster (``redis.cluster_nodes``)."""
     password = secret_from_env(settings.password_env, "redis.password_env") if settings.password_env else None
-    return redis.Redis(host=settings.host, port=settings.port, db=settings.db, password=password,
-                       socket_timeout=10, socket_connect_timeout=5)
+    durability = {"replica_acks": settings.replica_acks,
+                  "replica_ack_timeout_ms": int(settings.replica_ack_timeout.total_seconds() * 1000)}
+    if settings.clustered:
+        nodes = []
+        for node in settings.cluster_nodes:
+            host, _, port = node.rpartition(":")
+            nodes.append(ClusterNode(host, int(port)))
+        return StoreCluster(startup_nodes=nodes, password=password, socket_timeout=10, socket_connect_timeout=5,
+                            **durability)
+    return StoreServer(host=settings.host, port=settings.port, db=settings.db, password=password,
+                       socket_timeout=10, socket_connect_timeout=5, **durability)
+
+
+#: When a master without enough replicas was last reported, by node (one line a minute each).
+_UNDER_REPLICATED: dict[str, float] = {}
+
+
+def run_keyed(client: redis.Redis, calls: Sequence[tuple[str, Callable[[Any], Any]]]) -> list[Any]:
+    """Run ``calls`` (a key, and a function that queues one command on the pipeline it is given,
+    for that key: a script call, HGETALL, ...) in pipelines, and return their results in order.
+
+    One server: one pipeline. A Redis Cluster: one pipeline per master, each on a connection of
+    its own to that master (a script call, whose keys share the key's slot, goes where its slot
+    is; the pipeline loads the script there if the master lacks it, as a replica promoted by a
+    failover does). When the client asks for replicas' acknowledgements (:class:`StoreCluster`,
+    ``redis.replica_acks``), each pipeline ends with ``WAIT`` on its connection: writes a
+    master acknowledged are on its replicas before the batch counts as done, so a failover does
+    not lose them. A master with fewer replicas than asked (its replica down, or promoted and
+    not yet followed) is waited for by those it has, and reported; :class:`ReplicasBehind` if
+    replicas it has did not answer in time. On a cluster's error (a failover, a moved slot, a
+    node gone) the client reads the topology again before the error is raised: a retry goes to
+    the new masters."""
+    acks = getattr(client, "replica_acks", 0)
+    timeout_ms = getattr(client, "replica_ack_timeout_ms", 5000)
+    if not isinstance(client, RedisCluster):
+        where = client.connection_pool.connection_kwargs
+        return _run_on(client, [queue for _, queue in calls], acks, timeout_ms, f"{where.get('host')}:{where.get('port')}")
+    groups: dict[str, tuple[Any, list[int]]] = {}
+    try:
+        for index, (key, _) in enumerate(calls):
+            node = client.get_node_from_key(key)
+            groups.setdefault(node.name, (node, []))[1].append(index)
+        results: list[Any] = [None] * len(calls)
+        for name, (node, indexes) in groups.items():
+            out = _run_on(client.get_redis_connection(node), [calls[i][1] for i in indexes], acks, timeout_ms, name)
+            for index, result in zip(indexes, out):
+                results[index] = result
+        return results
+    except (redis.ConnectionError, redis.TimeoutError, *CLUSTER_ERRORS):
+        try:
+            client.nodes_manager.initialize()
+        except (redis.RedisError, redis.exceptions.RedisClusterException) as exc:
+            log.warning("Redis Cluster topology not read again (%s): the retry will", exc)
+        raise
+
+
+def script_call(script: Any, keys: Sequence[str], args: Sequence[Any]) -> Callable[[Any], Any]:
+    """For :func:`run_keyed`: a call of the registered ``script`` on ``keys`` (one slot) with ``args``."""
+    return lambda pipe: script(keys=keys, args=args, client=pipe)
+
+
+def _run_on(server: redis.Redis, queued: Sequence[Callable[[Any], Any]], acks: int, timeout_ms: int, name: str) -> list[Any]:
+    pipe = server.pipeline(transaction=False)
+    for queue in queued:
+        queue(pipe)
+    if acks:
+        pipe.wait(acks, timeout_ms)
+    results = pipe.execute()
+    if acks:
+        acknowledged = int(results.pop())
+        if acknowledged < acks:
+            replicas = len(server.execute_command("ROLE")[2])
+            if replicas >= acks:
+                raise ReplicasBehind(f"{acknowledged} of {acks} replicas of {name} acknowledged its writes "
+                                     f"within {timeout_ms} ms")
+            now = time.monotonic()
+            if now - _UNDER_REPLICATED.get(name, -60.0) >= 60.0:
+                _UNDER_REPLICATED[name] = now
+                log.warning("Redis %s has %d replicas, %d asked for (redis.replica_acks): its writes are on %d "
+                            "(a failover now would lose the others)", name, replicas, acks, acknowledged)
+    return results
+
+
+def hash_tag(entity: Any) -> str:
+    """``{entity}``: in a key, the part Redis Cluster hashes to pick the key's slot (the text
+    between the first ``{`` and the next ``}``), so that every key of one entity (its feature
+    hashes, its live state) is in one slot and a Lua script may touch them all. The namespace
+    and view names hold no braces (checked when the settings load), so the entity's are the
+    first. (An empty entity id makes an empty tag, which Redis ignores: its keys then spread.)"""
+    return f"{{{entity}}}"
 
 
 def entity_key(namespace: str, view: str, entity: Any) -> str:
-    return f"{namespace}:{view}:{entity}"
+    return f"{namespace}:{view}:{hash_tag(entity)}"
+
+
+def entity_from_key(key: str | bytes, namespace: str, view: str) -> str:
+    """The entity id of a key :func:`entity_key` made (as text: a key does not say its type)."""
+    text = key.decode() if isinstance(key, bytes) else key
+    prefix = f"{namespace}:{view}:{{"
+    if not text.startswith(prefix) or not text.endswith("}"):
+        raise ValueError(f"{text!r} is not a key of view {view!r} in namespace {namespace!r}")
+    return text[len(prefix):-1]
 
 
 def encode_value(value: Any) -> str:
@@ -121,7 +255,7 @@ class OnlineStoreWriter:
     """Writes feature rows of one view to Redis, newer wins, with bounded retries."""
 
     def __init__(self, client: redis.Redis, namespace: str, view: str, ttl: timedelta,
-                 chunk_size: int = 1000, attempts: int = 5, backoff: float = 0.2):
+                 chunk_size: int = 1000, attempts: int = 8, backoff: float = 0.2):
         if ttl <= timedelta(0):
             raise ValueError("ttl must be positive: every online key expires")
         self.client = client
@@ -156,18 +290,20 @@ class OnlineStoreWriter:
 
     def _write_chunk(self, chunk: list[Mapping[str, Any]], entity: str, event_time: str,
                      features: Sequence[str], version: int | str, ttl_ms_field: str | None) -> list[int]:
+        calls = []
+        for row in chunk:
+            ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
+            if ttl_ms <= 0:
+                raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
+            args: list[Any] = [epoch_micros(row[event_time]), _version(row, version), ttl_ms]
+            for name in features:
+                if row[name] is not None:
+                    args += [name, encode_value(row[name])]
+            key = entity_key(self.namespace, self.view, row[entity])
+            calls.append((key, script_call(self._script, [key], args)))
+
         def write() -> list[int]:
-            pipe = self.client.pipeline(transaction=False)
-            for row in chunk:
-                ttl_ms = int(row[ttl_ms_field]) if ttl_ms_field else self.ttl_ms
-                if ttl_ms <= 0:
-                    raise ValueError(f"view {self.view}: TTL {ttl_ms} ms for {row[entity]!r}: every key expires")
-                args: list[Any] = [epoch_micros(row[event_time]), _version(row, version), ttl_ms]
-                for name in features:
-                    if row[name] is not None:
-                        args += [name, encode_value(row[name])]
-                self._script(keys=[entity_key(self.namespace, self.view, row[entity])], args=args, client=pipe)
-            return [int(r) for r in pipe.execute()]
+            return [int(r) for r in run_keyed(self.client, calls)]
 
         return retry_transient(write, f"Redis write of view {self.view!r}", self.attempts, self.backoff, max_pause=60.0)
 
@@ -196,11 +332,9 @@ def read_online(client: redis.Redis, namespace: str, view: str, features: Sequen
     ``age_seconds`` (now - event time). A missing or expired entity, or a feature stored as
     null, comes back as None: never an error, never a default."""
     now = now or datetime.now(timezone.utc)
-    pipe = client.pipeline(transaction=False)
-    for entity in entity_ids:
-        pipe.hgetall(entity_key(namespace, view, entity))
+    keys = [entity_key(namespace, view, entity) for entity in entity_ids]
     rows = []
-    for entity, stored in zip(entity_ids, pipe.execute()):
+    for entity, stored in zip(entity_ids, run_keyed(client, [(key, lambda pipe, k=key: pipe.hgetall(k)) for key in keys])):
         fields = {k.decode(): v.decode() for k, v in stored.items()}
         event_time = None
         if EVENT_TIME_FIELD in fields:

@@ -330,7 +330,7 @@ class Scorer:
         self.consumer = Consumer({**props, "group.id": self.group, "enable.auto.commit": False,
                                   "auto.offset.reset": "earliest", "isolation.level": "read_committed",
                                   "fetch.wait.max.ms": 20, "enable.partition.eof": False})
-        self.producer = Producer({**props, "transactional.id": self.group, "enable.idempotence": True,
+        self.producer = Producer({**settings.kafka.producer_properties(), "transactional.id": self.group,
                                   "linger.ms": 2, "compression.type": "lz4"})
         self.log = ScoreLog(client, settings.redis.namespace, self.deployment, events_topic,
                             micros(scoring.dedupe_window) / 1e6)
@@ -553,9 +553,9 @@ def decode_event(message: Message) -> ScoredEvent:
 
 
 def ensure_predictions_topic(settings: Settings, partitions: int) -> None:
+    source = settings.kafka.topics[settings.scoring.topic]
     ensure_topics(settings.kafka.client_properties(), [
-        TopicSpec(settings.scoring.predictions_topic, partitions,
-                  settings.kafka.topics[settings.scoring.topic].replication_factor)])
+        TopicSpec(settings.scoring.predictions_topic, partitions, source.replication_factor, source.min_insync_replicas)])
 
 
 def run_scoring(settings: Settings, client: redis.Redis, tracking_uri: str | None, model_uri: str | None = None,

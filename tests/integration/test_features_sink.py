@@ -10,7 +10,7 @@ from pipelines.features.sinks import FeatureBatchWriter, latest_per_entity
 from pipelines.features.stream import bronze_source, feature_stream
 from pipelines.features.transforms import sliding_features
 from pipelines.ingest.stream import create_tables
-from pipelines.online.store import read_online, redis_client
+from pipelines.online.store import entity_key, read_online, redis_client
 
 
 def ts(hhmm: str) -> datetime:
@@ -70,8 +70,9 @@ def test_writing_a_feature_batch_twice_changes_nothing(spark, isolated):
     writer = FeatureBatchWriter(view, settings)
     writer.write_batch(batch, 0, "features:test:app")
     client = redis_client(settings.redis)
-    key = f"{settings.redis.namespace}:{view.name}:m9"
+    key = entity_key(settings.redis.namespace, view.name, "m9")
     before_table, before_key = spark.read.format("delta").load(settings.storage.feature_path(view.name)).collect(), client.hgetall(key)
+    assert before_key[b"_event_time"]  # the first write's row is there (so the second could change it)
     writer.write_batch(batch, 0, "features:test:app")
     assert spark.read.format("delta").load(settings.storage.feature_path(view.name)).collect() == before_table
     assert client.hgetall(key) == before_key

@@ -43,7 +43,7 @@ from pipelines.online.live import LiveTrailingView
 from pipelines.online.live_consumer import BatchLog, LiveConsumer, LiveViews, PlannedBatch
 from pipelines.online.live_metrics import LiveMetrics
 from pipelines.online.live_windows import LiveWindowView
-from pipelines.online.store import OnlineStoreWriter, read_online, redis_client
+from pipelines.online.store import OnlineStoreWriter, entity_key, read_online, redis_client
 from tests.support import contract_conf, start_job, topic_names
 
 
@@ -237,10 +237,10 @@ def test_a_replayed_batch_and_redelivered_events_change_nothing(isolated):
     events = [("acct-1", "tx-1", t0, 10.0, "m-1", 100.0), ("acct-1", "tx-2", t0 + 1_000_000, 5.0, "m-2", 95.0)]
     first = live.apply(events)
     assert (first.added, first.written) == (2, 1)
-    before = client.hgetall(f"{settings.redis.namespace}:account_velocity:acct-1")
+    before = client.hgetall(entity_key(settings.redis.namespace, "account_velocity", "acct-1"))
     again = live.apply(events + [("acct-1", "tx-1", t0, 99.0, "m-9", 1.0)])  # tx-1 redelivered, other bytes
     assert (again.added, again.written) == (0, 0)
-    assert client.hgetall(f"{settings.redis.namespace}:account_velocity:acct-1") == before
+    assert client.hgetall(entity_key(settings.redis.namespace, "account_velocity", "acct-1")) == before
     value = read_online(client, settings.redis.namespace, view.name, feature_names(view), ["acct-1"])[0]
     assert (value["count_1h"], value["sum_amount_usd_1h"], value["max_amount_usd_1d"]) == (2, 15.0, 10.0)
     assert value["approx_count_distinct_merchant_id_1d"] == 2
@@ -258,7 +258,7 @@ def test_every_live_state_key_expires_after_the_state_ttl_also_one_recreated_bet
     live.apply([("acct-1", "tx-2", t0 + day + 1_000_000, 5.0, "m-2", 95.0)])
     value = read_online(client, settings.redis.namespace, view.name, feature_names(view), ["acct-1"])[0]
     assert value["approx_count_distinct_merchant_id_1d"] == 1
-    keys = sorted(k.decode() for k in client.scan_iter(f"{settings.redis.namespace}:~live:account_velocity:*:acct-1"))
+    keys = sorted(k.decode() for k in client.scan_iter(f"{settings.redis.namespace}:~live:account_velocity:*:{{acct-1}}"))
     assert [k.split(":~live:account_velocity:")[1].split(":")[0] for k in keys] == ["distinct", "events", "meta", "served", "times"]
     ttls = {k: client.pttl(k) for k in keys}
     # 7 days (the view's TTL, longer than its window), and the refresh period on top.
@@ -275,7 +275,7 @@ def test_live_window_state_expires_after_the_state_ttl_and_closed_windows_leave_
     week = 7 * 86_400_000  # the views' online TTL (ms), longer than their reach and lateness
 
     def state_ttls(window: LiveWindowView, entity: str) -> dict[str, int]:
-        keys = [*client.scan_iter(f"{window.prefix}:*:{entity}"), *client.scan_iter(f"{window.prefix}:distinct:{entity}:*")]
+        keys = [*client.scan_iter(f"{window.prefix}:*:{{{entity}}}"), *client.scan_iter(f"{window.prefix}:distinct:{{{entity}}}:*")]
         return {key.decode().removeprefix(f"{window.prefix}:"): client.pttl(key) for key in keys}
 
     for batch_id, at in enumerate((t0, t0 + 5 * s)):
@@ -284,21 +284,21 @@ def test_live_window_state_expires_after_the_state_ttl_and_closed_windows_leave_
     for window in live:
         ttls = state_ttls(window, "u1")
         # Both events are in one session and in the same three sliding windows.
-        distinct = ({f"distinct:u1:{t0 - k * 20 * s}:2" for k in range(3)} if window.view.kind == "sliding"
-                    else {"distinct:u1:e-0:2"})
-        assert set(ttls) == {"ids:u1", "open:u1", *distinct}, (window.view.name, ttls)
-        assert week - 60_000 < ttls.pop("open:u1") <= week, (window.view.name, ttls)
+        distinct = ({f"distinct:{{u1}}:{t0 - k * 20 * s}:2" for k in range(3)} if window.view.kind == "sliding"
+                    else {"distinct:{u1}:e-0:2"})
+        assert set(ttls) == {"ids:{u1}", "open:{u1}", *distinct}, (window.view.name, ttls)
+        assert week - 60_000 < ttls.pop("open:{u1}") <= week, (window.view.name, ttls)
         assert all(week < ttl <= week * 9 // 8 for ttl in ttls.values()), (window.view.name, ttls)
         # The ids made anew between two refreshes (here: deleted by hand) get their expiry at once.
         client.delete(window.keys("u1")[0])
         window.apply(2, [("u1", "e-2", t0 + 6 * s, 1.0, "b", True, 1)], t0 + 6 * s)
-        assert week < state_ttls(window, "u1")["ids:u1"] <= week * 9 // 8, window.view.name
+        assert week < state_ttls(window, "u1")["ids:{u1}"] <= week * 9 // 8, window.view.name
         # An event 10 minutes on moves the watermark past every window of u1: all close, and
         # no open state or distinct set is left behind (the ids stay, to drop a redelivery,
         # until they expire).
         result = window.apply(3, [("u2", "e-3", t0 + 600 * s, 1.0, "a", True, 1)], t0 + 600 * s)
         assert result.closed >= 1, window.view.name
-        assert set(state_ttls(window, "u1")) == {"ids:u1"}, window.view.name
+        assert set(state_ttls(window, "u1")) == {"ids:{u1}"}, window.view.name
 
 
 def test_the_durable_path_restates_a_live_value_and_a_newer_live_event_wins_again(isolated):
@@ -626,8 +626,8 @@ def test_live_windows_drop_late_events_merge_sessions_and_judge_a_replayed_batch
     assert (value["event_count"], value["duration_seconds"], value["sum_x"], value["max_x"]) == (3, 30.0, 7.0, 4.0)
     assert value["approx_count_distinct_s"] == 3  # a, é and b: the merged sessions' sets united
     # The closed session's distinct values are gone with it; the open one's (e4: "a") remain.
-    sets = {k.decode().rsplit(":", 1)[0] for k in client.scan_iter(f"{session.prefix}:distinct:u1:*")}
-    assert sets == {f"{session.prefix}:distinct:u1:e4"}, sets
+    sets = {k.decode().rsplit(":", 1)[0] for k in client.scan_iter(f"{session.prefix}:distinct:{{u1}}:*")}
+    assert sets == {f"{session.prefix}:distinct:{{u1}}:e4"}, sets
     assert (value["last_s"], value["count_s_a"], value["count_s_é"]) == ("é", 1, 1)
 
 
