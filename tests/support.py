@@ -5,6 +5,7 @@ the isolation of one test's topics, lake and Redis namespace, jobs run as subpro
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,10 @@ import yaml
 from pipelines.core.config import deep_merge, read_yaml
 from pipelines.core.kafka_admin import ensure_topics, platform_topics
 from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
+from pipelines.core.times import utc_assuming_local
+from pipelines.core.view_spec import event_time_column, feature_names
+from pipelines.features.sinks import latest_per_entity
+from pipelines.online.store import entity_from_key, read_online
 
 KAFKA_SCHEMA = (
     "key binary, value binary, topic string, partition int, offset long, timestamp timestamp, "
@@ -140,6 +145,43 @@ def free_ports(count: int) -> list[int]:
             sock.close()
 
 
+def free_low_ports(count: int, offset: int = 0, low: int = 12000, high: int = 22000) -> list[int]:
+    """``count`` distinct free loopback ports below the kernel's ephemeral range, each with
+    ``port + offset`` free too (a Redis Cluster node's bus port is its port + 10000: an
+    ephemeral port plus 10000 may be out of range, or taken by a connection's own port)."""
+    def free(port: int) -> bool:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+                return True
+            except OSError:
+                return False
+
+    rng = random.Random()
+    chosen: list[int] = []
+    while len(chosen) < count:
+        port = rng.randrange(low, high)
+        if port not in chosen and port + offset not in chosen and free(port) and (not offset or free(port + offset)):
+            chosen.append(port)
+    return chosen
+
+
+def cluster_overrides(base_overrides: dict[str, Any], root: Path) -> dict[str, Any]:
+    """``base_overrides`` in cluster mode (``local.mode: cluster``) on free ports, its services'
+    data under ``root``: the settings then name the cluster's brokers, Redis nodes and Spark
+    master."""
+    kafka = free_ports(6)
+    spark = free_low_ports(2)
+    workers_ui = free_low_ports(1, offset=1)[0]  # the two workers' web UIs: this port and the next
+    return deep_merge(base_overrides, {
+        "local": {"mode": "cluster", "root": str(root),
+                  "cluster_kafka_ports": kafka[:3], "cluster_kafka_controller_ports": kafka[3:],
+                  "cluster_redis_ports": free_low_ports(6, offset=10000),
+                  "spark_master_port": spark[0], "spark_master_ui_port": spark[1],
+                  "spark_worker_ui_port": workers_ui, "spark_workers": 2},
+    })
+
+
 def isolation(base_overrides: dict[str, Any], folder: Path):
     """Build settings with fresh topics and a fresh lake under ``folder``.
 
@@ -221,3 +263,24 @@ def start_job(job: str, conf_dir: Path, log: Path, *extra: str) -> subprocess.Po
         [sys.executable, str(PROJECT_ROOT / "jobs" / f"{job}.py"), "--env", "local", "--conf-dir", str(conf_dir), *extra],
         stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )
+
+
+def assert_online_equals_tables(spark, settings: Settings, views, client) -> int:
+    """Redis holds, for every entity of each view's feature table, the table's latest row (its
+    event time and every feature), and no entity the table lacks; returns the entities checked."""
+    checked = 0
+    for view in views:
+        table = spark.read.format("delta").load(settings.storage.feature_path(view.name))
+        latest = {r[view.entity]: r for r in latest_per_entity(table, view).collect()}
+        names = feature_names(view)
+        online = read_online(client, settings.redis.namespace, view.name, names, sorted(latest))
+        for value in online:
+            expected = latest[value["entity"]]
+            assert value["event_time"] == utc_assuming_local(expected[event_time_column(view)]), (view.name, value)
+            assert all(value[n] == expected[n] or abs(value[n] - expected[n]) < 1e-9 for n in names), \
+                (view.name, value, expected)
+        held = {entity_from_key(k, settings.redis.namespace, view.name)
+                for k in client.scan_iter(f"{settings.redis.namespace}:{view.name}:*", count=1000)}
+        assert held == {str(e) for e in latest}, (view.name, sorted(held ^ {str(e) for e in latest})[:10])
+        checked += len(latest)
+    return checked

@@ -167,6 +167,12 @@ class GeneratorSummary:
     def sent(self, topic: str) -> int:
         return sum(self.counts[topic].values())
 
+    def extend(self, other: GeneratorSummary) -> GeneratorSummary:
+        """Adds ``other``'s counts (records of the same stream sent in another part); returns self."""
+        for topic, counter in other.counts.items():
+            self.counts[topic].update(counter)
+        return self
+
     def expected_bronze(self, topic: str) -> int:
         return sum(self.counts[topic][k] for k in VALID_KINDS)
 

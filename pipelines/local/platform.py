@@ -250,7 +250,9 @@ class RedisServer(Service):
         if self.cluster_node_timeout_ms is not None:
             # nodes.conf (in --dir) keeps the node's id and view of the cluster across restarts.
             command += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                        "--cluster-node-timeout", str(self.cluster_node_timeout_ms)]
+                        "--cluster-node-timeout", str(self.cluster_node_timeout_ms),
+                        # A replica's first sync starts at once, not after Redis's 5 s default delay.
+                        "--repl-diskless-sync-delay", "0"]
         pid = self._spawn(command)
         log.info("%s starting (pid %d) on %s", self.name, pid, self.address)
 
@@ -297,11 +299,20 @@ def form_redis_cluster(nodes: Sequence[RedisServer], timeout: float = 60.0) -> N
 
 
 def redis_cluster_ready(nodes: Sequence[RedisServer]) -> bool:
-    """Every node says ``cluster_state:ok`` and half of them are masters (each with a replica)."""
+    """Every node says ``cluster_state:ok`` with every slot served and knows every other; half
+    of them are masters and each other one a replica whose link to its master is up."""
     try:
-        if any(node.cluster_info().get("cluster_state") != "ok" for node in nodes):
-            return False
-        return sum(node.role() == "master" for node in nodes) * 2 == len(nodes)
+        masters = 0
+        for node in nodes:
+            info = node.cluster_info()
+            if (info.get("cluster_state"), info.get("cluster_slots_ok"), info.get("cluster_known_nodes")) != \
+                    ("ok", "16384", str(len(nodes))):
+                return False
+            if node.role() == "master":
+                masters += 1
+            elif node.client().info("replication").get("master_link_status") != "up":
+                return False
+        return masters * 2 == len(nodes)
     except redis.RedisError:
         return False
 

@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 from pyspark.sql import SparkSession
 
-from pipelines.core.settings import Settings
+from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
 from pipelines.local.jars import DEFAULT_ROOT as JARS_ROOT
 from pipelines.local.jars import fetch
 from pipelines.local.platform import LocalPlatform
-from tests.support import isolation
+from tests.support import cluster_overrides, isolation
 
 
 @pytest.fixture(scope="session")
@@ -66,3 +66,30 @@ def isolated_module(settings: Settings, base_overrides: dict[str, Any], platform
     return isolation(base_overrides, tmp_path_factory.mktemp("module"))
 
 
+
+
+@pytest.fixture(scope="session")
+def cluster_overrides_session(base_overrides: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    return cluster_overrides(base_overrides, tmp_path_factory.mktemp("cluster"))
+
+
+@pytest.fixture(scope="session")
+def cluster(cluster_overrides_session: dict[str, Any], platform: LocalPlatform) -> Iterator[LocalPlatform]:
+    """The local platform in cluster mode (three Kafka nodes, a Redis Cluster of 3 masters and 3
+    replicas, Spark standalone with 2 workers), beside the single-node one; started on first use,
+    stopped at the end of the session."""
+    settings = load_settings("local", PROJECT_ROOT / "conf", cluster_overrides_session)
+    assert settings.local is not None and settings.local.clustered
+    local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False, with_cdc=False)
+    local.up()
+    try:
+        yield local
+    finally:
+        local.down()
+
+
+@pytest.fixture
+def isolated_cluster(cluster_overrides_session: dict[str, Any], cluster: LocalPlatform, tmp_path: Path):
+    """:func:`isolated`, on the cluster: topics replicated on its three nodes, Redis Cluster,
+    jobs run on its Spark master."""
+    return isolation(cluster_overrides_session, tmp_path)
