@@ -45,6 +45,7 @@ from pipelines.local.services import (  # noqa: F401 - PlatformError and the JDK
     java_version,
     megabytes,
     port_open,
+    stop_together,
     wait_healthy,
 )
 
@@ -606,9 +607,9 @@ class LocalPlatform:
         """Stop every service and wait for each to exit: the Connect worker first (it commits
         its offsets), Spark's workers before its master, the brokers after the services that
         use them, PostgreSQL last."""
-        spark = [*self.spark_workers, self.spark_master] if self.spark_master else []
-        for service in (self.connect, self.registry, *spark, *self.redis_nodes, *self.kafka_nodes, self.postgres):
-            service.stop()
+        for group in ([self.connect], [self.registry], self.spark_workers,
+                      [self.spark_master] if self.spark_master else [], self.redis_nodes, self.kafka_nodes, [self.postgres]):
+            stop_together(group)
 
     @property
     def all_services(self) -> list[Service]:

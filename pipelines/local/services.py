@@ -154,21 +154,7 @@ class Service:
         return process.pid
 
     def stop(self, timeout: float = 60.0) -> None:
-        pid = self.pid()
-        if pid is None:
-            self.pid_file.unlink(missing_ok=True)
-            return
-        log.info("stopping %s (pid %d)", self.name, pid)
-        os.kill(pid, self.stop_signal)
-        deadline = time.monotonic() + timeout
-        while pid_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if pid_alive(pid):
-            log.warning("%s did not stop within %.0fs: killing it", self.name, timeout)
-            os.kill(pid, signal.SIGKILL)
-            while pid_alive(pid):
-                time.sleep(0.1)
-        self.pid_file.unlink(missing_ok=True)
+        stop_together([self], timeout)
 
     def stop_now(self) -> None:
         """SIGKILL: the process ends at once, with nothing flushed (a crash, for tests)."""
@@ -185,6 +171,31 @@ class Service:
             return "\n".join(self.log_file.read_text(errors="replace").splitlines()[-lines:])
         except FileNotFoundError:
             return ""
+
+
+def stop_together(services: list[Service], timeout: float = 60.0) -> None:
+    """Signal every one of ``services`` to stop, then wait for each to exit (SIGKILL after
+    ``timeout``). Together, not one after the other: the nodes of a cluster (a KRaft quorum)
+    stopped one by one leave the last ones waiting for peers that are gone."""
+    running = []
+    for service in services:
+        pid = service.pid()
+        if pid is None:
+            service.pid_file.unlink(missing_ok=True)
+            continue
+        log.info("stopping %s (pid %d)", service.name, pid)
+        os.kill(pid, service.stop_signal)
+        running.append((service, pid))
+    deadline = time.monotonic() + timeout
+    for service, pid in running:
+        while pid_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if pid_alive(pid):
+            log.warning("%s did not stop within %.0fs: killing it", service.name, timeout)
+            os.kill(pid, signal.SIGKILL)
+            while pid_alive(pid):
+                time.sleep(0.1)
+        service.pid_file.unlink(missing_ok=True)
 
 
 def megabytes(size: str) -> int:
