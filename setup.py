@@ -64,6 +64,7 @@ setup(
             "fp-ingest=jobs.ingest:main",
             "fp-generate=jobs.generate:main",
             "fp-reconcile=jobs.reconcile:main",
+            "fp-monitor=jobs.monitor:main",
             "fp-features=jobs.features:main",
             "fp-live=jobs.live:main",
             "fp-score=jobs.score:main",

@@ -5,8 +5,10 @@ the isolation of one test's topics, lake and Redis namespace, jobs run as subpro
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -284,3 +286,54 @@ def assert_online_equals_tables(spark, settings: Settings, views, client) -> int
         assert held == {str(e) for e in latest}, (view.name, sorted(held ^ {str(e) for e in latest})[:10])
         checked += len(latest)
     return checked
+
+
+def signal_group_when(job: subprocess.Popen, signum: int, condition, timeout: float = 240) -> int:
+    """Send ``signum`` to the job's whole process group once ``condition()``; its exit code."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job.poll() is None, "the job ended before the signal"
+        assert time.monotonic() < deadline, "the job did not get there in time"
+        time.sleep(0.05)
+    os.killpg(job.pid, signum)
+    return job.wait(timeout=300)
+
+
+def kill_when(job: subprocess.Popen, condition, timeout: float = 240) -> None:
+    """SIGKILL the job's whole process group (Python driver and Spark JVM) once ``condition()``."""
+    signal_group_when(job, signal.SIGKILL, condition, timeout)
+
+
+def wait_for(condition, timeout: float, what: str, job: subprocess.Popen | None = None) -> None:
+    """Block until ``condition()``; fails naming ``what`` after ``timeout`` s, or if ``job`` ends first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert job is None or job.poll() is None, f"the job ended while waiting for {what}"
+        assert time.monotonic() < deadline, f"no {what} within {timeout:.0f}s"
+        time.sleep(0.2)
+
+
+def last_batch(checkpoint: str, log: str) -> int:
+    """The highest batch id in a checkpoint's ``offsets`` (planned) or ``commits`` (done) log."""
+    return max((int(p.name) for p in Path(checkpoint, log).iterdir() if p.name.isdigit()), default=-1)
+
+
+def last_written_batch(table: str, query_id: str) -> int:
+    """The highest ``txnVersion`` (batch id) the query committed to a Delta table (-1: none)."""
+    versions = [-1]
+    for commit in Path(table, "_delta_log").glob("*.json"):
+        for line in commit.read_text().splitlines():
+            txn = json.loads(line).get("txn")
+            if txn and query_id in txn["appId"]:
+                versions.append(txn["version"])
+    return max(versions)
+
+
+def assert_stopped_between_batches(checkpoint: str, *tables: str) -> None:
+    """The query stopped between batches: the last planned batch is committed, or it is the one
+    held at the gate, of which no table has a write."""
+    query_id = json.loads(Path(checkpoint, "metadata").read_text().splitlines()[0])["id"]
+    planned, committed = last_batch(checkpoint, "offsets"), last_batch(checkpoint, "commits")
+    assert committed >= 0 and planned - committed in (0, 1), (checkpoint, planned, committed)
+    for table in tables:
+        assert last_written_batch(table, query_id) <= committed, (table, committed)

@@ -162,6 +162,11 @@ class StorageSettings:
         return f"{self.root}/ops/model_quality"
 
     @property
+    def monitor_checks_path(self) -> str:
+        """``fp-monitor check --record``: each run's lag and staleness measures."""
+        return f"{self.root}/ops/monitor_checks"
+
+    @property
     def stream_metrics_path(self) -> str:
         return f"{self.root}/ops/stream_metrics"
 
@@ -397,6 +402,19 @@ class CdcSettings:
 
 
 @dataclass(frozen=True)
+class MonitoringSettings:
+    """``fp-monitor check``'s thresholds: a breach of any makes it exit non-zero, naming it."""
+
+    #: Records a streaming ingest query may be behind the broker's latest offsets, per topic (all
+    #: partitions together): its last committed batch's end offsets against the partitions' ends.
+    max_lag: int = 100_000
+    #: How old the newest event of a feature view's table may be (now minus its event time).
+    max_staleness: timedelta = timedelta(minutes=15)
+    #: Views whose staleness is not checked (a view of events that come rarely).
+    staleness_exempt: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
 class LocalPlatformSettings:
     """The embedded local platform: a real Kafka broker (KRaft), Redis and the Apicurio schema
     registry on loopback."""
@@ -436,6 +454,8 @@ class LocalPlatformSettings:
     cluster_redis_ports: tuple[int, ...] = (7001, 7002, 7003, 7004, 7005, 7006)
     #: cluster mode: how long a Redis master may be unreachable before its replica takes over.
     cluster_redis_node_timeout: timedelta = timedelta(seconds=2)
+    #: cluster mode: Spark standalone's master and workers (spark.master names it); with
+    #: ``spark_workers: 0`` none is started and the jobs run Spark as ``spark.master`` says.
     spark_master_port: int = 7077
     spark_master_ui_port: int = 8090
     spark_workers: int = 2
@@ -472,6 +492,7 @@ class Settings:
     mlflow: MlflowSettings = field(default_factory=MlflowSettings)
     schema_registry: SchemaRegistrySettings = field(default_factory=SchemaRegistrySettings)
     cdc: CdcSettings = field(default_factory=CdcSettings)
+    monitoring: MonitoringSettings = field(default_factory=MonitoringSettings)
     local: LocalPlatformSettings | None = None
     #: Contract name -> contract, loaded from ``conf/contracts/``.
     contracts: Mapping[str, Contract] = field(default_factory=dict, metadata={"yaml": False})
@@ -586,10 +607,12 @@ def _pointed_at_local_cluster(settings: Settings) -> Settings:
     # One executor of one core on each worker per application (the standalone master's default
     # gives the first application every core, and the next waits for it to end); the driver on
     # loopback, as the executors are.
-    conf = {"spark.executor.cores": "1", "spark.cores.max": str(local.spark_workers),
-            "spark.executor.memory": local.spark_executor_memory,
-            "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", **settings.spark.conf}
-    spark = dataclasses.replace(settings.spark, master=local.spark_master_url, conf=conf)
+    spark = settings.spark
+    if local.spark_workers:
+        conf = {"spark.executor.cores": "1", "spark.cores.max": str(local.spark_workers),
+                "spark.executor.memory": local.spark_executor_memory,
+                "spark.driver.host": "127.0.0.1", "spark.driver.bindAddress": "127.0.0.1", **settings.spark.conf}
+        spark = dataclasses.replace(settings.spark, master=local.spark_master_url, conf=conf)
     return dataclasses.replace(settings, kafka=kafka, redis=redis, spark=spark)
 
 
@@ -636,8 +659,9 @@ def _check_local(local: LocalPlatformSettings, source: Path) -> None:
     if taken:
         raise ConfigError(f"{source}: local: cluster mode's ports must differ (a Redis node's takes its port + 10000 "
                           f"too): {', '.join(map(str, taken))} is given twice")
-    if local.spark_workers < 1 or local.spark_worker_cores < 1:
-        raise ConfigError(f"{source}: local.spark_workers and local.spark_worker_cores: must be at least 1")
+    if local.spark_workers < 0 or local.spark_worker_cores < 1:
+        raise ConfigError(f"{source}: local.spark_workers: must not be negative (0: Spark as spark.master says, "
+                          "no standalone cluster); local.spark_worker_cores: at least 1")
     if local.cluster_redis_node_timeout < timedelta(milliseconds=100):
         raise ConfigError(f"{source}: local.cluster_redis_node_timeout: must be at least 100ms")
 
@@ -645,6 +669,12 @@ def _check_local(local: LocalPlatformSettings, source: Path) -> None:
 def _check_references(settings: Settings, source: Path) -> None:
     if settings.local is not None:
         _check_local(settings.local, source)
+    monitoring = settings.monitoring
+    if monitoring.max_lag < 0 or monitoring.max_staleness <= timedelta(0):
+        raise ConfigError(f"{source}: monitoring.max_lag must not be negative and monitoring.max_staleness must be positive")
+    unknown = [v for v in monitoring.staleness_exempt if v not in settings.views]
+    if unknown:
+        raise ConfigError(f"{source}: monitoring.staleness_exempt: {', '.join(unknown)} not declared in conf/features")
     if "{" in settings.redis.namespace or "}" in settings.redis.namespace:
         raise ConfigError(f"{source}: redis.namespace: {settings.redis.namespace!r} must not hold braces "
                           "(an online key's braces mark its Redis Cluster hash tag)")

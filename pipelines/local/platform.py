@@ -501,10 +501,10 @@ class LocalPlatform:
             timeout_ms = int(settings.cluster_redis_node_timeout.total_seconds() * 1000)
             self.redis_nodes = [RedisServer(root, port, folder=f"redis-{i + 1}", cluster_node_timeout_ms=timeout_ms)
                                 for i, port in enumerate(settings.cluster_redis_ports)]
-            self.spark_master: SparkMaster | None = SparkMaster(root, settings.spark_master_port,
-                                                                settings.spark_master_ui_port)
+            master = SparkMaster(root, settings.spark_master_port, settings.spark_master_ui_port)
+            self.spark_master: SparkMaster | None = master if settings.spark_workers else None
             self.spark_workers = [
-                SparkWorker(root, i + 1, self.spark_master, settings.spark_worker_ui_port + i,
+                SparkWorker(root, i + 1, master, settings.spark_worker_ui_port + i,
                             settings.spark_worker_cores, settings.spark_worker_memory)
                 for i in range(settings.spark_workers)
             ]

@@ -84,7 +84,7 @@ def test_a_cycle_between_two_modules_of_one_stage_fails_the_lint(tmp_path):
 
 
 @pytest.mark.parametrize("module", ["pipelines.online.serving", "pipelines.core.settings", "pipelines.training.reader",
-                                    "jobs.contracts", "jobs.generate", "jobs.online"])
+                                    "jobs.contracts", "jobs.generate", "jobs.online", "jobs.monitor"])
 def test_the_read_path_the_gate_and_the_generator_import_without_spark(module):
     code = BLOCK_SPARK + f"""
 import {module}

@@ -1,0 +1,1 @@
+"""Is the platform keeping up: lag and staleness measured from what the jobs leave behind."""

@@ -1,0 +1,66 @@
+"""``fp-monitor check`` against what real jobs left behind: exit 0 while the ingest is caught up
+and the views fresh, 1 naming each breach once records wait unread on the broker or a view's
+newest event is older than its threshold, and its measures recorded for the report."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+
+from deltalake import DeltaTable
+
+from pipelines.core.settings import PROJECT_ROOT
+from pipelines.features.stream import run_features
+from pipelines.ingest.stream import run_ingest
+from pipelines.local.generator import GeneratorSpec, generate, produce
+from tests.support import topic_names
+
+
+def monitor(conf_dir, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "monitor.py"), "check", "--env", "local",
+                           "--conf-dir", str(conf_dir), "--views", "merchant_hourly", *extra],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thresholds_and_zero_otherwise(
+        spark, isolated, tmp_path):
+    # Events up to now: the hourly view's newest window ends within the hour.
+    settings = isolated(monitoring={"max_lag": 20, "max_staleness": "2h"})
+    tx, lb = settings.ingest.topics
+    spec = GeneratorSpec(count=400, seed=5, span=timedelta(hours=3), end=datetime.now(timezone.utc), bad_rate=0.05,
+                         label_rate=0.0)
+    produce(generate(spec), settings.kafka.producer_properties(), topic_names=topic_names(settings))
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+
+    # Nothing ingested yet: every record of the topic is lag, and the view has no row.
+    before = monitor(conf_dir)
+    assert before.returncode == 1, before.stdout + before.stderr
+    assert f"BREACH lag {tx}: 400 records" in before.stdout and "the ingest never committed a batch" in before.stdout
+    assert "BREACH staleness merchant_hourly: none yet" in before.stdout
+
+    run_ingest(spark, settings, available_now=True)
+    run_features(spark, settings, [settings.views["merchant_hourly"]], available_now=True)
+    fine = monitor(conf_dir, "--record")
+    assert fine.returncode == 0, fine.stdout + fine.stderr
+    assert f"ok     lag {tx}: 0 records" in fine.stdout and f"ok     lag {lb}: 0 records" in fine.stdout
+    assert "ok     staleness merchant_hourly:" in fine.stdout
+
+    # 30 records more than the ingest has read (threshold 20): a breach naming the topic.
+    produce(generate(GeneratorSpec(count=30, seed=6, span=timedelta(minutes=5), bad_rate=0.0, label_rate=0.0)),
+            settings.kafka.producer_properties(), topic_names={"transactions": tx})
+    lagging = monitor(conf_dir, "--record")
+    assert lagging.returncode == 1
+    assert f"BREACH lag {tx}: 30 records (threshold 20 records)" in lagging.stdout
+    assert f"ok     lag {lb}: 0 records" in lagging.stdout
+    assert "1 breach of 3 measures" in lagging.stdout
+
+    # A threshold the view's newest window is older than: a staleness breach naming the view.
+    stale = monitor(conf_dir, "--set", "monitoring.max_staleness=1s", "--set", "monitoring.max_lag=1000")
+    assert stale.returncode == 1
+    assert "BREACH staleness merchant_hourly:" in stale.stdout and stale.stdout.count("BREACH") == 1
+
+    # Both recorded runs are in ops/monitor_checks, the breach flagged.
+    rows = DeltaTable(settings.storage.monitor_checks_path).to_pyarrow_table().to_pylist()
+    assert len(rows) == 6
+    assert {(r["check"], r["subject"], r["breached"]) for r in rows if r["value"] == 30.0} == {("lag", tx, True)}
