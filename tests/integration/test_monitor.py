@@ -30,13 +30,13 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     tx, lb = settings.ingest.topics
     spec = GeneratorSpec(count=400, seed=5, span=timedelta(hours=3), end=datetime.now(timezone.utc), bad_rate=0.05,
                          label_rate=0.0)
-    produce(generate(spec), settings.kafka.producer_properties(), topic_names=topic_names(settings))
+    sent = produce(generate(spec), settings.kafka.producer_properties(), topic_names=topic_names(settings))
     conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
 
     # Nothing ingested yet: every record of the topic is lag, and the view has no row.
     before = monitor(conf_dir)
     assert before.returncode == 1, before.stdout + before.stderr
-    assert f"BREACH lag {tx}: 400 records" in before.stdout and "the ingest never committed a batch" in before.stdout
+    assert f"BREACH lag {tx}: {sent.sent(tx)} records" in before.stdout and "the ingest never committed a batch" in before.stdout
     assert "BREACH staleness merchant_hourly: none yet" in before.stdout
 
     run_ingest(spark, settings, available_now=True)
@@ -47,8 +47,10 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     assert "ok     staleness merchant_hourly:" in fine.stdout
 
     # 30 records more than the ingest has read (threshold 20): a breach naming the topic.
-    produce(generate(GeneratorSpec(count=30, seed=6, span=timedelta(minutes=5), bad_rate=0.0, label_rate=0.0)),
-            settings.kafka.producer_properties(), topic_names={"transactions": tx})
+    more = produce(generate(GeneratorSpec(count=30, seed=6, span=timedelta(minutes=5), bad_rate=0.0,
+                                          duplicate_rate=0.0, label_rate=0.0)),
+                   settings.kafka.producer_properties(), topic_names={"transactions": tx})
+    assert more.sent(tx) == 30
     lagging = monitor(conf_dir, "--record")
     assert lagging.returncode == 1
     assert f"BREACH lag {tx}: 30 records (threshold 20 records)" in lagging.stdout

@@ -170,3 +170,42 @@ def test_an_avro_topic_needs_a_registry_url(tmp_path):
 def test_a_contract_format_is_json_or_avro(tmp_path):
     with pytest.raises(ConfigError, match="transactions.yaml: format: 'protobuf' is not one of json, avro"):
         load_settings("local", contract_conf(tmp_path / "conf", transactions_format="protobuf"))
+
+
+def test_cluster_mode_points_kafka_redis_and_spark_at_the_local_cluster():
+    settings = load_settings("local", CONF, {"local": {"mode": "cluster"}})
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9192,127.0.0.1:9194,127.0.0.1:9196"
+    assert {(t.replication_factor, t.min_insync_replicas) for t in settings.kafka.topics.values()} == {(3, 2)}
+    assert settings.redis.cluster_nodes == tuple(f"127.0.0.1:{p}" for p in range(7001, 7007))
+    assert settings.redis.replica_acks == 1
+    assert settings.spark.master == "spark://127.0.0.1:7077"
+    assert (settings.spark.conf["spark.cores.max"], settings.spark.conf["spark.executor.cores"]) == ("2", "1")
+
+
+def test_cluster_mode_without_spark_workers_keeps_spark_master():
+    settings = load_settings("local", CONF, {"local": {"mode": "cluster", "spark_workers": 0}})
+    assert settings.spark.master == "local[2]" and "spark.cores.max" not in settings.spark.conf
+    assert settings.redis.clustered
+
+
+def test_single_mode_leaves_the_configured_endpoints_alone():
+    settings = load_settings("local", CONF)
+    assert settings.kafka.bootstrap_servers == "127.0.0.1:9092" and not settings.redis.clustered
+    assert settings.kafka.topics["transactions"].min_insync_replicas is None
+
+
+@pytest.mark.parametrize(("local", "message"), [
+    ({"mode": "clustered"}, "local.mode: 'clustered' is not one of single, cluster"),
+    ({"mode": "cluster", "cluster_kafka_ports": [9192, 9194]}, r"3 ports each \(one node each\), got 2 and 3"),
+    ({"mode": "cluster", "cluster_redis_ports": [7001, 7002, 7003]}, "local.cluster_redis_ports: 3 ports"),
+    # A Redis node's bus port (7001 + 10000) is the Spark master's port.
+    ({"mode": "cluster", "spark_master_port": 17001}, "17001 is given twice"),
+])
+def test_a_bad_cluster_shape_fails_naming_the_key(local, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings("local", CONF, {"local": local})
+
+
+def test_a_redis_namespace_with_braces_is_refused_as_it_would_break_the_hash_tags():
+    with pytest.raises(ConfigError, match=r"redis.namespace: 'a\{b\}' must not hold braces"):
+        load_settings("local", CONF, {"redis": {"namespace": "a{b}"}})

@@ -1,0 +1,38 @@
+"""fp-monitor's reading of a streaming checkpoint and its measures' verdicts, on hand-written files."""
+
+from __future__ import annotations
+
+import math
+
+from pipelines.monitor.check import Measure, committed_offsets
+
+
+def write_batch(checkpoint, batch: int, offsets: str, committed: bool) -> None:
+    (checkpoint / "offsets").mkdir(parents=True, exist_ok=True)
+    (checkpoint / "commits").mkdir(parents=True, exist_ok=True)
+    (checkpoint / "offsets" / str(batch)).write_text(
+        'v1\n{"batchWatermarkMs":0,"batchTimestampMs":1796430000000,"conf":{}}\n' + offsets + "\n")
+    if committed:
+        (checkpoint / "commits" / str(batch)).write_text('v1\n{"nextBatchWatermarkMs":0}\n')
+
+
+def test_the_committed_offsets_are_those_of_the_last_batch_with_a_commit(tmp_path):
+    write_batch(tmp_path, 0, '{"tx":{"1":10,"0":12}}', committed=True)
+    write_batch(tmp_path, 1, '{"tx":{"1":25,"0":30}}', committed=True)
+    write_batch(tmp_path, 2, '{"tx":{"1":40,"0":41}}', committed=False)  # planned, cut short
+    (tmp_path / "offsets" / ".3.0b8c-tmp.tmp").write_text("half")
+    assert committed_offsets(str(tmp_path)) == {"tx": {0: 30, 1: 25}}
+
+
+def test_a_checkpoint_without_a_committed_batch_has_no_offsets(tmp_path):
+    assert committed_offsets(str(tmp_path / "never-started")) is None
+    write_batch(tmp_path, 0, '{"tx":{"0":5}}', committed=False)
+    assert committed_offsets(str(tmp_path)) is None
+
+
+def test_a_measure_breaches_only_over_its_threshold_and_says_so():
+    assert not Measure("lag", "tx", 20.0, 20.0, "records").breached
+    over = Measure("lag", "tx", 21.0, 20.0, "records", "partition 0: 21")
+    assert over.line() == "BREACH lag tx: 21 records (threshold 20 records); partition 0: 21"
+    never = Measure("staleness", "v", math.inf, 60.0, "s", "no feature row yet")
+    assert never.breached and never.line() == "BREACH staleness v: none yet (threshold 60 s); no feature row yet"
