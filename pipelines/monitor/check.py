@@ -10,8 +10,8 @@ from the jobs themselves, so that a job that died (or never started) shows as a 
   ``monitoring.max_staleness`` is a breach; a view with no table yet is one too.
 
 Nothing here needs Spark: the checkpoint is read through pyarrow's file systems (local, S3, GCS,
-HDFS), the Delta log with delta-rs, the offsets with a Kafka client, so it runs from cron or a
-bundle job in seconds. Each run's measures can be appended to ``ops/monitor_checks``.
+HDFS; DBFS through its ``/dbfs`` mount), the Delta log with delta-rs, the offsets with a Kafka
+client, so it runs from cron or a bundle job in seconds. Each run's measures can be appended to ``ops/monitor_checks``.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ from pipelines.core.settings import Settings
 from pipelines.core.view_spec import FeatureView, event_time_column
 
 _BATCH = re.compile(r"^\d+$")
+
+
+def readable_path(uri: str) -> str:
+    """``uri`` as pyarrow and delta-rs read it: DBFS (``dbfs:/x``, which neither knows) through
+    its FUSE mount on a Databricks node (``/dbfs/x``); local paths and s3://, gs://, abfss://
+    URIs as they are."""
+    return "/dbfs/" + uri[len("dbfs:/"):].lstrip("/") if uri.startswith("dbfs:/") else uri
 
 
 @dataclass(frozen=True)
@@ -60,7 +67,7 @@ class Measure:
 def committed_offsets(checkpoint: str) -> dict[str, dict[int, int]] | None:
     """The end offsets (topic -> partition -> next offset to read) of the last batch the query
     whose checkpoint is at ``checkpoint`` committed; None when it committed none."""
-    fs, root = pafs.FileSystem.from_uri(checkpoint)
+    fs, root = pafs.FileSystem.from_uri(readable_path(checkpoint))
 
     def batches(folder: str) -> set[int]:
         infos = fs.get_file_info(pafs.FileSelector(f"{root}/{folder}", allow_not_found=True))
@@ -102,7 +109,7 @@ def newest_event_time(path: str, column: str) -> datetime | None:
     """The newest value of ``column`` in the Delta table at ``path``, from its files' statistics;
     None when the table does not exist or holds no row."""
     try:
-        actions = DeltaTable(path).get_add_actions(flatten=True)
+        actions = DeltaTable(readable_path(path)).get_add_actions(flatten=True)
     except TableNotFoundError:
         return None
     name = f"max.{column}"
@@ -145,4 +152,4 @@ def record_measures(path: str, measures: Sequence[Measure], checked_at: datetime
          "value": None if math.isinf(m.value) else m.value, "threshold": m.threshold,
          "breached": m.breached, "detail": m.detail}
         for m in measures], schema=CHECKS_SCHEMA)
-    write_deltalake(path, rows, mode="append")
+    write_deltalake(readable_path(path), rows, mode="append")

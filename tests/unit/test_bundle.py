@@ -20,7 +20,7 @@ from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.features.live_stream import SPARE_TASK_SLOTS
 
 JOB_NAMES = {"ingest", "features", "live", "score", "cdc", "reconcile", "backfill", "recompute_late", "rehydrate",
-             "build_training_set", "rebuild_training_set", "model_quality", "skew"}
+             "build_training_set", "rebuild_training_set", "model_quality", "skew", "monitor"}
 ROCKSDB_PROVIDER = "org.apache.spark.sql.execution.streaming.state.RocksDBStateStoreProvider"
 #: The levels the top-level (bundle or target) permissions mapping accepts.
 TOP_LEVEL_PERMISSION_LEVELS = {"CAN_VIEW", "CAN_MANAGE", "CAN_RUN"}
@@ -170,6 +170,7 @@ def test_every_job_cluster_is_its_entry_of_the_shared_definition():
         "rebuild_training_set": ["${var.job_cluster.training}"],
         "model_quality": ["${var.job_cluster.monitoring}"],
         "skew": ["${var.job_cluster.monitoring}"],
+        "monitor": ["${var.job_cluster.reconcile}"],
     }
 
 
@@ -183,7 +184,7 @@ def test_each_job_keeps_its_worker_count():
     assert {name: resolved_cluster(name)["num_workers"] for name in JOBS} == {
         "ingest": 2, "features": 2, "live": 9, "score": 1, "cdc": 1, "reconcile": 1, "backfill": 4, "recompute_late": 1,
         "rehydrate": 1, "build_training_set": 4, "rebuild_training_set": 4, "model_quality": 1,
-        "skew": 1,
+        "skew": 1, "monitor": 1,
     }
 
 
@@ -232,6 +233,7 @@ def test_each_job_cluster_gets_only_the_secrets_its_job_reads():
         "rebuild_training_set": [],
         "model_quality": [],  # Delta tables and the MLflow registry of the workspace
         "skew": [],  # bronze, the predictions table and the MLflow registry
+        "monitor": [kafka],  # the topics' offsets; checkpoints and the Delta log
     }
 
 
@@ -245,7 +247,7 @@ def test_cluster_secrets_are_read_from_the_bundle_secret_scope():
 
 def test_every_secret_a_cluster_gets_is_a_secret_scope_reference():
     values = [value for name in JOBS for value in resolved_cluster(name)["spark_env_vars"].values()]
-    assert len(values) == 16
+    assert len(values) == 17
     assert [value for value in values if not re.fullmatch(r"\{\{secrets/feature-platform/[\w-]+\}\}", value)] == []
 
 
@@ -264,6 +266,7 @@ def test_job_names_name_their_target():
         "rebuild_training_set": "feature-platform-training-set-rebuild-${bundle.target}",
         "model_quality": "feature-platform-model-quality-${bundle.target}",
         "skew": "feature-platform-skew-${bundle.target}",
+        "monitor": "feature-platform-monitor-${bundle.target}",
     }
 
 
@@ -324,7 +327,8 @@ def test_prod_runs_as_the_service_principal_variable():
 
 def test_prod_unpauses_the_scheduled_jobs():
     assert {name: spec["schedule"]["pause_status"] for name, spec in PROD["resources"]["jobs"].items()} == \
-        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED", "model_quality": "UNPAUSED", "skew": "UNPAUSED"}
+        {"reconcile": "UNPAUSED", "recompute_late": "UNPAUSED", "model_quality": "UNPAUSED", "skew": "UNPAUSED",
+         "monitor": "UNPAUSED"}
 
 
 def test_job_parameters_reach_the_batch_jobs_arguments():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from pipelines.monitor.check import Measure, committed_offsets
+from pipelines.monitor.check import Measure, committed_offsets, readable_path
 
 
 def write_batch(checkpoint, batch: int, offsets: str, committed: bool) -> None:
@@ -36,3 +36,8 @@ def test_a_measure_breaches_only_over_its_threshold_and_says_so():
     assert over.line() == "BREACH lag tx: 21 records (threshold 20 records); partition 0: 21"
     never = Measure("staleness", "v", math.inf, 60.0, "s", "no feature row yet")
     assert never.breached and never.line() == "BREACH staleness v: none yet (threshold 60 s); no feature row yet"
+
+
+def test_dbfs_paths_are_read_through_the_fuse_mount_and_others_as_they_are():
+    assert readable_path("dbfs:/feature-platform/prod/_checkpoints/ingest/tx") == "/dbfs/feature-platform/prod/_checkpoints/ingest/tx"
+    assert readable_path("s3://bucket/lake") == "s3://bucket/lake" and readable_path("/tmp/lake") == "/tmp/lake"
