@@ -24,6 +24,7 @@ setup(
         "pyyaml>=6.0",
         "deltalake==1.6.6",  # reads the Delta tables without a JVM (training sets, notebooks)
         "threadpoolctl>=3.1",  # fp-score caps a model's native threads (a runtime has it with scikit-learn)
+        "prometheus-client==0.26.0",  # the streaming jobs' /metrics endpoint
     ],
     extras_require={
         # What a cluster runtime provides and a laptop needs: `make setup` installs it. Never

@@ -15,13 +15,21 @@ import logging
 import sys
 
 from pipelines.cdc.stream import REBUILD_SOURCES, change_topics, rebuild_tables, run_cdc
-from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args
+from pipelines.core.cli import (
+    add_metrics_argument,
+    add_settings_arguments,
+    configure_logging,
+    run_job,
+    serve_job_metrics,
+    settings_from_args,
+)
 from pipelines.core.session import build_session
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-cdc", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument("--topics", nargs="+", help="change-event topics (default: those of cdc.tables)")
     parser.add_argument("--available-now", action="store_true", help="process what the topics hold, then stop")
     parser.add_argument("--timeout", type=float, help="stop gracefully after this many seconds")
@@ -40,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         settings = settings_from_args(args)
+        serve_job_metrics(args, settings)
         if args.rebuild_from:
             spark = build_session(settings.spark)
             for topic in change_topics(settings, args.topics):

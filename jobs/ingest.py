@@ -11,7 +11,15 @@ import argparse
 import logging
 import sys
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, topics_from_args
+from pipelines.core.cli import (
+    add_metrics_argument,
+    add_settings_arguments,
+    configure_logging,
+    run_job,
+    serve_job_metrics,
+    settings_from_args,
+    topics_from_args,
+)
 from pipelines.core.session import build_session
 from pipelines.ingest.stream import run_ingest
 
@@ -19,6 +27,7 @@ from pipelines.ingest.stream import run_ingest
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-ingest", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument("--topics", help="comma-separated subset of ingest.topics (default: all)")
     parser.add_argument("--available-now", action="store_true",
                         help="process what is in the topics now, then stop (backfill/cron style)")
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         settings = settings_from_args(args)
+        serve_job_metrics(args, settings)
         topics = topics_from_args(args.topics, settings)
         spark = build_session(settings.spark)
         return run_ingest(spark, settings, topics, available_now=args.available_now, timeout=args.timeout)

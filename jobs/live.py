@@ -11,7 +11,15 @@ import argparse
 import logging
 import sys
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args, views_from_args
+from pipelines.core.cli import (
+    add_metrics_argument,
+    add_settings_arguments,
+    configure_logging,
+    run_job,
+    serve_job_metrics,
+    settings_from_args,
+    views_from_args,
+)
 from pipelines.core.session import build_session
 from pipelines.features.live_stream import live_views, realtime_session_settings, run_live, source_partitions
 
@@ -19,6 +27,7 @@ from pipelines.features.live_stream import live_views, realtime_session_settings
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-live", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument("--views", help="comma-separated views from conf/features (default: all served online)")
     parser.add_argument("--available-now", action="store_true",
                         help="validate and apply what Kafka holds now, then stop (micro-batches, not real-time mode)")
@@ -32,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         settings = settings_from_args(args)
+        serve_job_metrics(args, settings)
         views = views_from_args(args.views, settings)
         overrides = {}
         if not args.available_now:  # real-time mode: a task slot per partition of the live topics, and a spare

@@ -14,7 +14,14 @@ import signal
 import sys
 import threading
 
-from pipelines.core.cli import add_settings_arguments, configure_logging, run_job, settings_from_args
+from pipelines.core.cli import (
+    add_metrics_argument,
+    add_settings_arguments,
+    configure_logging,
+    run_job,
+    serve_job_metrics,
+    settings_from_args,
+)
 from pipelines.core.session import build_session
 from pipelines.online.store import redis_client
 from pipelines.scoring.stream import run_scoring
@@ -24,6 +31,7 @@ from pipelines.training.build import tracking_uri
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="fp-score", description=__doc__.splitlines()[0])
     add_settings_arguments(parser)
+    add_metrics_argument(parser)
     parser.add_argument("--model", help="model URI (default scoring.model), e.g. models:/fraud@champion or runs:/<id>/model")
     parser.add_argument("--tracking-uri", help="MLflow tracking/registry URI (default: MLFLOW_TRACKING_URI, then mlflow.tracking_uri)")
     parser.add_argument("--until-end", action="store_true", help="score up to the events topic's end at start, then stop")
@@ -37,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         settings = settings_from_args(args)
+        serve_job_metrics(args, settings)
         stop = threading.Event()
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda _signum, _frame: stop.set())

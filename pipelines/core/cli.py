@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 from pipelines.core.config import parse_overrides
 from pipelines.core.errors import ConfigError, PipelineError
+from pipelines.core.prometheus import serve_metrics
 from pipelines.core.settings import ENVIRONMENTS, Settings, load_settings
 from pipelines.core.view_spec import FeatureView
 
@@ -18,6 +19,21 @@ def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--conf-dir", help="configuration folder (default: the project's conf/)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a config key, e.g. ingest.max_offsets_per_trigger=5000 (repeatable)")
+
+
+def add_metrics_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on this port (default: monitoring.metrics_port; none if unset)")
+
+
+def serve_job_metrics(args: argparse.Namespace, settings: Settings) -> None:
+    """The job's Prometheus endpoint, on ``--metrics-port`` or ``monitoring.metrics_port`` (none
+    if neither is set)."""
+    port = args.metrics_port if args.metrics_port is not None else settings.monitoring.metrics_port
+    if port is not None:
+        if not 0 < port < 65536:
+            raise ConfigError(f"--metrics-port: {port} is not a port")
+        serve_metrics(port, settings.monitoring.metrics_host)
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:

@@ -23,6 +23,7 @@ from pyspark.sql.streaming import StreamingQueryListener
 from pyspark.sql.types import StructType
 
 from pipelines.core.delta import write_delta_idempotent
+from pipelines.core.prometheus import observe_progress
 
 log = logging.getLogger("pipelines.progress")
 
@@ -126,6 +127,10 @@ class ProgressListener(StreamingQueryListener):
                           progress.json)
             return
         log.info(reporter.line(row))
+        try:
+            observe_progress(progress, row)
+        except Exception:  # noqa: BLE001 - metrics must never stop the data path
+            log.exception("could not export the metrics of batch %s of %s", progress.batchId, progress.name)
         log.debug("%s batch %s durations (ms): %s", progress.name, progress.batchId, progress.durationMs)
         with self._lock:
             self.rows.append(row)

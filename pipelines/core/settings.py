@@ -412,6 +412,11 @@ class MonitoringSettings:
     max_staleness: timedelta = timedelta(minutes=15)
     #: Views whose staleness is not checked (a view of events that come rarely).
     staleness_exempt: tuple[str, ...] = ()
+    #: The streaming jobs' Prometheus endpoint (``/metrics``), unless ``--metrics-port`` names one;
+    #: unset: none. One port per process: give each job its own with ``--metrics-port``.
+    metrics_port: int | None = None
+    #: The interface it listens on (``0.0.0.0`` for a Prometheus on another host).
+    metrics_host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)

@@ -132,7 +132,7 @@ def read_attributes(client: redis.Redis, namespace: str, table: str, keys: Seque
     (never had, or deleted)."""
     hashes = [attribute_key(namespace, table, key) for key in keys]
     rows: list[dict[str, Any] | None] = []
-    for stored in run_keyed(client, [(h, lambda pipe, h=h: pipe.hgetall(h)) for h in hashes]):
+    for stored in run_keyed(client, [(h, lambda pipe, h=h: pipe.hgetall(h)) for h in hashes], writes=False):
         text = {k.decode(): v.decode() for k, v in stored.items()}
         if not text or DELETED_FIELD in text:
             rows.append(None)

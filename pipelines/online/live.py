@@ -557,7 +557,7 @@ class LiveTrailingView:
                  for key, event_id in ((self.served_key(entity), event_id) for entity, event_id in events)]
 
         def run() -> list[Any]:
-            return run_keyed(self.client, calls)
+            return run_keyed(self.client, calls, writes=False)
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
         return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]
@@ -573,7 +573,7 @@ class LiveTrailingView:
             calls.append((keys[0], script_call(self._as_of, keys, [int(at)])))
 
         def run() -> list[Any]:
-            return run_keyed(self.client, calls)
+            return run_keyed(self.client, calls, writes=False)
 
         raw = retry_transient(run, f"served rows of view {self.view.name!r}", self.attempts, self.backoff)
         return [None if r is None else ServedRow.decode(r, self.output_names) for r in raw]

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
+from pipelines.core.prometheus import observe_latency
+
 log = logging.getLogger(__name__)
 
 
@@ -91,6 +93,7 @@ class LiveMetrics:
             "recorded_at": datetime.now(timezone.utc),
         }
         log.info(format_live_progress(row))
+        observe_latency("live", row["event_to_redis_p99"])
         self.rows.put(row)
         self.started, self.batches, self.added, self.written, self.closed, self.late = now, 0, 0, 0, 0, 0
         self.event_lags, self.append_lags, self.close_lags, self.validation_lags = [], [], [], []

@@ -135,7 +135,7 @@ def redis_client(settings: RedisSettings) -> redis.Redis:
 _UNDER_REPLICATED: dict[str, float] = {}
 
 
-def run_keyed(client: redis.Redis, calls: Sequence[tuple[str, Callable[[Any], Any]]]) -> list[Any]:
+def run_keyed(client: redis.Redis, calls: Sequence[tuple[str, Callable[[Any], Any]]], writes: bool = True) -> list[Any]:
     """Run ``calls`` (a key, and a function that queues one command on the pipeline it is given,
     for that key: a script call, HGETALL, ...) in pipelines, and return their results in order.
 
@@ -147,10 +147,10 @@ def run_keyed(client: redis.Redis, calls: Sequence[tuple[str, Callable[[Any], An
     master acknowledged are on its replicas before the batch counts as done, so a failover does
     not lose them. A master with fewer replicas than asked (its replica down, or promoted and
     not yet followed) is waited for by those it has, and reported; :class:`ReplicasBehind` if
-    replicas it has did not answer in time. On a cluster's error (a failover, a moved slot, a
-    node gone) the client reads the topology again before the error is raised: a retry goes to
-    the new masters."""
-    acks = getattr(client, "replica_acks", 0)
+    replicas it has did not answer in time. Reads (``writes`` False) wait for nothing. On a
+    cluster's error (a failover, a moved slot, a node gone) the client reads the topology again
+    before the error is raised: a retry goes to the new masters."""
+    acks = getattr(client, "replica_acks", 0) if writes else 0
     timeout_ms = getattr(client, "replica_ack_timeout_ms", 5000)
     if not isinstance(client, RedisCluster):
         where = client.connection_pool.connection_kwargs
@@ -334,7 +334,8 @@ def read_online(client: redis.Redis, namespace: str, view: str, features: Sequen
     now = now or datetime.now(timezone.utc)
     keys = [entity_key(namespace, view, entity) for entity in entity_ids]
     rows = []
-    for entity, stored in zip(entity_ids, run_keyed(client, [(key, lambda pipe, k=key: pipe.hgetall(k)) for key in keys])):
+    reads = [(key, lambda pipe, k=key: pipe.hgetall(k)) for key in keys]
+    for entity, stored in zip(entity_ids, run_keyed(client, reads, writes=False)):
         fields = {k.decode(): v.decode() for k, v in stored.items()}
         event_time = None
         if EVENT_TIME_FIELD in fields:

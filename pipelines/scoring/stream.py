@@ -43,6 +43,7 @@ from pyspark.sql.streaming import StreamingQuery
 from pipelines.core.delta import ensure_delta_table
 from pipelines.core.errors import ConfigError
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
+from pipelines.core.prometheus import observe_latency
 from pipelines.core.settings import Settings
 from pipelines.core.times import from_epoch_micros, micros
 from pipelines.features.live_stream import MetricsTableWriter
@@ -259,6 +260,7 @@ class ScoringMetrics:
             "slo_p99_s": self.slo_p99_s,
         }
         row["slo_breached"] = row["p99_s"] is not None and row["p99_s"] > self.slo_p99_s
+        observe_latency("score", row["p99_s"])
         text = (f"scoring {model.label} v{model.ref.version or '-'}: {row['scored']} scored "
                 f"({row['events_per_second']:.0f}/s), {row['duplicates']} duplicates left out, event->prediction "
                 + (f"p50 {row['p50_s']:.3f}s p95 {row['p95_s']:.3f}s p99 {row['p99_s']:.3f}s" if ordered else "-"))

@@ -1,11 +1,15 @@
 """``fp-monitor check`` against what real jobs left behind: exit 0 while the ingest is caught up
 and the views fresh, 1 naming each breach once records wait unread on the broker or a view's
-newest event is older than its threshold, and its measures recorded for the report."""
+newest event is older than its threshold, and its measures recorded for the report. A streaming
+job's Prometheus endpoint, scraped while it runs."""
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 
 from deltalake import DeltaTable
@@ -14,7 +18,8 @@ from pipelines.core.settings import PROJECT_ROOT
 from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
-from tests.support import topic_names
+from pipelines.local.services import port_open
+from tests.support import free_ports, start_job, topic_names, wait_for
 
 
 def monitor(conf_dir, *extra: str) -> subprocess.CompletedProcess:
@@ -66,3 +71,36 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     rows = DeltaTable(settings.storage.monitor_checks_path).to_pyarrow_table().to_pylist()
     assert len(rows) == 6
     assert {(r["check"], r["subject"], r["breached"]) for r in rows if r["value"] == 30.0} == {("lag", tx, True)}
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The samples of a /metrics page: 'name{labels}' -> value."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_the_streaming_ingest_serves_its_lag_and_dead_letters_as_prometheus_metrics(isolated, tmp_path):
+    settings = isolated(ingest={"max_offsets_per_trigger": 100, "trigger_interval": "1s"})
+    tx = settings.ingest.topics[0]
+    sent = produce(generate(GeneratorSpec(count=300, seed=8, span=timedelta(hours=1), bad_rate=0.05, label_rate=0.0)),
+                   settings.kafka.producer_properties(), topic_names=topic_names(settings))
+    conf_dir = isolated.conf_dir(settings, tmp_path / "conf")
+    (port,) = free_ports(1)
+    job = start_job("ingest", conf_dir, tmp_path / "ingest.log", "--metrics-port", str(port))
+    query = f'query="ingest_{tx}"'
+    try:
+        wait_for(lambda: port_open(port) and scrape(port).get(f'fp_bronze_rows_total{{topic="{tx}"}}', 0)
+                 == sent.expected_bronze(tx), 240, "every valid record counted on /metrics", job)
+        samples = scrape(port)
+        assert samples[f'fp_dead_letter_rows_total{{topic="{tx}"}}'] == sum(sent.expected_dead_letters(tx).values())
+        # Batches of 100: the first ones had records waiting behind them; the last none.
+        assert samples[f"fp_batches_total{{{query}}}"] >= 3
+        lags = {k: v for k, v in samples.items() if k.startswith("fp_kafka_lag_records{") and query in k}
+        assert len(lags) == 2 and set(lags.values()) == {0.0}, lags
+        assert samples[f"fp_last_batch_timestamp_seconds{{{query}}}"] > time.time() - 120
+        assert samples[f"fp_input_rows_total{{{query}}}"] == sent.sent(tx)
+    finally:
+        job.send_signal(signal.SIGTERM)
+        assert job.wait(timeout=120) == 0
