@@ -10,7 +10,6 @@ that instant loses that one batch's metrics row (never its data).
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
@@ -23,7 +22,7 @@ from pyspark.sql.streaming import StreamingQueryListener
 from pyspark.sql.types import StructType
 
 from pipelines.core.delta import write_delta_idempotent
-from pipelines.core.prometheus import observe_progress
+from pipelines.core.prometheus import observe_progress, partition_offsets
 
 log = logging.getLogger("pipelines.progress")
 
@@ -43,12 +42,8 @@ def watermark_time(text: str | None) -> datetime | None:
 
 def _offsets_total(offsets: Any) -> int | None:
     """Sum of a Kafka source offset JSON (``{"topic": {"0": 12, ...}}``) over partitions."""
-    try:
-        if isinstance(offsets, str):
-            offsets = json.loads(offsets)
-        return sum(int(o) for partitions in offsets.values() for o in partitions.values())
-    except (ValueError, TypeError, AttributeError):  # absent or not a Kafka offset map
-        return None
+    by_partition = partition_offsets(offsets)
+    return None if by_partition is None else sum(by_partition.values())
 
 
 def offsets_behind_latest(progress: Any) -> int | None:

@@ -45,14 +45,15 @@ def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     log.info("metrics on http://%s:%d/metrics", host, port)
 
 
-def _partition_offsets(offsets: Any) -> dict[tuple[str, str], int]:
-    """``{"topic": {"0": 12}}`` (or its JSON text) -> {(topic, partition): offset}; {} otherwise."""
+def partition_offsets(offsets: Any) -> dict[tuple[str, str], int] | None:
+    """A Kafka source's offsets in a query's progress, ``{"topic": {"0": 12}}`` (or its JSON
+    text), as {(topic, partition): offset}; None when absent or not a Kafka offset map."""
     try:
         if isinstance(offsets, str):
             offsets = json.loads(offsets)
         return {(topic, str(p)): int(o) for topic, partitions in offsets.items() for p, o in partitions.items()}
-    except (ValueError, TypeError, AttributeError):  # not a Kafka source's offsets
-        return {}
+    except (ValueError, TypeError, AttributeError):
+        return None
 
 
 def observe_progress(progress: Any, row: Mapping[str, Any]) -> None:
@@ -66,7 +67,7 @@ def observe_progress(progress: Any, row: Mapping[str, Any]) -> None:
     if row.get("batch_timestamp") is not None:
         LAST_BATCH.labels(query).set(row["batch_timestamp"].timestamp())
     for source in progress.sources:
-        ends, latest = _partition_offsets(source.endOffset), _partition_offsets(source.latestOffset)
+        ends, latest = partition_offsets(source.endOffset) or {}, partition_offsets(source.latestOffset) or {}
         for (topic, partition), offset in latest.items():
             if (topic, partition) in ends:
                 LAG.labels(query, topic, partition).set(max(0, offset - ends[(topic, partition)]))

@@ -97,22 +97,22 @@ def retry_transient(action: Callable[[], T], what: str, attempts: int, backoff: 
     raise AssertionError("unreachable")
 
 
-class StoreServer(redis.Redis):
-    """A client of one Redis server that knows how many replicas must acknowledge a batch of
-    online writes (:func:`run_keyed`)."""
+class _ReplicaAcks:
+    """A client that knows how many replicas must acknowledge a batch of online writes, and how
+    long to wait for them (:func:`run_keyed`)."""
 
     def __init__(self, *args: Any, replica_acks: int = 0, replica_ack_timeout_ms: int = 5000, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
 
 
-class StoreCluster(RedisCluster):
-    """A Redis Cluster client (it routes each key to its slot's master and follows a failover)
-    that knows how many replicas must acknowledge a batch of online writes (:func:`run_keyed`)."""
+class StoreServer(_ReplicaAcks, redis.Redis):
+    """A client of one Redis server, with the online writes' replica acknowledgements."""
 
-    def __init__(self, *args: Any, replica_acks: int = 0, replica_ack_timeout_ms: int = 5000, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.replica_acks, self.replica_ack_timeout_ms = replica_acks, replica_ack_timeout_ms
+
+class StoreCluster(_ReplicaAcks, RedisCluster):
+    """A Redis Cluster client (it routes each key to its slot's master and follows a failover),
+    with the online writes' replica acknowledgements."""
 
 
 def redis_client(settings: RedisSettings) -> redis.Redis:
