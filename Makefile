@@ -57,7 +57,7 @@ lint: $(VENV)/.installed
 # Unit tests first (a Spark session, no services: minutes), then the integration tests, which
 # start their own Kafka, Redis and schema registry on free ports (and stop them).
 test: setup lint
-	$(PY) -m pytest tests/unit tests/integration -q -ra --durations=10
+	$(PY) -m pytest tests/unit tests/integration -q -ra --durations=30
 
 # The fast part alone: no broker, Redis or registry is started or needed.
 test-unit: setup lint

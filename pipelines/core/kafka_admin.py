@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -40,6 +41,10 @@ def ensure_topics(client_properties: Mapping[str, str], specs: list[TopicSpec], 
 
     An existing topic with fewer partitions than declared is an error (keys would map to
     different partitions than the contract expects); more partitions are accepted as is.
+    Returns once every created topic's partitions have a leader and all their replicas in sync,
+    as the brokers' metadata says: the controller acknowledges a creation before the brokers
+    know of it, and a producer or reader started in between sees an unknown topic (or, in a
+    cluster, partitions without replicas yet). A topic not ready within ``timeout`` is an error.
     """
     admin = AdminClient(dict(client_properties))
     existing = admin.list_topics(timeout=timeout).topics
@@ -65,8 +70,29 @@ def ensure_topics(client_properties: Mapping[str, str], specs: list[TopicSpec], 
         except KafkaException as exc:
             if exc.args[0].name() != "TOPIC_ALREADY_EXISTS":
                 raise
+    _wait_ready(admin, [s for s in missing if s.name in created], timeout)
     log.info("created topics: %s", ", ".join(created) or "none")
     return created
+
+
+def _wait_ready(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    pending = {s.name: s for s in specs}
+    while pending:
+        for name in list(pending):
+            topic = admin.list_topics(name, timeout=max(1.0, deadline - time.monotonic())).topics.get(name)
+            if topic is None or topic.error is not None:
+                continue
+            partitions = topic.partitions.values()
+            if len(partitions) >= pending[name].partitions and all(
+                    p.leader >= 0 and len(p.replicas) == pending[name].replication_factor
+                    and len(p.isrs) == len(p.replicas) for p in partitions):
+                del pending[name]
+        if pending and time.monotonic() > deadline:
+            raise RuntimeError(f"topics not ready {timeout:.0f} s after their creation (no leader or replicas "
+                               f"out of sync): {', '.join(sorted(pending))}")
+        if pending:
+            time.sleep(0.1)
 
 
 def topic_offsets(client_properties: Mapping[str, str], topic: str, timeout: float = 30.0) -> dict[int, tuple[int, int]]:
