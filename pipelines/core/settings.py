@@ -401,6 +401,11 @@ class CdcSettings:
         return f"{self.topic_prefix}.{table}"
 
 
+#: fp-live's p99 objective when ``monitoring.max_online_p99`` is unset: an event's effect online
+#: within a second (README "The live path").
+LIVE_P99_OBJECTIVE = timedelta(seconds=1)
+
+
 @dataclass(frozen=True)
 class MonitoringSettings:
     """``fp-monitor check``'s thresholds: a breach of any makes it exit non-zero, naming it."""
@@ -412,11 +417,35 @@ class MonitoringSettings:
     max_staleness: timedelta = timedelta(minutes=15)
     #: Views whose staleness is not checked (a view of events that come rarely).
     staleness_exempt: tuple[str, ...] = ()
+    #: The recent window the dead-letter rate is measured over: records the ingest validated (its
+    #: batch time, bronze ``ingested_at`` / dead-letter ``failed_at``) at most this long ago.
+    dead_letter_window: timedelta = timedelta(minutes=15)
+    #: A topic's dead letters over all the records the ingest took from it in the window may be at
+    #: most this share (0 <= rate < 1; 0: any dead letter is a breach).
+    max_dead_letter_rate: float = 0.05
+    #: A window with fewer records of a topic than this is not judged (one bad record of three is
+    #: no alert); the rate is still printed and recorded.
+    min_records_for_rate: int = 100
+    #: The online path's latency objective: the p99 of the latest report interval of ``fp-live``
+    #: (event -> Redis, per topic) and of ``fp-score`` (event -> prediction, per model). Unset:
+    #: 1s for fp-live (its design goal) and ``scoring.latency_slo_p99`` for fp-score.
+    max_online_p99: timedelta | None = None
+    #: How recent that latest interval must be (its end): the jobs append their intervals to
+    #: their ops tables about once a minute. Older: the job is not measured (not a breach;
+    #: staleness and lag show a job that stopped).
+    online_window: timedelta = timedelta(minutes=5)
     #: The streaming jobs' Prometheus endpoint (``/metrics``), unless ``--metrics-port`` names one;
     #: unset: none. One port per process: give each job its own with ``--metrics-port``.
     metrics_port: int | None = None
     #: The interface it listens on (``0.0.0.0`` for a Prometheus on another host).
     metrics_host: str = "127.0.0.1"
+
+    def online_p99_threshold(self, job: str, scoring: ScoringSettings) -> timedelta:
+        """The p99 objective of ``job`` (``live`` or ``score``): ``max_online_p99`` when set, else
+        fp-live's 1s or fp-score's own ``scoring.latency_slo_p99``."""
+        if self.max_online_p99 is not None:
+            return self.max_online_p99
+        return scoring.latency_slo_p99 if job == "score" else LIVE_P99_OBJECTIVE
 
 
 @dataclass(frozen=True)
@@ -671,15 +700,30 @@ def _check_local(local: LocalPlatformSettings, source: Path) -> None:
         raise ConfigError(f"{source}: local.cluster_redis_node_timeout: must be at least 100ms")
 
 
+def _check_monitoring(monitoring: MonitoringSettings, views: Mapping[str, FeatureView], source: Path) -> None:
+    """fp-monitor's thresholds: each bad one a ConfigError naming its key."""
+    if monitoring.max_lag < 0:
+        raise ConfigError(f"{source}: monitoring.max_lag: must not be negative")
+    for key in ("max_staleness", "dead_letter_window", "online_window"):
+        if getattr(monitoring, key) <= timedelta(0):
+            raise ConfigError(f"{source}: monitoring.{key}: must be positive")
+    if not 0 <= monitoring.max_dead_letter_rate < 1:
+        raise ConfigError(f"{source}: monitoring.max_dead_letter_rate: {monitoring.max_dead_letter_rate} is not a share "
+                          "in [0, 1) (dead letters over the topic's records in monitoring.dead_letter_window)")
+    if monitoring.min_records_for_rate < 1:
+        raise ConfigError(f"{source}: monitoring.min_records_for_rate: must be at least 1")
+    if monitoring.max_online_p99 is not None and monitoring.max_online_p99 <= timedelta(0):
+        raise ConfigError(f"{source}: monitoring.max_online_p99: must be positive (unset: 1s for fp-live, "
+                          "scoring.latency_slo_p99 for fp-score)")
+    unknown = [v for v in monitoring.staleness_exempt if v not in views]
+    if unknown:
+        raise ConfigError(f"{source}: monitoring.staleness_exempt: {', '.join(unknown)} not declared in conf/features")
+
+
 def _check_references(settings: Settings, source: Path) -> None:
     if settings.local is not None:
         _check_local(settings.local, source)
-    monitoring = settings.monitoring
-    if monitoring.max_lag < 0 or monitoring.max_staleness <= timedelta(0):
-        raise ConfigError(f"{source}: monitoring.max_lag must not be negative and monitoring.max_staleness must be positive")
-    unknown = [v for v in monitoring.staleness_exempt if v not in settings.views]
-    if unknown:
-        raise ConfigError(f"{source}: monitoring.staleness_exempt: {', '.join(unknown)} not declared in conf/features")
+    _check_monitoring(settings.monitoring, settings.views, source)
     if "{" in settings.redis.namespace or "}" in settings.redis.namespace:
         raise ConfigError(f"{source}: redis.namespace: {settings.redis.namespace!r} must not hold braces "
                           "(an online key's braces mark its Redis Cluster hash tag)")

@@ -1,7 +1,9 @@
 """``fp-monitor check`` against what real jobs left behind: exit 0 while the ingest is caught up
 and the views fresh, 1 naming each breach once records wait unread on the broker or a view's
-newest event is older than its threshold, and its measures recorded for the report. A streaming
-job's Prometheus endpoint, scraped while it runs."""
+newest event is older than its threshold, the dead-letter rate of what the ingest took, and its
+measures recorded for the report. ``fp-monitor report`` of a recorded history, opened in a real
+headless browser (Debian's chromium). A streaming job's Prometheus endpoint, scraped while it
+runs."""
 
 from __future__ import annotations
 
@@ -11,15 +13,20 @@ import sys
 import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
+from html.parser import HTMLParser
+from pathlib import Path
 
-from deltalake import DeltaTable
+import pyarrow as pa
+from deltalake import DeltaTable, write_deltalake
+from matplotlib.image import imread
 
 from pipelines.core.settings import PROJECT_ROOT
 from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
-from pipelines.local.services import port_open
-from tests.support import free_ports, start_job, topic_names, wait_for
+from pipelines.local.services import ensure_debian_package, port_open
+from pipelines.monitor.check import Measure, record_measures
+from tests.support import BLOCK_SPARK, free_ports, start_job, topic_names, wait_for
 
 
 def monitor(conf_dir, *extra: str) -> subprocess.CompletedProcess:
@@ -31,7 +38,8 @@ def monitor(conf_dir, *extra: str) -> subprocess.CompletedProcess:
 def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thresholds_and_zero_otherwise(
         spark, isolated, tmp_path):
     # Events up to now: the hourly view's newest window ends within the hour.
-    settings = isolated(monitoring={"max_lag": 20, "max_staleness": "2h"})
+    # A dead-letter rate of up to 50% is fine here: the generator's 5% bad records stay under it.
+    settings = isolated(monitoring={"max_lag": 20, "max_staleness": "2h", "max_dead_letter_rate": 0.5})
     tx, lb = settings.ingest.topics
     spec = GeneratorSpec(count=400, seed=5, span=timedelta(hours=3), end=datetime.now(timezone.utc), bad_rate=0.05,
                          label_rate=0.0)
@@ -50,6 +58,18 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     assert fine.returncode == 0, fine.stdout + fine.stderr
     assert f"ok     lag {tx}: 0 records" in fine.stdout and f"ok     lag {lb}: 0 records" in fine.stdout
     assert "ok     staleness merchant_hourly:" in fine.stdout
+    # Every record was ingested just now, within the 15-minute window: the generator's bad records
+    # over all it sent that the ingest kept (duplicates dropped are in neither table).
+    dead, bronze = sent.expected_dead_letters(tx), sent.expected_bronze(tx)
+    (rate_line,) = [line for line in fine.stdout.splitlines() if f"dead_letter_rate {tx}:" in line]
+    total = sum(dead.values())
+    assert rate_line.startswith(f"ok     dead_letter_rate {tx}: {total / (total + bronze):.1%} (threshold 50.0%); "
+                                f"{total:,} of {total + bronze:,} records in the last 15m: "), rate_line
+    assert total > 0 and all(f"{error_class} {count:,}" in rate_line for error_class, count in dead.items())
+    # No labels were sent, and no online job has run: shown, not judged.
+    assert f"skip   dead_letter_rate {lb}: none (threshold 50.0%); 0 of 0 records in the last 15m" in fine.stdout
+    assert f"skip   online_p99 fp-live {tx}: none (threshold 1 s); no interval ended in the last 5m" in fine.stdout
+    assert "skip   online_p99 fp-score: none (threshold 2 s); no interval ended in the last 5m" in fine.stdout
 
     # 30 records more than the ingest has read (threshold 20): a breach naming the topic.
     more = produce(generate(GeneratorSpec(count=30, seed=6, span=timedelta(minutes=5), bad_rate=0.0,
@@ -60,7 +80,8 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     assert lagging.returncode == 1
     assert f"BREACH lag {tx}: 30 records (threshold 20 records)" in lagging.stdout
     assert f"ok     lag {lb}: 0 records" in lagging.stdout
-    assert "1 breach of 3 measures" in lagging.stdout
+    # 2 lags, 1 staleness, 2 dead-letter rates, 2 live topics and the scorer.
+    assert "1 breach of 8 measures" in lagging.stdout
 
     # A threshold the view's newest window is older than: a staleness breach naming the view.
     stale = monitor(conf_dir, "--set", "monitoring.max_staleness=1s", "--set", "monitoring.max_lag=1000")
@@ -69,8 +90,141 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
 
     # Both recorded runs are in ops/monitor_checks, the breach flagged.
     rows = DeltaTable(settings.storage.monitor_checks_path).to_pyarrow_table().to_pylist()
-    assert len(rows) == 6
+    assert len(rows) == 16
     assert {(r["check"], r["subject"], r["breached"]) for r in rows if r["value"] == 30.0} == {("lag", tx, True)}
+
+
+class RenderedPage(HTMLParser):
+    """What a page's DOM holds: per ``<svg class="plot">`` its texts by class, the other texts by
+    tag, the table rows, and how many ``<script>`` and ``<img>`` elements there are."""
+
+    def __init__(self, dom: str) -> None:
+        super().__init__()
+        self.plots: list[dict[str, list[str]]] = []
+        self.texts: dict[str, list[str]] = {}
+        self.rows: list[list[str]] = []
+        self.scripts = self.images = 0
+        self._open: list[tuple[str, str]] = []
+        self.feed(dom)
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        if tag == "svg" and "plot" in (attrs.get("class") or ""):
+            self.plots.append({})
+        self.scripts += tag == "script"
+        self.images += tag == "img"
+        if tag == "tr":
+            self.rows.append([])
+        self._open.append((tag, attrs.get("class") or tag))
+
+    def handle_endtag(self, tag):
+        while self._open and self._open.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        if not self._open or not data.strip():
+            return
+        tag, css = self._open[-1]
+        if tag in ("td", "th"):
+            self.rows[-1].append(data.strip())
+        if any(t == "svg" for t, _ in self._open):
+            self.plots[-1].setdefault(css, []).append(data.strip())
+        else:
+            self.texts.setdefault(tag, []).append(data.strip())
+
+
+def chromium(*arguments: str, profile: Path) -> str:
+    """Headless chromium (Debian's package, installed when missing) run with ``arguments``; its
+    standard output."""
+    binary = ensure_debian_package("chromium", ["chromium", "/usr/bin/chromium"])
+    result = subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                             f"--user-data-dir={profile}", *arguments], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return result.stdout
+
+
+def report(lake: Path, output: Path, *extra: str) -> subprocess.CompletedProcess:
+    """``fp-monitor report`` on the lake at ``lake``, in a process where importing Spark fails."""
+    argv = ["fp-monitor", "report", "--env", "local", "--set", f"storage.root={lake}", "--output", str(output), *extra]
+    code = BLOCK_SPARK + f"""
+import runpy
+sys.argv = {argv!r}
+runpy.run_path({str(PROJECT_ROOT / "jobs" / "monitor.py")!r}, run_name="__main__")
+"""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+
+
+#: ``ops/monitor_checks`` as recorded before the dead-letter rate and the online p99 (no
+#: ``records``, no ``error_classes``): the report reads a table that older checks began.
+OLD_CHECKS_SCHEMA = pa.schema([
+    ("checked_at", pa.timestamp("us", tz="UTC")), ("check", pa.string()), ("subject", pa.string()),
+    ("value", pa.float64()), ("threshold", pa.float64()), ("breached", pa.bool_()), ("detail", pa.string()),
+])
+
+
+def test_fp_monitor_report_plots_the_recorded_history_on_a_page_a_real_browser_renders_without_a_script(tmp_path):
+    lake = tmp_path / "lake"
+    checks = lake / "ops" / "monitor_checks"
+    now = datetime.now(timezone.utc)
+    first, second, third = now - timedelta(minutes=30), now - timedelta(minutes=20), now - timedelta(minutes=10)
+    write_deltalake(str(checks), pa.Table.from_pylist([
+        {"checked_at": first, "check": "lag", "subject": "transactions", "value": 5.0, "threshold": 100.0,
+         "breached": False, "detail": ""},
+        {"checked_at": first, "check": "staleness", "subject": "merchant_hourly", "value": None, "threshold": 900.0,
+         "breached": True, "detail": "no feature row yet"},
+    ], schema=OLD_CHECKS_SCHEMA))
+    for checked_at, lag, rate, classes, p99 in ((second, 40.0, 0.01, {"bad_json": 2}, 0.3),
+                                               (third, 180.0, 0.08, {"missing_field": 9, "bad_json": 3}, 1.4)):
+        record_measures(str(checks), [
+            Measure("lag", "transactions", lag, 100.0, "records"),
+            Measure("lag", "labels", 0.0, 100.0, "records"),
+            Measure("staleness", "merchant_hourly", 600.0, 900.0, "s"),
+            Measure("dead_letter_rate", "transactions", rate, 0.05, "share", f"{sum(classes.values())} of 150 records",
+                    records=150, error_classes=classes),
+            Measure("online_p99", "fp-live transactions", p99, 1.0, "s", records=900),
+        ], checked_at)
+    # Older than --since 1h: not on the page.
+    record_measures(str(checks), [Measure("lag", "payments", 7.0, 100.0, "records")], now - timedelta(hours=3))
+
+    page = tmp_path / "out" / "report.html"
+    written = report(lake, page, "--since", "1h")
+    assert written.returncode == 0, written.stdout + written.stderr
+    assert written.stdout.startswith(f"{page}: 3 recorded checks since ")
+    rendered = RenderedPage(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
+
+    assert rendered.scripts == 0 and rendered.images == 0
+    assert rendered.texts["title"] == ["fp-monitor report"]
+    assert [p["plot-title"] for p in rendered.plots] == [
+        ["Lag per topic"], ["Staleness per view"], ["Dead-letter rate per topic"], ["Online latency p99 per job"]]
+    assert [p["y-label"] for p in rendered.plots] == [
+        ["records behind the broker"], ["seconds since the newest event"],
+        ["dead letters, % of the window's records"], ["p99 of the latest interval (s)"]]
+    assert [p["x-label"] for p in rendered.plots] == [["time of the check (UTC)"]] * 4
+    assert [p["legend-entry"] for p in rendered.plots] == [
+        ["labels", "transactions", "threshold 100 records"], ["merchant_hourly", "threshold 900 s"],
+        ["transactions", "threshold 5.0%"], ["fp-live transactions", "threshold 1 s"]]
+    assert rendered.rows == [
+        ["check", "subject", "value", "threshold", "detail"],
+        ["lag", "transactions", "180 records", "100 records"],
+        ["dead_letter_rate", "transactions", "8.0%", "5.0%", "12 of 150 records"],
+        ["online_p99", "fp-live transactions", "1.4 s", "1 s"],
+    ]
+    # And painted: each plot's legend swatch of its first series is 12 x 12 pixels of its colour.
+    shot = tmp_path / "report.png"
+    chromium("--window-size=1000,2000", "--hide-scrollbars", f"--screenshot={shot}", page.as_uri(),
+             profile=tmp_path / "chromium")
+    pixels = (imread(shot)[:, :, :3] * 255).round().astype(int)
+    first_series = ((pixels[:, :, 0] == 0x00) & (pixels[:, :, 1] == 0x72) & (pixels[:, :, 2] == 0xB2)).sum()
+    assert first_series >= 4 * 12 * 12, first_series
+
+
+def test_fp_monitor_report_of_a_lake_without_recorded_checks_is_a_page_saying_so(tmp_path):
+    page = tmp_path / "report.html"
+    written = report(tmp_path / "lake", page)
+    assert written.returncode == 0, written.stdout + written.stderr
+    rendered = RenderedPage(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
+    assert rendered.plots == [] and rendered.rows == []
+    assert "There are no recorded checks in this window." in rendered.texts["p"]
 
 
 def scrape(port: int) -> dict[str, float]:
