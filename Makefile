@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 RUN    := .local/runs
 COUNT  ?= 20000
 
-.PHONY: setup jars up down status reset demo lint test test-unit bench clean
+.PHONY: setup jars up down status reset demo lint test test-unit chaos bench clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,6 +62,13 @@ test: setup lint
 # The fast part alone: no broker, Redis or registry is started or needed.
 test-unit: setup lint
 	$(PY) -m pytest tests/unit -q -ra --durations=5
+
+# The chaos run (tests/chaos.py): the four streaming jobs on the local cluster, FAULTS faults of
+# eight kinds at random instants, then exactness checked; figures for RELIABILITY.md. About
+# 40 minutes here. Its CI subset is tests/integration/test_cluster.py, in `make test`.
+FAULTS ?= 24
+chaos: setup
+	$(PY) -m tests.chaos --faults $(FAULTS)
 
 # Every benchmark of BENCHMARKS.md, one after the other (about 40 minutes here).
 bench: up

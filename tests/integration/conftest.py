@@ -68,17 +68,18 @@ def isolated_module(settings: Settings, base_overrides: dict[str, Any], platform
 
 
 
-@pytest.fixture(scope="session")
-def cluster_overrides_session(base_overrides: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+@pytest.fixture(scope="module")
+def cluster_overrides_module(base_overrides: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     return cluster_overrides(base_overrides, tmp_path_factory.mktemp("cluster"))
 
 
-@pytest.fixture(scope="session")
-def cluster(cluster_overrides_session: dict[str, Any], platform: LocalPlatform) -> Iterator[LocalPlatform]:
+@pytest.fixture(scope="module")
+def cluster(cluster_overrides_module: dict[str, Any], platform: LocalPlatform) -> Iterator[LocalPlatform]:
     """The local platform in cluster mode (three Kafka nodes, a Redis Cluster of 3 masters and 3
     replicas, Spark standalone with 2 workers), beside the single-node one; started on first use,
-    stopped at the end of the session."""
-    settings = load_settings("local", PROJECT_ROOT / "conf", cluster_overrides_session)
+    stopped after the module's last test (its dozen idle processes would take a tenth of a core
+    from every test after it)."""
+    settings = load_settings("local", PROJECT_ROOT / "conf", cluster_overrides_module)
     assert settings.local is not None and settings.local.clustered
     local = LocalPlatform(settings.local, jars_root=JARS_ROOT, with_registry=False, with_cdc=False)
     local.up()
@@ -89,7 +90,7 @@ def cluster(cluster_overrides_session: dict[str, Any], platform: LocalPlatform) 
 
 
 @pytest.fixture
-def isolated_cluster(cluster_overrides_session: dict[str, Any], cluster: LocalPlatform, tmp_path: Path):
+def isolated_cluster(cluster_overrides_module: dict[str, Any], cluster: LocalPlatform, tmp_path: Path):
     """:func:`isolated`, on the cluster: topics replicated on its three nodes, Redis Cluster,
     jobs run on its Spark master."""
-    return isolation(cluster_overrides_session, tmp_path)
+    return isolation(cluster_overrides_module, tmp_path)

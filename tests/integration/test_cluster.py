@@ -17,30 +17,26 @@ what they test is Kafka's and Redis's failover, and local Spark is three times f
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import random
 import shutil
 import signal
-import subprocess
-import sys
 import threading
 import time
 import uuid
 from collections import Counter
 from datetime import timedelta
-from pathlib import Path
 
 from confluent_kafka.admin import AdminClient, ConfigResource
 from pyspark.sql import functions as F
 
-from pipelines.core.settings import PROJECT_ROOT, Settings
+from pipelines.core.settings import Settings
 from pipelines.features.stream import run_features
+from pipelines.ingest.reconcile import format_report, reconcile
 from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, GeneratorSummary, generate, produce
-from pipelines.local.platform import LocalPlatform, form_redis_cluster
-from pipelines.local.services import wait_healthy
 from pipelines.online.store import redis_client
+from tests.faults import kill_leader_broker, kill_redis_master, kill_spark_worker, repair, restore
 from tests.support import (
     assert_online_equals_tables,
     assert_stopped_between_batches,
@@ -57,10 +53,10 @@ def bronze_count(spark, path: str) -> int:
     return spark.read.format("delta").load(path).count() if delta_versions(path) else 0
 
 
-def assert_ingested_exactly(spark, settings: Settings, sent: GeneratorSummary, conf_dir: Path, tmp_path: Path) -> None:
+def assert_ingested_exactly(spark, settings: Settings, sent: GeneratorSummary) -> None:
     """Every valid record in bronze once, every invalid one in the dead letters under its class,
-    and the operator's check (the reconciliation job against what was sent, on local Spark:
-    counting needs no cluster) exits 0."""
+    and the operator's reconciliation (Kafka = bronze + dead letters + duplicates, each against
+    what was sent) says OK for every topic."""
     for topic in settings.ingest.topics:
         bronze = spark.read.format("delta").load(settings.storage.bronze_path(topic))
         assert bronze.count() == sent.expected_bronze(topic), topic
@@ -69,23 +65,8 @@ def assert_ingested_exactly(spark, settings: Settings, sent: GeneratorSummary, c
         assert dead.select("kafka_partition", "kafka_offset").distinct().count() == dead.count(), topic
         assert Counter({r.error_class: r["count"] for r in dead.groupBy("error_class").count().collect()}) == \
             Counter(sent.expected_dead_letters(topic)), topic
-    summary = tmp_path / "sent.json"
-    summary.write_text(json.dumps(sent.to_dict()))
-    done = subprocess.run([sys.executable, str(PROJECT_ROOT / "jobs" / "reconcile.py"), "--env", "local",
-                           "--conf-dir", str(conf_dir), "--expect", str(summary), "--set", "local.spark_workers=0"],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (status,) = [line.split() for line in done.stdout.splitlines() if line.startswith("status")]
-    assert status == ["status", "OK", "OK"]
-
-
-def restore(cluster: LocalPlatform) -> None:
-    """Every node of the cluster running again (after a test that failed with one down)."""
-    for node in [*cluster.kafka_nodes, *cluster.redis_nodes, *cluster.spark_workers]:
-        if node.pid() is None:
-            node.start()
-            wait_healthy(node, 120)
-    form_redis_cluster(cluster.redis_nodes)
+    results = reconcile(spark, settings, settings.ingest.topics, sent)
+    assert all(r.ok for r in results), format_report(results)
 
 
 def feature_rows(spark, settings: Settings, view) -> Counter:
@@ -135,9 +116,7 @@ def test_the_ingest_through_a_dead_broker_and_sigkills_loses_and_doubles_nothing
         sender.start()
         time.sleep(2)
         # Fault: the leader of partition 0 SIGKILLed, records on their way to it.
-        metadata = AdminClient(settings.kafka.client_properties()).list_topics(tx, timeout=10).topics[tx]
-        (victim,) = [node for node in cluster.kafka_nodes if node.node_id == metadata.partitions[0].leader]
-        victim.stop_now()
+        victim = kill_leader_broker(cluster, settings, tx, 0)
         assert sender.is_alive()
         rows_at_kill = bronze_count(spark, bronze_path)
         # The stream goes on with the broker down: new leaders on the two others, more bronze.
@@ -159,14 +138,15 @@ def test_the_ingest_through_a_dead_broker_and_sigkills_loses_and_doubles_nothing
         assert not sender.is_alive() and "sent" in rest
         sent.extend(rest["sent"])
         assert bronze_count(spark, bronze_path) < sent.expected_bronze(tx)
-        # The rest, the broker still down, in larger batches.
-        final = start_job("ingest", conf_dir, log, "--available-now", "--set", "ingest.max_offsets_per_trigger=100000")
-        assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
+        # The rest, the broker still down, in larger batches (in this process: the job's
+        # restarts are above).
+        drain = dataclasses.replace(settings, ingest=dataclasses.replace(settings.ingest, max_offsets_per_trigger=100_000))
+        assert run_ingest(spark, drain, available_now=True) == 0
         assert victim.pid() is None
     finally:
         restore(cluster)
     assert "Traceback" not in log.read_text()
-    assert_ingested_exactly(spark, settings, sent, conf_dir, tmp_path)
+    assert_ingested_exactly(spark, settings, sent)
 
 
 def test_the_features_job_through_a_redis_failover_and_sigkills_ends_equal_to_a_fault_free_run(spark, cluster,
@@ -201,14 +181,11 @@ def test_the_features_job_through_a_redis_failover_and_sigkills_ends_equal_to_a_
         # Fault: the master of a slot the job writes SIGKILLed. Its replica takes over (node
         # timeout 2 s); the job's writes to those slots fail meanwhile and are retried.
         key = next(iter(client.scan_iter(f"{namespace}:account_velocity:*")))
-        (victim,) = [n for n in cluster.redis_nodes if n.port == client.get_node_from_key(key).port]
         batches_at_kill = delta_versions(velocity)
-        victim.stop_now()
-        wait_for(lambda: sum(n.pid() is not None and n.role() == "master" for n in cluster.redis_nodes) == 3, 60,
-                 "a replica promoted", job)
+        victim = kill_redis_master(cluster, settings, key)
+        assert job.poll() is None
         wait_for(lambda: delta_versions(velocity) >= batches_at_kill + 2, 240, "feature batches after the failover", job)
-        victim.start()
-        form_redis_cluster(cluster.redis_nodes)
+        repair(cluster, victim)
         assert victim.role() == "slave"  # back as the new master's replica
         # systemd's stop (SIGTERM to the process group) mid-stream: the job ends after its batch.
         before = delta_versions(velocity)
@@ -218,8 +195,8 @@ def test_the_features_job_through_a_redis_failover_and_sigkills_ends_equal_to_a_
             assert_stopped_between_batches(settings.storage.checkpoint_path("features", view.name),
                                            settings.storage.feature_path(view.name))
         assert sum(feature_rows(spark, settings, views[0]).values()) < sum(feature_rows(spark, reference, views[0]).values())
-        final = start_job("features", conf_dir, log, *selected, "--available-now")
-        assert final.wait(timeout=600) == 0, log.read_text()[-5000:]
+        # The rest in this process (the job's restarts are above).
+        assert run_features(spark, settings, views, available_now=True) == 0
     finally:
         restore(cluster)
     assert "Traceback" not in log.read_text()
@@ -245,13 +222,11 @@ def test_a_spark_worker_killed_under_a_job_on_the_standalone_master_leaves_bronz
         # Fault: a worker SIGKILLed once the job commits: its executor dies with it, the tasks it
         # ran are run again on the other worker's executor.
         wait_for(lambda: delta_versions(bronze_path) >= 1, 300, "a bronze commit on the cluster", job)
-        victim = cluster.spark_workers[0]
-        victim.stop_now()
-        wait_for(lambda: cluster.spark_master.alive_workers() == len(cluster.spark_workers) - 1, 30,
-                 "the master seeing the worker gone", job)
+        kill_spark_worker(cluster, 0)
+        assert job.poll() is None
         assert job.wait(timeout=600) == 0, log.read_text()[-5000:]
     finally:
         if job.poll() is None:
             job.kill()
         restore(cluster)
-    assert_ingested_exactly(spark, settings, sent, conf_dir, tmp_path)
+    assert_ingested_exactly(spark, settings, sent)

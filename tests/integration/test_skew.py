@@ -42,7 +42,8 @@ from pipelines.local.generator import DUPLICATE, VALID_KINDS, GeneratorSpec, Rec
 from pipelines.online.store import redis_client
 from pipelines.scoring.skew_report import CSV_ARTIFACT, PLOT_ARTIFACT, skew_path, skew_rows_path
 from pipelines.scoring.stream import run_scoring
-from tests.integration.test_score import INPUTS, register_model, same, scoring_settings
+from tests.integration.test_score import same, scoring_settings
+from tests.models import INPUTS, register_model
 from tests.support import topic_names
 
 #: The test model's inputs: test_score's, and a mean and a latest value.
