@@ -54,10 +54,12 @@ from typing import Any
 
 from deltalake import DeltaTable
 
+from pipelines.batch.backfill import DayRange, backfill
+from pipelines.batch.late import recompute_late
+from pipelines.batch.sources import BronzeSnapshot
 from pipelines.core.kafka_admin import topic_offsets
 from pipelines.core.session import build_session
 from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
-from pipelines.features.stream import run_features
 from pipelines.ingest.reconcile import format_report, reconcile
 from pipelines.local.generator import VALID_KINDS, GeneratorSpec, GeneratorSummary, Record, generate, produce
 from pipelines.local.jars import DEFAULT_ROOT as JARS_ROOT
@@ -69,9 +71,12 @@ from tests import faults
 from tests.models import INPUTS, committed_predictions, register_model, score_job_args
 from tests.support import (
     assert_online_equals_tables,
+    clock_records,
     cluster_overrides,
     delta_versions,
     isolation,
+    latest_rows,
+    rounded_rows,
     start_job,
     topic_names,
 )
@@ -114,10 +119,15 @@ class Jobs:
     def start(self, name: str) -> None:
         self.running[name] = start_job(name, self.conf_dir, self.logs / f"{name}.log", *self.args[name])
 
-    def kill(self, name: str) -> None:
-        """The fault: SIGKILL, then the supervisor's restart at once."""
+    def kill(self, name: str, progress: Progress) -> dict[str, int]:
+        """The fault: SIGKILL, then the supervisor's restart; the job's progress marker between
+        the two (records the dead job had on the wire may still land: they are not the new
+        one's progress)."""
         faults.kill_job(self.running[name])
+        time.sleep(1.0)
+        since = progress.read((name,))
         self.start(name)
+        return since
 
     def supervise(self) -> None:
         for name, job in list(self.running.items()):
@@ -256,6 +266,13 @@ def no_duplicates_so_far(settings: Settings, model: str) -> None:
         assert len(ids) == len(ids.unique()), "an event predicted twice (predictions table)"
 
 
+def drain(conf_dir: Path, logs: Path, job: str, *extra: str) -> None:
+    """Run ``job`` to its end (``--available-now`` or ``--until-end`` in ``extra``); it must exit 0."""
+    code = start_job(job, conf_dir, logs / f"{job}.log", *extra).wait(timeout=1800)
+    if code != 0:
+        raise RuntimeError(f"the {job} drain exited {code}: see {logs / f'{job}.log'}")
+
+
 def fault_plan(count: int, rng: random.Random) -> list[str]:
     """``count`` fault kinds, every kind as often as the others (+-1), in a random order."""
     kinds = list(TOUCHES)
@@ -264,11 +281,13 @@ def fault_plan(count: int, rng: random.Random) -> list[str]:
     return plan
 
 
-def inject(kind: str, cluster: LocalPlatform, settings: Settings, jobs: Jobs, rng: random.Random) -> tuple[str, Any]:
-    """Inject one fault; (what it hit, the node to bring back afterwards or None)."""
+def inject(kind: str, cluster: LocalPlatform, settings: Settings, jobs: Jobs, progress: Progress,
+           since: dict[str, int], rng: random.Random) -> tuple[str, Any]:
+    """Inject one fault; (what it hit, the node to bring back afterwards or None). A job kill
+    updates ``since`` to the marker read after the kill."""
     job = {v: k for k, v in faults.JOB_KILLS.items()}.get(kind)
     if job is not None:
-        jobs.kill(job)
+        since.update(jobs.kill(job, progress))
         return job, None
     if kind == faults.KILL_LEADER_BROKER:
         topic = rng.choice([*settings.ingest.topics, settings.live.events_topic(settings.ingest.topics[0])])
@@ -277,7 +296,7 @@ def inject(kind: str, cluster: LocalPlatform, settings: Settings, jobs: Jobs, rn
         return f"{node.name} (leader of {topic}/{partition})", node
     if kind in (faults.KILL_REDIS_MASTER, faults.RESTART_REDIS_MASTER):
         client = redis_client(settings.redis)
-        keys = list(itertools.islice(client.scan_iter(f"{settings.redis.namespace}:*", count=500), 500))
+        keys = [k.decode() for k in itertools.islice(client.scan_iter(f"{settings.redis.namespace}:*", count=500), 500)]
         key = rng.choice(keys) if keys else f"{settings.redis.namespace}:account_velocity:{{acct-000001}}"
         if kind == faults.KILL_REDIS_MASTER:
             node = faults.kill_redis_master(cluster, settings, key)
@@ -396,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             touched = TOUCHES[kind]
             since = progress.read(touched)
             at = time.monotonic()
-            target, node = inject(kind, cluster, settings, jobs, rng)
+            target, node = inject(kind, cluster, settings, jobs, progress, since, rng)
             # The killed job must progress once after its restart; a fault under running jobs
             # twice (the first commit may be a batch that was nearly done when it hit).
             times = 1 if kind in faults.JOB_KILLS.values() else 2
@@ -408,18 +427,25 @@ def main(argv: list[str] | None = None) -> int:
                 faults.repair(cluster, node)
             no_duplicates_so_far(settings, model)
 
-        # The end: no more events; every job stopped after its batch, then each drained once.
+        # The end: no more events; every job stopped after its batch.
         sent = producer.stop()
+        records = list(producer.records)
         codes = jobs.stop_all()
         log.info("jobs stopped: %s; draining", codes)
-        logs = args.root / "logs"
-        for name, extra in (("ingest", ["--available-now"]), ("features", ["--available-now", "--views", ",".join(FEATURE_VIEWS), *local_spark]),
-                            ("live", ["--available-now", "--views", ",".join(LIVE_VIEWS), *local_spark]),
-                            ("score", [*jobs.args["score"], "--until-end"])):
-            code = start_job(name, conf_dir, logs / f"{name}.log", *extra).wait(timeout=1800)
-            if code != 0:
-                raise RuntimeError(f"the {name} drain exited {code}: see {logs / f'{name}.log'}")
-        outcome = check(settings, model, sent, producer.records, args.root)
+        # Then the clock moves on twice (a record at now - 5 min, one at now), each drained by
+        # the ingest and features jobs: every watermark passes the history and the second batch
+        # runs under it (the last windows close). Then fp-live and fp-score to the end.
+        now = datetime.now(timezone.utc)
+        for n, moment in enumerate((now - timedelta(minutes=5), now)):
+            clock = clock_records(moment, n)
+            records += clock
+            sent.extend(produce(clock, settings.kafka.producer_properties(), topic_names=topic_names(settings)))
+            drain(conf_dir, jobs.logs, "ingest", "--available-now")
+            drain(conf_dir, jobs.logs, "features", "--available-now", *jobs.args["features"])
+        drain(conf_dir, jobs.logs, "live", "--available-now", *jobs.args["live"])
+        drain(conf_dir, jobs.logs, "score", "--until-end", *jobs.args["score"])
+        history = DayRange((spec.end - spec.span - spec.late_by[1]).date(), now.date() + timedelta(days=1))
+        outcome = check(settings, model, sent, records, history, args.root)
         outcome["unplanned job exits"] = dict(jobs.unplanned_exits) or 0
         outcome["duration (min)"] = round((time.monotonic() - started) / 60, 1)
         text = report(records, outcome)
@@ -438,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             cluster.down()
 
 
-def check(settings: Settings, model: str, sent: GeneratorSummary, records: list[Record], root: Path) -> dict[str, Any]:
+def check(settings: Settings, model: str, sent: GeneratorSummary, records: list[Record], history: DayRange,
+          root: Path) -> dict[str, Any]:
     """The end checks (AssertionError at the first that fails); the figures they counted."""
     # Counting and comparing on local Spark: the jobs are done, the cluster's workers need not be.
     spark = build_session(dataclasses.replace(settings.spark, master="local[2]"))
@@ -446,17 +473,24 @@ def check(settings: Settings, model: str, sent: GeneratorSummary, records: list[
     print(format_report(results))
     assert all(r.ok for r in results), "reconciliation failed"
     views = [settings.views[name] for name in FEATURE_VIEWS]
-    # The fault-free run: the same views over a copy of the same bronze, never interrupted.
+    # The operator's late recompute: the events the streams' watermarks dropped, in their days.
+    late = recompute_late(spark, settings, views)
+    log.info("late recompute: %s", ", ".join(f"{o.view} {o.late_events} late events" for o in late))
+    # The fault-free reference: a backfill of every day of the history from a copy of the same bronze.
     reference = dataclasses.replace(settings, storage=dataclasses.replace(settings.storage, root=str(root / "reference")),
                                     redis=dataclasses.replace(settings.redis, namespace=f"reference-{uuid.uuid4().hex[:8]}"))
     for topic in settings.ingest.topics:
         shutil.copytree(settings.storage.bronze_path(topic), reference.storage.bronze_path(topic))
-    assert run_features(spark, reference, views, available_now=True) == 0
+    backfill(spark, reference, views, [history], BronzeSnapshot())
+    compared = {}
     for view in views:
-        def rows(of: Settings) -> Counter:
-            table = spark.read.format("delta").load(of.storage.feature_path(view.name)).drop("computed_at")
-            return Counter(tuple(row) for row in table.collect())
-        assert rows(settings) == rows(reference), f"{view.name} differs from the fault-free run"
+        streamed, columns = latest_rows(spark, settings.storage.feature_path(view.name), view)
+        expected = rounded_rows(spark.read.format("delta").load(reference.storage.feature_path(view.name)).collect(),
+                                columns)
+        assert streamed == expected, (f"{view.name} differs from the fault-free backfill: "
+                                      f"{sum((streamed - expected).values())} rows only streamed, "
+                                      f"{sum((expected - streamed).values())} only in the backfill")
+        compared[view.name] = sum(expected.values())
     entities = assert_online_equals_tables(spark, settings, views, redis_client(settings.redis))
     # Every valid transaction predicted once, in the topic (read_committed) and the table.
     valid = {r.event_id for r in records if r.topic == "transactions" and r.kind in VALID_KINDS}
@@ -474,7 +508,8 @@ def check(settings: Settings, model: str, sent: GeneratorSummary, records: list[
         "dead letters": sum(sum(sent.expected_dead_letters(t).values()) for t in settings.ingest.topics),
         "duplicates dropped": sum(sent.duplicates(t) for t in settings.ingest.topics),
         "records lost": 0, "records duplicated": 0,
-        "feature tables equal to the fault-free run": ", ".join(FEATURE_VIEWS),
+        "late events recomputed": sum(o.late_events for o in late),
+        "feature rows equal to the fault-free backfill": compared,
         "online entities equal to the tables": entities,
         "predictions (each valid transaction once)": len(ids),
     }

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter, defaultdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
 from pipelines.core.times import utc_assuming_local
 from pipelines.core.view_spec import event_time_column, feature_names
 from pipelines.features.sinks import latest_per_entity
+from pipelines.local.generator import Record
 from pipelines.online.store import entity_from_key, read_online
 
 KAFKA_SCHEMA = (
@@ -337,3 +339,31 @@ def assert_stopped_between_batches(checkpoint: str, *tables: str) -> None:
     assert committed >= 0 and planned - committed in (0, 1), (checkpoint, planned, committed)
     for table in tables:
         assert last_written_batch(table, query_id) <= committed, (table, committed)
+
+
+def iso(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def clock_records(at: datetime, n: int) -> list[Record]:
+    """One transaction and one label at ``at``: they move every view's watermark on."""
+    label = {"transaction_id": f"clock-{n}", "account_id": "acct-clock", "is_fraud": False, "label_time": iso(at)}
+    return [Record("transactions", b"acct-clock", encode(transaction(transaction_id=f"clock-{n}", account_id="acct-clock",
+                                                                    event_time=iso(at))), "valid"),
+            Record("labels", b"acct-clock", json.dumps(label).encode(), "valid")]
+
+
+def rounded_rows(rows, columns) -> Counter:
+    return Counter(tuple(float(f"{r[c]:.9g}") if isinstance(r[c], float) else r[c] for c in columns) for r in rows)
+
+
+def latest_rows(spark, path, view) -> tuple[Counter, list[str]]:
+    """Per entity and time (and window start): the rows of the latest ``computed_at``, without it."""
+    table = spark.read.format("delta").load(path)
+    columns = sorted(c for c in table.columns if c != "computed_at")
+    key = [view.entity, event_time_column(view)] + (["window_start"] if view.kind == "sliding" else [])
+    groups: dict[tuple, list] = defaultdict(list)
+    for row in table.collect():
+        groups[tuple(row[k] for k in key)].append(row)
+    latest = [r for rows in groups.values() for r in rows if r.computed_at == max(x.computed_at for x in rows)]
+    return rounded_rows(latest, columns), columns

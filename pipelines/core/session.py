@@ -45,8 +45,10 @@ def local_session_settings(spark: SparkSettings) -> dict[str, str]:
         "spark.sql.debug.maxToStringFields": "200",
         # Whole-stage code generation of the JSON contract checks makes methods over HotSpot's
         # 8,000-byte JIT limit; left interpreted they validate at 45k records/s, compiled at 71k.
-        # (Clusters: the same flag in spark.executor.extraJavaOptions, databricks.yml.)
+        # The executors of a standalone master (cluster mode) need it too; on Databricks the
+        # cluster's spark_conf sets it (databricks.yml).
         "spark.driver.extraJavaOptions": "-XX:-DontCompileHugeMethods",
+        "spark.executor.extraJavaOptions": "-XX:-DontCompileHugeMethods",
         # Python workers must run the driver's interpreter, or Arrow UDFs miss pyarrow/pandas.
         "spark.pyspark.python": sys.executable,
         "spark.pyspark.driver.python": sys.executable,

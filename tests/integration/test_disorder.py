@@ -9,10 +9,8 @@ row."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import uuid
-from collections import Counter, defaultdict
 from datetime import datetime, time, timedelta, timezone
 
 from pipelines.batch.backfill import DayRange, backfill
@@ -23,37 +21,9 @@ from pipelines.core.view_spec import event_time_column, feature_names
 from pipelines.features.sinks import latest_per_entity
 from pipelines.features.stream import run_features
 from pipelines.ingest.stream import run_ingest
-from pipelines.local.generator import GeneratorSpec, Record, generate, produce
+from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.online.store import read_online, redis_client
-from tests.support import encode, topic_names, transaction
-
-
-def iso(moment: datetime) -> str:
-    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def clock_records(at: datetime, n: int) -> list[Record]:
-    """One transaction and one label at ``at``: they move every view's watermark on."""
-    label = {"transaction_id": f"clock-{n}", "account_id": "acct-clock", "is_fraud": False, "label_time": iso(at)}
-    return [Record("transactions", b"acct-clock", encode(transaction(transaction_id=f"clock-{n}", account_id="acct-clock",
-                                                                    event_time=iso(at))), "valid"),
-            Record("labels", b"acct-clock", json.dumps(label).encode(), "valid")]
-
-
-def rounded_rows(rows, columns) -> Counter:
-    return Counter(tuple(float(f"{r[c]:.9g}") if isinstance(r[c], float) else r[c] for c in columns) for r in rows)
-
-
-def latest_rows(spark, path, view) -> tuple[Counter, list[str]]:
-    """Per entity and time (and window start): the rows of the latest ``computed_at``, without it."""
-    table = spark.read.format("delta").load(path)
-    columns = sorted(c for c in table.columns if c != "computed_at")
-    key = [view.entity, event_time_column(view)] + (["window_start"] if view.kind == "sliding" else [])
-    groups: dict[tuple, list] = defaultdict(list)
-    for row in table.collect():
-        groups[tuple(row[k] for k in key)].append(row)
-    latest = [r for rows in groups.values() for r in rows if r.computed_at == max(x.computed_at for x in rows)]
-    return rounded_rows(latest, columns), columns
+from tests.support import clock_records, latest_rows, rounded_rows, topic_names
 
 
 def test_stream_and_late_recompute_equal_a_backfill_of_the_same_bronze(spark, isolated, tmp_path):
