@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
@@ -30,10 +31,35 @@ JOB_KILLS = {"ingest": KILL_INGEST, "features": KILL_FEATURES, "live": KILL_LIVE
 
 
 def kill_job(job: subprocess.Popen) -> None:
-    """SIGKILL a job's whole process group (the Python driver and the Spark JVM below it) and
-    reap it: nothing flushed, no shutdown hook run."""
+    """SIGKILL a job: its process group and every process below it, the Spark JVM (in a session
+    of its own, see ``launch_detached_gateway``: a SIGKILL of the group alone leaves it running
+    until it reads its closed stdin, finishing what it was writing) and its Python workers;
+    then reap it. Nothing flushed, no shutdown hook run: a machine's crash."""
+    below = descendants(job.pid)
     os.killpg(job.pid, signal.SIGKILL)
+    for pid in below:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     job.wait(timeout=60)
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, their children...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
 
 
 def partition_leader(cluster: LocalPlatform, settings: Settings, topic: str, partition: int) -> KafkaBroker:
