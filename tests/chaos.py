@@ -79,6 +79,7 @@ from tests.support import (
     rounded_rows,
     start_job,
     topic_names,
+    wait_for,
 )
 
 log = logging.getLogger("chaos")
@@ -205,7 +206,7 @@ class Progress:
     commits (features), the end offsets of the live events topic (live) and of the predictions
     topic (score)."""
 
-    def __init__(self, settings: Settings, model: str):
+    def __init__(self, settings: Settings):
         kafka = settings.kafka.client_properties()
         tx = settings.ingest.topics[0]
         bronze = settings.storage.bronze_path(tx)
@@ -398,10 +399,10 @@ def main(argv: list[str] | None = None) -> int:
         jobs.start("ingest")
         jobs.start("live")
         bronze = [settings.storage.bronze_path(topic) for topic in settings.ingest.topics]
-        faults.wait_until(lambda: all(delta_versions(path) for path in bronze), RECOVERY_TIMEOUT, "bronze tables")
+        wait_for(lambda: all(delta_versions(path) for path in bronze), RECOVERY_TIMEOUT, "bronze tables")
         jobs.start("features")
         jobs.start("score")
-        progress = Progress(settings, model)
+        progress = Progress(settings)
         warm = progress.wait_advanced(progress.read(tuple(jobs.running)), 1, jobs, RECOVERY_TIMEOUT)
         log.info("every job has made progress (%.0f s after their start)", warm)
 

@@ -10,8 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
@@ -20,6 +18,7 @@ from pipelines.core.settings import Settings
 from pipelines.local.platform import KafkaBroker, LocalPlatform, RedisServer, SparkWorker, form_redis_cluster
 from pipelines.local.services import Service, wait_healthy
 from pipelines.online.store import redis_client
+from tests.support import wait_for
 
 #: The fault kinds, as RELIABILITY.md counts them.
 KILL_INGEST, KILL_FEATURES, KILL_LIVE, KILL_SCORE = "kill ingest", "kill features", "kill live", "kill score"
@@ -94,7 +93,7 @@ def kill_redis_master(cluster: LocalPlatform, settings: Settings, key: str, time
     wait ``local.cluster_redis_node_timeout`` first); writes to its slots fail meanwhile."""
     victim = redis_master_of(cluster, settings, key)
     victim.stop_now()
-    wait_until(lambda: masters_up(cluster) == len(cluster.redis_nodes) // 2, timeout, "a replica promoted")
+    wait_for(lambda: masters_up(cluster) == len(cluster.redis_nodes) // 2, timeout, "a replica promoted")
     return victim
 
 
@@ -116,7 +115,7 @@ def kill_spark_worker(cluster: LocalPlatform, index: int = 0) -> SparkWorker:
     victim = cluster.spark_workers[index]
     alive = cluster.spark_master.alive_workers()
     victim.stop_now()
-    wait_until(lambda: cluster.spark_master.alive_workers() == alive - 1, 60, "the master seeing the worker gone")
+    wait_for(lambda: cluster.spark_master.alive_workers() == alive - 1, 60, "the master seeing the worker gone")
     return victim
 
 
@@ -136,11 +135,11 @@ def repair(cluster: LocalPlatform, node: Service) -> None:
     if isinstance(node, KafkaBroker):
         # Back in every partition's in-sync replicas: a broker killed before then would leave
         # partitions with one replica in sync, below min.insync.replicas, and writes refused.
-        wait_until(lambda: fully_in_sync(cluster), 300, "every partition's replicas in sync again")
+        wait_for(lambda: fully_in_sync(cluster), 300, "every partition's replicas in sync again")
     elif isinstance(node, RedisServer):
         form_redis_cluster(cluster.redis_nodes)
     elif isinstance(node, SparkWorker):
-        wait_until(lambda: cluster.spark_master.alive_workers() == len(cluster.spark_workers), 60,
+        wait_for(lambda: cluster.spark_master.alive_workers() == len(cluster.spark_workers), 60,
                    "the worker registered again")
 
 
@@ -161,13 +160,3 @@ def restore(cluster: LocalPlatform) -> None:
             node.start()
             wait_healthy(node, 120)
     form_redis_cluster(cluster.redis_nodes)
-
-
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Block until ``condition()``; the seconds it took. TimeoutError naming ``what`` after ``timeout``."""
-    started = time.monotonic()
-    while not condition():
-        if time.monotonic() - started > timeout:
-            raise TimeoutError(f"no {what} within {timeout:.0f} s")
-        time.sleep(0.2)
-    return time.monotonic() - started
