@@ -346,11 +346,13 @@ def iso(moment: datetime) -> str:
 
 
 def clock_records(at: datetime, n: int) -> list[Record]:
-    """One transaction and one label at ``at``: they move every view's watermark on."""
+    """One transaction and one label at ``at``: they move every view's watermark on. Both carry
+    their event id, as the generator's valid records do, so that checks by id count them."""
     label = {"transaction_id": f"clock-{n}", "account_id": "acct-clock", "is_fraud": False, "label_time": iso(at)}
     return [Record("transactions", b"acct-clock", encode(transaction(transaction_id=f"clock-{n}", account_id="acct-clock",
-                                                                    event_time=iso(at))), "valid"),
-            Record("labels", b"acct-clock", json.dumps(label).encode(), "valid")]
+                                                                    event_time=iso(at))), "valid",
+                   event_id=f"clock-{n}"),
+            Record("labels", b"acct-clock", json.dumps(label).encode(), "valid", event_id=f"clock-{n}")]
 
 
 def rounded_rows(rows, columns) -> Counter:

@@ -13,7 +13,6 @@ import sys
 import time
 import urllib.request
 from datetime import datetime, timedelta, timezone
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
@@ -26,6 +25,7 @@ from pipelines.ingest.stream import run_ingest
 from pipelines.local.generator import GeneratorSpec, generate, produce
 from pipelines.local.services import ensure_debian_package, port_open
 from pipelines.monitor.check import Measure, record_measures
+from tests.pages import PageOutline
 from tests.support import BLOCK_SPARK, free_ports, start_job, topic_names, wait_for
 
 
@@ -94,45 +94,6 @@ def test_fp_monitor_check_exits_non_zero_naming_lag_and_staleness_over_their_thr
     assert {(r["check"], r["subject"], r["breached"]) for r in rows if r["value"] == 30.0} == {("lag", tx, True)}
 
 
-class RenderedPage(HTMLParser):
-    """What a page's DOM holds: per ``<svg class="plot">`` its texts by class, the other texts by
-    tag, the table rows, and how many ``<script>`` and ``<img>`` elements there are."""
-
-    def __init__(self, dom: str) -> None:
-        super().__init__()
-        self.plots: list[dict[str, list[str]]] = []
-        self.texts: dict[str, list[str]] = {}
-        self.rows: list[list[str]] = []
-        self.scripts = self.images = 0
-        self._open: list[tuple[str, str]] = []
-        self.feed(dom)
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "svg" and "plot" in (attrs.get("class") or ""):
-            self.plots.append({})
-        self.scripts += tag == "script"
-        self.images += tag == "img"
-        if tag == "tr":
-            self.rows.append([])
-        self._open.append((tag, attrs.get("class") or tag))
-
-    def handle_endtag(self, tag):
-        while self._open and self._open.pop()[0] != tag:
-            pass
-
-    def handle_data(self, data):
-        if not self._open or not data.strip():
-            return
-        tag, css = self._open[-1]
-        if tag in ("td", "th"):
-            self.rows[-1].append(data.strip())
-        if any(t == "svg" for t, _ in self._open):
-            self.plots[-1].setdefault(css, []).append(data.strip())
-        else:
-            self.texts.setdefault(tag, []).append(data.strip())
-
-
 def chromium(*arguments: str, profile: Path) -> str:
     """Headless chromium (Debian's package, installed when missing) run with ``arguments``; its
     standard output."""
@@ -190,17 +151,17 @@ def test_fp_monitor_report_plots_the_recorded_history_on_a_page_a_real_browser_r
     written = report(lake, page, "--since", "1h")
     assert written.returncode == 0, written.stdout + written.stderr
     assert written.stdout.startswith(f"{page}: 3 recorded checks since ")
-    rendered = RenderedPage(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
+    rendered = PageOutline(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
 
     assert rendered.scripts == 0 and rendered.images == 0
     assert rendered.texts["title"] == ["fp-monitor report"]
-    assert [p["plot-title"] for p in rendered.plots] == [
+    assert [p["texts"]["plot-title"] for p in rendered.plots] == [
         ["Lag per topic"], ["Staleness per view"], ["Dead-letter rate per topic"], ["Online latency p99 per job"]]
-    assert [p["y-label"] for p in rendered.plots] == [
+    assert [p["texts"]["y-label"] for p in rendered.plots] == [
         ["records behind the broker"], ["seconds since the newest event"],
         ["dead letters, % of the window's records"], ["p99 of the latest interval (s)"]]
-    assert [p["x-label"] for p in rendered.plots] == [["time of the check (UTC)"]] * 4
-    assert [p["legend-entry"] for p in rendered.plots] == [
+    assert [p["texts"]["x-label"] for p in rendered.plots] == [["time of the check (UTC)"]] * 4
+    assert [p["texts"]["legend-entry"] for p in rendered.plots] == [
         ["labels", "transactions", "threshold 100 records"], ["merchant_hourly", "threshold 900 s"],
         ["transactions", "threshold 5.0%"], ["fp-live transactions", "threshold 1 s"]]
     assert rendered.rows == [
@@ -222,7 +183,7 @@ def test_fp_monitor_report_of_a_lake_without_recorded_checks_is_a_page_saying_so
     page = tmp_path / "report.html"
     written = report(tmp_path / "lake", page)
     assert written.returncode == 0, written.stdout + written.stderr
-    rendered = RenderedPage(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
+    rendered = PageOutline(chromium("--dump-dom", page.as_uri(), profile=tmp_path / "chromium"))
     assert rendered.plots == [] and rendered.rows == []
     assert "There are no recorded checks in this window." in rendered.texts["p"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import math
 from datetime import datetime, timedelta, timezone
-from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -25,6 +24,7 @@ from pipelines.monitor.check import (
     readable_path,
 )
 from pipelines.monitor.report import render_report
+from tests.pages import PageOutline
 
 CONF = PROJECT_ROOT / "conf"
 NOW = datetime(2026, 12, 5, 12, 0, tzinfo=timezone.utc)
@@ -240,51 +240,6 @@ def test_max_online_p99_unset_is_one_second_live_and_the_scorers_own_objective()
     assert both.monitoring.online_p99_threshold("score", both.scoring) == timedelta(milliseconds=250)
 
 
-class PageOutline(HTMLParser):
-    """What a report page holds: each <svg class="plot">'s data-check and its texts by class,
-    the page's other texts by tag, and the breaches table's rows."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.plots: list[dict] = []
-        self.texts: dict[str, list[str]] = {}
-        self.rows: list[list[str]] = []
-        self.scripts = 0
-        self._open: list[tuple[str, str]] = []
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "svg" and "plot" in (attrs.get("class") or ""):
-            self.plots.append({"check": attrs.get("data-check"), "texts": {}})
-        if tag == "script":
-            self.scripts += 1
-        if tag == "tr":
-            self.rows.append([])
-        self._open.append((tag, attrs.get("class") or ""))
-
-    def handle_endtag(self, tag):
-        while self._open and self._open.pop()[0] != tag:
-            pass
-
-    def handle_data(self, data):
-        if not self._open or not data.strip():
-            return
-        tag, css = self._open[-1]
-        if tag in ("td", "th") and self.rows:
-            self.rows[-1].append(data.strip())
-        inside_plot = any(t == "svg" for t, _ in self._open)
-        if inside_plot and self.plots:
-            self.plots[-1]["texts"].setdefault(css or tag, []).append(data.strip())
-        else:
-            self.texts.setdefault(tag, []).append(data.strip())
-
-
-def outline(page: str) -> PageOutline:
-    parsed = PageOutline()
-    parsed.feed(page)
-    return parsed
-
-
 def history_row(clock: str, check: str, subject: str, value, threshold: float, breached: bool, detail: str = ""):
     return {"checked_at": at(clock), "check": check, "subject": subject, "value": value, "threshold": threshold,
             "breached": breached, "detail": detail}
@@ -303,7 +258,7 @@ def test_the_report_of_a_history_has_one_titled_labelled_plot_per_kind_of_measur
                     "12 of 150 records in the last 15m: missing_field 8, bad_json 4"),
         history_row("11:05:00", "online_p99", "fp-live transactions", 0.3, 1.0, False),
     ]
-    page = outline(render_report(rows, at("10:00:00"), at("11:10:00")))
+    page = PageOutline(render_report(rows, at("10:00:00"), at("11:10:00")))
     assert page.scripts == 0
     assert [p["check"] for p in page.plots] == ["lag", "staleness", "dead_letter_rate", "online_p99"]
     titles = [p["texts"]["plot-title"] for p in page.plots]
@@ -326,6 +281,6 @@ def test_the_report_of_a_history_has_one_titled_labelled_plot_per_kind_of_measur
 
 
 def test_the_report_of_an_empty_history_says_there_is_no_recorded_check():
-    page = outline(render_report([], at("10:00:00"), at("11:00:00")))
+    page = PageOutline(render_report([], at("10:00:00"), at("11:00:00")))
     assert page.plots == [] and page.rows == []
     assert "There are no recorded checks in this window." in page.texts["p"]
