@@ -320,14 +320,14 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def report(records: list[FaultRecord], outcome: dict[str, Any]) -> str:
+def report(injected: list[FaultRecord], outcome: dict[str, Any]) -> str:
     lines = ["| fault | injected | recovery p50 (s) | recovery max (s) |", "|---|---|---|---|"]
     by_kind: dict[str, list[float]] = {}
-    for record in records:
+    for record in injected:
         by_kind.setdefault(record.kind, []).append(record.recovery_s)
     for kind, values in by_kind.items():
         lines.append(f"| {kind} | {len(values)} | {statistics.median(values):.1f} | {max(values):.1f} |")
-    every = [r.recovery_s for r in records]
+    every = [r.recovery_s for r in injected]
     if every:
         lines.append(f"| **all** | **{len(every)}** | **{statistics.median(every):.1f}** | **{max(every):.1f}** |")
     lines.append("")
@@ -414,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
         warm = progress.wait_advanced(progress.read(tuple(jobs.running)), 1, jobs, RECOVERY_TIMEOUT)
         log.info("every job has made progress (%.0f s after their start)", warm)
 
-        records: list[FaultRecord] = []
+        injected: list[FaultRecord] = []
         for n, kind in enumerate(fault_plan(args.faults, rng), 1):
             pause = rng.uniform(*args.pause)
             deadline = time.monotonic() + pause
@@ -430,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             times = 1 if kind in faults.JOB_KILLS.values() else 2
             progress.wait_advanced(since, times, jobs, RECOVERY_TIMEOUT)
             recovery = time.monotonic() - at
-            records.append(FaultRecord(kind, target, round(at - started, 1), round(recovery, 2)))
+            injected.append(FaultRecord(kind, target, round(at - started, 1), round(recovery, 2)))
             log.info("fault %d/%d: %s on %s, recovered in %.1f s", n, args.faults, kind, target, recovery)
             if node is not None:
                 faults.repair(cluster, node)
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
         # The end: no more events; every job stopped after its batch.
         sent = producer.stop()
-        records = list(producer.records)
+        events = list(producer.records)
         codes = jobs.stop_all()
         log.info("jobs stopped: %s; draining", codes)
         # Then the clock moves on twice (a record at now - 5 min, one at now), each drained by
@@ -447,22 +447,22 @@ def main(argv: list[str] | None = None) -> int:
         now = datetime.now(timezone.utc)
         for n, moment in enumerate((now - timedelta(minutes=5), now)):
             clock = clock_records(moment, n)
-            records += clock
+            events += clock
             sent.extend(produce(clock, settings.kafka.producer_properties(), topic_names=topic_names(settings)))
             drain(conf_dir, jobs.logs, "ingest", "--available-now")
             drain(conf_dir, jobs.logs, "features", "--available-now", *jobs.args["features"])
         drain(conf_dir, jobs.logs, "live", "--available-now", *jobs.args["live"])
         drain(conf_dir, jobs.logs, "score", "--until-end", *jobs.args["score"])
         history = DayRange((spec.end - spec.span - spec.late_by[1]).date(), now.date() + timedelta(days=1))
-        outcome = check(settings, model, sent, records, history, args.root)
+        outcome = check(settings, model, sent, events, history, args.root)
         outcome["unplanned job exits"] = dict(jobs.unplanned_exits) or 0
         outcome["duration (min)"] = round((time.monotonic() - started) / 60, 1)
-        text = report(records, outcome)
+        text = report(injected, outcome)
         print(text)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         args.output.write_text(json.dumps({
             "when": datetime.now(timezone.utc).isoformat(timespec="seconds"), "argv": sys.argv[1:],
-            "faults": [dataclasses.asdict(r) for r in records], "outcome": outcome}, indent=2, default=str))
+            "faults": [dataclasses.asdict(r) for r in injected], "outcome": outcome}, indent=2, default=str))
         return 0
     finally:
         if producer is not None and producer.is_alive():
