@@ -49,6 +49,7 @@ from pipelines.core.times import from_epoch_micros, micros
 from pipelines.features.live_stream import MetricsTableWriter
 from pipelines.online.live_consumer import BatchLog
 from pipelines.online.live_metrics import percentile
+from pipelines.online.store import retry_transient
 from pipelines.scoring.features import FeatureReader, ScoredEvent, servable_features
 from pipelines.scoring.model import (
     ServableFeature,
@@ -317,6 +318,9 @@ class Scorer:
 
     #: The longest pause between two looks at fp-live's progress while a batch waits for it.
     MAX_WAIT_PAUSE_S = 0.008
+    #: A batch's Redis work is retried this often, pausing from 0.2 s doubling up to 8 s
+    #: (about 30 s in all: a Redis Cluster's failover, a restarted server loading its data).
+    REDIS_ATTEMPTS, REDIS_BACKOFF_S, REDIS_MAX_PAUSE_S = 9, 0.2, 8.0
 
     def __init__(self, settings: Settings, client: redis.Redis, watcher: ModelWatcher, reader: FeatureReader,
                  events_topic: str, key_field: str, predictions_topic: str, feature_wait_s: float = 300.0):
@@ -419,6 +423,31 @@ class Scorer:
         if not {i.name for i in model.inputs} <= set(self.reader.names):  # a new version with new inputs
             self.reader = FeatureReader(self.client, self.settings, self.reader.topic, self.watcher.servable,
                                         [i.name for i in model.inputs])
+        # Everything before the Kafka transaction only reads Redis, or writes marks that count
+        # once the transaction commits: on a Redis error (a master failing over, a server
+        # restarting) it is all done again, as a restart would, without leaving the process.
+        steps: dict[str, float] = {}
+        records, latencies, vectors, duplicates = retry_transient(
+            lambda: self._prepare(model, messages, ends, stop, lap, steps), "scoring a batch (Redis)",
+            self.REDIS_ATTEMPTS, self.REDIS_BACKOFF_S, max_pause=self.REDIS_MAX_PAUSE_S)
+        wait_s = steps["wait"]
+        self.producer.begin_transaction()
+        for key, value in records:
+            self.producer.produce(self.predictions_topic, value=value.encode(), key=None if key is None else str(key).encode())
+        offsets = [TopicPartition(self.events_topic, p, o) for p, o in ends.items()]
+        self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
+        self.producer.commit_transaction(60)
+        self.committed = dict(ends)
+        steps["commit"] = lap()
+        self.batches += 1
+        without_rows = sum(1 for v in vectors if any(v.rows.get(n) == (None, None) for n in self.reader.own))
+        self.metrics.record(latencies, duplicates, wait_s, without_rows, steps)
+
+    def _prepare(self, model: ServingModel, messages: Sequence[Message], ends: Mapping[int, int],
+                 stop: threading.Event, lap: Callable[[], float], steps: dict[str, float],
+                 ) -> tuple[list[tuple[str | None, str]], list[float], list[Any], int]:
+        """The batch's predictions (key, JSON value) and latencies, its events' vectors and how
+        many of its messages were duplicates; the events scored are marked (:class:`ScoreLog`)."""
         events, first_seen = [], set()
         for message in messages:
             event = decode_event(message)
@@ -428,9 +457,9 @@ class Scorer:
         done = self.log.scored(events, self.committed)
         fresh = [e for e in events if e.event_id not in done]
         duplicates = len(messages) - len(fresh)
-        steps = {"dedupe": lap()}
+        steps["dedupe"] = lap()
         own = self.wait_for_own_rows(fresh, stop)
-        wait_s = steps["wait"] = lap()
+        steps["wait"] = lap()
         vectors = self.reader.vectors(fresh, own, datetime.now(timezone.utc))
         steps["read"] = lap()
         records: list[tuple[str | None, str]] = []
@@ -462,17 +491,7 @@ class Scorer:
         steps["model"] = lap()
         self.log.mark(fresh, ends)
         steps["mark"] = lap()
-        self.producer.begin_transaction()
-        for key, value in records:
-            self.producer.produce(self.predictions_topic, value=value.encode(), key=None if key is None else str(key).encode())
-        offsets = [TopicPartition(self.events_topic, p, o) for p, o in ends.items()]
-        self.producer.send_offsets_to_transaction(offsets, self.consumer.consumer_group_metadata(), 30)
-        self.producer.commit_transaction(60)
-        self.committed = dict(ends)
-        steps["commit"] = lap()
-        self.batches += 1
-        without_rows = sum(1 for v in vectors if any(v.rows.get(n) == (None, None) for n in self.reader.own))
-        self.metrics.record(latencies, duplicates, wait_s, without_rows, steps)
+        return records, latencies, vectors, duplicates
 
     def wait_for_own_rows(self, events: Sequence[ScoredEvent], stop: threading.Event) -> dict[str, list[Any]]:
         """The own views' rows of ``events``, once ``fp-live`` has applied each event. An event

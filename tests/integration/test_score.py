@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
+from confluent_kafka.admin import AdminClient
 from pyspark.sql import functions as F
 
 from pipelines.contracts.validation import ValidationRules
@@ -29,6 +30,7 @@ from pipelines.features.live_stream import run_live
 from pipelines.features.transforms import trailing_features
 from pipelines.ingest.bronze import bronze_rows, check_records, drop_duplicate_events
 from pipelines.local.generator import DUPLICATE, VALID_KINDS, GeneratorSpec, generate, produce
+from pipelines.local.platform import wait_healthy
 from pipelines.online.store import redis_client
 from pipelines.scoring.features import ScoredEvent, servable_features
 from pipelines.scoring.model import load_model
@@ -36,7 +38,7 @@ from pipelines.scoring.sinks import predictions_path
 from pipelines.scoring.stream import ModelWatcher, ScoreLog, run_scoring
 from pipelines.training.join import point_in_time_join, view_request
 from tests.models import INPUTS, committed_predictions, register_model, score_job_args
-from tests.support import start_job, topic_names
+from tests.support import start_job, topic_names, wait_for
 
 
 @pytest.fixture
@@ -304,6 +306,65 @@ def test_predictions_after_the_alias_moves_carry_the_new_version_without_a_resta
     assert wrong == [], wrong[:3]
     assert scorers[0].watcher.model.ref.version == second
     assert scorers[0].waited_batches > 0, "no batch waited for fp-live: the wait was not exercised"
+
+
+def test_a_redis_restart_mid_batch_is_ridden_through_and_every_transaction_scored_once(
+        spark, isolated, platform, tracking, tmp_path, caplog):
+    settings = scoring_settings(isolated)
+    name = f"fraud_{uuid.uuid4().hex[:6]}"
+    register_model(tracking, tmp_path / "artifacts", name, INPUTS, seed=8)
+    names = topic_names(settings)
+
+    def send(seed: int, ago: timedelta) -> set[str]:
+        spec = GeneratorSpec(count=200, accounts=15, seed=seed, label_rate=0.0, duplicate_rate=0.03, bad_rate=0.03,
+                             end=datetime.now(timezone.utc) - ago, span=timedelta(minutes=30))
+        records = list(generate(spec))
+        produce(iter(records), settings.kafka.client_properties(), topic_names=names)
+        return {r.event_id for r in records if r.topic == "transactions" and r.kind in VALID_KINDS}
+
+    # fp-live runs as its job (it rides through Redis restarts itself); the scorer in a thread here.
+    log = tmp_path / "live.log"
+    live = start_job("live", isolated.conf_dir(settings, tmp_path / "conf"), log,
+                     "--views", "account_velocity,account_fraud_history")
+    stop = threading.Event()
+    failures: list[BaseException] = []
+
+    def score() -> None:
+        try:
+            run_scoring(settings, redis_client(settings.redis), tracking, f"models:/{name}@champion", stop=stop)
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            failures.append(exc)
+
+    scorer = threading.Thread(target=score, daemon=True)
+    try:
+        before = send(91, timedelta(hours=1))
+        events_topic = settings.live.events_topic(settings.scoring.topic)
+        admin = AdminClient(settings.kafka.client_properties())
+        wait_for(lambda: events_topic in admin.list_topics(timeout=10).topics, 240, "fp-live's events topic", live)
+        scorer.start()
+        wait_for(lambda: len(committed_predictions(settings)) >= len(before), 240, "the first events' predictions", live)
+        # Redis goes down; new events reach the events topic (fp-live's validation needs no
+        # Redis) and the scorer's batch meets the dead server while it waits for their rows.
+        caplog.set_level(logging.WARNING, logger="pipelines.online.store")
+        platform.redis.stop()
+        after = send(92, timedelta(minutes=20))
+        wait_for(lambda: failures or any("scoring a batch (Redis) failed" in r.getMessage() for r in caplog.records),
+                 60, "the scorer's batch meeting the stopped Redis", live)
+        platform.redis.start()
+        assert not failures, failures
+        wait_healthy(platform.redis, timeout=60)
+        wait_for(lambda: len(committed_predictions(settings)) >= len(before | after) or not scorer.is_alive(), 240,
+                 "the predictions of the events sent while Redis was down", live)
+        assert scorer.is_alive() and not failures, failures
+    finally:
+        stop.set()
+        scorer.join(timeout=60)
+        if live.poll() is None:
+            os.killpg(live.pid, signal.SIGTERM)
+        assert live.wait(timeout=120) == 0, log.read_text()[-5000:]
+    ids = [p["event_id"] for p in committed_predictions(settings)]
+    assert len(ids) == len(set(ids)), "a duplicate prediction"
+    assert set(ids) == before | after
 
 
 def scored_event(event_id: str, partition: int, offset: int, append_minute: int) -> ScoredEvent:
