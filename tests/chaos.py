@@ -51,7 +51,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta, timezone
-from datetime import time as dtime
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +62,7 @@ from pipelines.batch.sources import BronzeSnapshot
 from pipelines.core.kafka_admin import topic_offsets
 from pipelines.core.session import build_session
 from pipelines.core.settings import PROJECT_ROOT, Settings, load_settings
+from pipelines.core.times import day_start
 from pipelines.ingest.reconcile import format_report, reconcile
 from pipelines.local.generator import VALID_KINDS, GeneratorSpec, GeneratorSummary, Record, generate, produce
 from pipelines.local.jars import DEFAULT_ROOT as JARS_ROOT
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
         # a day after it, the longest window) is then over once the clock reaches today, so the
         # end's late recompute replaces them all. A day the stream still writes (today's, with
         # recent events) waits for its end by design, and could not be compared yet.
-        events_end = datetime.combine(datetime.now(timezone.utc).date(), dtime(0), timezone.utc) - timedelta(days=2)
+        events_end = day_start(datetime.now(timezone.utc).date()) - timedelta(days=2)
         spec = GeneratorSpec(count=int(args.rate * expected_seconds * 2), accounts=300, merchants=40, seed=args.seed,
                              end=events_end, span=timedelta(hours=8),
                              bad_rate=0.03, duplicate_rate=0.03, label_rate=0.2,
