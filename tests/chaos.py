@@ -82,6 +82,7 @@ from tests.support import (
     rounded_rows,
     start_job,
     topic_names,
+    unmatched_rows,
     wait_for,
 )
 
@@ -496,9 +497,10 @@ def check(settings: Settings, model: str, sent: GeneratorSummary, records: list[
         streamed, columns = latest_rows(spark, settings.storage.feature_path(view.name), view)
         expected = rounded_rows(spark.read.format("delta").load(reference.storage.feature_path(view.name)).collect(),
                                 columns)
-        assert streamed == expected, (f"{view.name} differs from the fault-free backfill: "
-                                      f"{sum((streamed - expected).values())} rows only streamed, "
-                                      f"{sum((expected - streamed).values())} only in the backfill")
+        only_streamed, only_expected = unmatched_rows(streamed, expected)
+        assert not only_streamed and not only_expected, (
+            f"{view.name} differs from the fault-free backfill: {len(only_streamed)} rows only streamed, "
+            f"{len(only_expected)} only in the backfill; e.g. {only_streamed[:1]} vs {only_expected[:1]}")
         compared[view.name] = sum(expected.values())
     entities = assert_online_equals_tables(spark, settings, views, redis_client(settings.redis))
     # Every valid transaction predicted once, in the topic (read_committed) and the table.

@@ -5,6 +5,7 @@ the isolation of one test's topics, lake and Redis namespace, jobs run as subpro
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import shutil
@@ -357,6 +358,22 @@ def clock_records(at: datetime, n: int) -> list[Record]:
 
 def rounded_rows(rows, columns) -> Counter:
     return Counter(tuple(float(f"{r[c]:.9g}") if isinstance(r[c], float) else r[c] for c in columns) for r in rows)
+
+
+def unmatched_rows(actual: Counter, expected: Counter, rel_tol: float = 1e-8) -> tuple[list, list]:
+    """The rows (tuples, as :func:`rounded_rows` makes them) of ``actual`` and of ``expected``
+    that have no twin in the other, where floats need only agree to ``rel_tol``: two
+    summation orders can put one value on either side of a rounding boundary (an average of
+    68.18578125 rounds to ...812 or ...813)."""
+    only_actual, only_expected = list((actual - expected).elements()), list((expected - actual).elements())
+    for row in list(only_actual):
+        twin = next((other for other in only_expected if len(other) == len(row) and all(
+            math.isclose(a, b, rel_tol=rel_tol) if isinstance(a, float) and isinstance(b, float) else a == b
+            for a, b in zip(row, other))), None)
+        if twin is not None:
+            only_actual.remove(row)
+            only_expected.remove(twin)
+    return only_actual, only_expected
 
 
 def latest_rows(spark, path, view) -> tuple[Counter, list[str]]:
