@@ -60,6 +60,7 @@ from pipelines.core.config import deep_merge, parse_overrides
 from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import micros, parse_duration
+from pipelines.local.services import descendants
 from pipelines.online.store import EVENT_TIME_FIELD, entity_from_key, redis_client
 
 log = logging.getLogger("bench")
@@ -249,24 +250,6 @@ def lower_session_priority(pid: int, nice: int) -> bool:
         return True
     except OSError:  # gone (or going)
         return False
-
-
-def descendants(pid: int) -> list[int]:
-    """``pid``'s child processes, theirs, and so on (from ``/proc/<pid>/stat``)."""
-    children: dict[int, list[int]] = defaultdict(list)
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            children[int(stat[stat.rindex(")") + 2:].split()[1])].append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 class SessionPriority(threading.Thread):

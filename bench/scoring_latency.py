@@ -53,7 +53,6 @@ from confluent_kafka.admin import AdminClient
 from feature_latency import (
     Job,
     bench_conf,
-    descendants,
     overrides_for,
     percentile,
     produce_at_rate,
@@ -68,6 +67,7 @@ from pipelines.core.kafka_admin import TopicSpec, ensure_topics
 from pipelines.core.settings import PROJECT_ROOT, load_settings
 from pipelines.core.times import epoch_micros
 from pipelines.local.platform import LocalPlatform
+from pipelines.local.services import descendants
 from pipelines.online.store import read_online, redis_client
 from pipelines.scoring.model import limit_model_threads, register_version
 

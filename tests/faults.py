@@ -10,13 +10,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-from pathlib import Path
 
 from confluent_kafka.admin import AdminClient
 
 from pipelines.core.settings import Settings
 from pipelines.local.platform import KafkaBroker, LocalPlatform, RedisServer, SparkWorker, form_redis_cluster
-from pipelines.local.services import Service, wait_healthy
+from pipelines.local.services import Service, descendants, wait_healthy
 from pipelines.online.store import redis_client
 from tests.support import wait_for
 
@@ -42,23 +41,6 @@ def kill_job(job: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     job.wait(timeout=60)
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children, their children...), from /proc."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:  # the process ended meanwhile
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, pending = [], [pid]
-    while pending:
-        for child in children.get(pending.pop(), []):
-            found.append(child)
-            pending.append(child)
-    return found
 
 
 def partition_leader(cluster: LocalPlatform, settings: Settings, topic: str, partition: int) -> KafkaBroker:

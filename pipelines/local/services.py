@@ -55,6 +55,25 @@ def pid_alive(pid: int) -> bool:
         return os.path.exists(f"/proc/{pid}") or not os.path.isdir("/proc")
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid``: its children, theirs, and so on (from ``/proc/<pid>/stat``).
+    A job's Spark JVM runs in a session of its own below its driver: a process group's signal
+    does not reach it, this does."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(text[text.rindex(")") + 2:].split()[1]), []).append(int(stat.parent.name))
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child)
+    return found
+
+
 def port_open(port: int, host: str = "127.0.0.1") -> bool:
     with socket.socket() as sock:
         sock.settimeout(0.5)
